@@ -1,0 +1,41 @@
+"""maskprune: structural pruning by soft masks and exact hard export.
+
+Example:
+    >>> import torch, torchvision
+    >>> from maskprune import Mask
+    >>> from maskprune.algorithms import L1Norm
+    >>> model = torchvision.models.resnet18()
+    >>> mask = Mask(model, input_shape=(1, 3, 64, 64), algorithm=L1Norm(), ratio=0.5).make()
+    >>> _ = mask.do_mask()
+    >>> pruned = mask.generate_pruned_model()   # verified: same outputs as the masked model
+"""
+
+from ._algorithm import Algorithm
+from ._groups import Group, Member
+from ._layers import LayerRule, masked_norm, register, unregister
+from ._verify import VerifyResult, verify
+from ._version import __version__
+from .errors import ExportError, MaskpruneError, NothingToPruneError, NotMadeError, TraceError
+from .mask import Mask
+from .measure import count_flops, count_parameters
+
+__all__ = [
+    "Algorithm",
+    "ExportError",
+    "Group",
+    "LayerRule",
+    "Mask",
+    "MaskpruneError",
+    "Member",
+    "NotMadeError",
+    "NothingToPruneError",
+    "TraceError",
+    "VerifyResult",
+    "__version__",
+    "count_flops",
+    "count_parameters",
+    "masked_norm",
+    "register",
+    "unregister",
+    "verify",
+]

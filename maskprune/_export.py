@@ -1,0 +1,71 @@
+"""Export: slice removed channels out of every parameter and buffer, fix module attributes.
+
+The plan is computed once from the masks: for each tensor (by its first name),
+the kept positions of each pruned dimension. Applying it to a model (the masked
+one, or a deep copy) is undoable, so a failed in-place export leaves the masked
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._layers import update_module
+from ._trace import owned_tensors
+
+Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
+
+
+@dataclass
+class UndoLog:
+    """What applying a plan changed, to put back on failure."""
+
+    tensors: list[tuple[nn.Module, str, bool, Any]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        for module, saved in reversed(self.attributes):
+            module.__dict__.update(saved)
+        for module, attr, is_param, tensor in reversed(self.tensors):
+            (module._parameters if is_param else module._buffers)[attr] = tensor
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> UndoLog:
+    """Slice ``model``'s tensors by ``plan`` (ties stay tied) and update the modules that changed."""
+    log = UndoLog()
+    modules = dict(model.named_modules(remove_duplicate=False))
+    changed: dict[int, nn.Module] = {}
+    try:
+        for owned in owned_tensors(model).values():
+            dims = next((plan[name] for name in owned.names if name in plan), None)
+            if not dims:
+                continue
+            new = _slice(owned.tensor, dims)
+            for path, attr in owned.names:
+                module = modules[path]
+                log.tensors.append((module, attr, owned.is_param, owned.tensor))
+                (module._parameters if owned.is_param else module._buffers)[attr] = new
+                changed[id(module)] = module
+        for module in changed.values():
+            log.attributes.append((module, dict(module.__dict__)))
+            update_module(module)
+    except Exception:
+        log.undo()
+        raise
+    return log
+
+
+def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    with torch.no_grad():
+        data = tensor.detach()
+        for dim, keep in dims:
+            data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+        data = data.clone()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
+    return data

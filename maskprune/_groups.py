@@ -1,0 +1,222 @@
+"""Dependency groups: the channels that must be removed together, and every slice they touch.
+
+A *component* of the channel graph is one channel of a group (a "unit"): every
+parameter position and activation position that goes with it. Components that
+touch the same set of tensors form one :class:`Group`, so a group reads like a
+layer: "these 64 channels of ``layer1.0.conv1.weight`` dim 0, ``bn1`` …".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ._graph import Resolution
+from ._trace import MODEL_INPUT, MODEL_OUTPUT, OwnedTensor, Trace
+
+if TYPE_CHECKING:
+    from .mask import Mask
+
+_ROLE_ORDER = {"producer": 0, "norm": 1, "bias": 2, "consumer": 3, "other": 4}
+
+
+@dataclass
+class Member:
+    """One tensor dimension of a group: which of its positions belong to which channel of the group."""
+
+    name: str
+    dim: int
+    role: str
+    tensor: torch.Tensor
+    positions: np.ndarray
+    units: np.ndarray
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    def mapping(self) -> str:
+        """Where the group's channels sit in this dimension, in words."""
+        lo, hi = int(self.positions.min()), int(self.positions.max()) + 1
+        span = f"[{lo}:{hi}]" if hi - lo == len(self.positions) else f"{len(self.positions)} of {self.tensor.shape[self.dim]}"
+        per_unit = len(self.positions) / max(1, len(np.unique(self.units)))
+        return span if per_unit == 1 else f"{span}, {per_unit:g} per channel"
+
+
+class Group:
+    """Channels that are removed together, with every parameter slice they touch.
+
+    Channel ``i`` of the group is its ``i``-th unit; :meth:`prune` removes units.
+
+    Example:
+        >>> group = mask.groups[0]                     # doctest: +SKIP
+        >>> group.prune([0, 5]); group.kept            # doctest: +SKIP
+        62
+    """
+
+    def __init__(self, mask: Mask, index: int, start: int, size: int, members: list[Member]):
+        self._mask = mask
+        self.index = index
+        self.start = start
+        self.size = size
+        self.members = members
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Boolean keep flag per channel (a copy)."""
+        return self._mask._keep[self.start : self.start + self.size].copy()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The group's 0/1 mask on the model's device (a view of the Mask's buffer; change it with prune)."""
+        return self._mask._runtime.keep[self.start : self.start + self.size]
+
+    @property
+    def kept(self) -> int:
+        return int(self._mask._keep[self.start : self.start + self.size].sum())
+
+    @property
+    def pruned(self) -> list[int]:
+        return np.flatnonzero(~self._mask._keep[self.start : self.start + self.size]).tolist()
+
+    def producers(self) -> list[Member]:
+        """Members that compute the channels (conv/linear output rows), the slices criteria look at."""
+        return [m for m in self.members if m.role == "producer"]
+
+    def prune(self, channels: Iterable[int]) -> None:
+        """Zero these channels of the group (0 <= c < size). A group always keeps at least one channel."""
+        idx = self._check(channels)
+        keep = self.keep
+        keep[idx] = False
+        if not keep.any():
+            raise ValueError(f"group {self.index} would lose all {self.size} channels; keep at least one")
+        self._mask._set_keep(self.start, keep)
+
+    def restore(self, channels: Iterable[int] | None = None) -> None:
+        """Bring channels back (all when ``channels`` is None); weights zeroed meanwhile stay zero."""
+        keep = self.keep
+        keep[self._check(range(self.size) if channels is None else channels)] = True
+        self._mask._set_keep(self.start, keep)
+
+    def _check(self, channels: Iterable[int]) -> np.ndarray:
+        idx = np.asarray(list(channels), dtype=np.int64)
+        bad = idx[(idx < 0) | (idx >= self.size)]
+        if len(bad):
+            raise IndexError(f"group {self.index} has channels 0..{self.size - 1}; got {bad.tolist()}")
+        return idx
+
+    def __repr__(self) -> str:
+        return f"Group({self.index}, channels={self.size}, kept={self.kept}, members={len(self.members)})"
+
+    def __str__(self) -> str:
+        rows = [(m.module or "<root>", m.name.rpartition(".")[2], str(m.dim), m.role, m.mapping()) for m in self.members]
+        rows += [(path, "output", str(dim), "activation", mapping) for path, dim, mapping in self._mask._activation_members(self)]
+        header = ("module", "tensor", "dim", "role", "index mapping")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+        lines = [f"Group {self.index}: {self.kept}/{self.size} channels kept"]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class GroupLayout:
+    """Groups as index arrays: what the Mask needs to build runtime masks and export plans."""
+
+    groups: list[tuple[int, int, list[Member]]]  # (start, size, members)
+    n_units: int
+    component_unit: np.ndarray  # component -> flat unit, -1 if frozen
+    frozen: dict[str, list[str]]  # reason -> producer tensors it froze
+
+
+def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
+    """Group live components by the tensors they touch; order units by the first producer's channel order."""
+    raw: list[tuple[int, OwnedTensor, int, str, np.ndarray]] = []
+    frozen: dict[str, list[str]] = {}
+    for key, node in trace.param_nodes.items():
+        owned = trace.owned[key]
+        if not owned.is_param:
+            continue  # buffers are sliced at export but are not members
+        for dim, space in enumerate(node.spaces):
+            role = trace.roles.get((key, dim), "other")
+            comps = res.components(space)
+            if comps is None:
+                if role == "producer":
+                    _note(frozen, res.frozen_reason(space), owned.qualname, dim)
+                continue
+            live = res.comp_reason[comps] < 0
+            if role == "producer" and not live.all():
+                reason = res.component_reason(int(comps[~live][0]))
+                _note(frozen, reason, owned.qualname, dim)
+            if live.any():
+                raw.append((key, owned, dim, role, comps))
+    raw.sort(key=lambda r: _ROLE_ORDER.get(r[3], 9))
+
+    if not raw:
+        return GroupLayout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen)
+    comp_list, member_list = [], []
+    for i, (_, _, _, _, comps) in enumerate(raw):
+        live = comps[res.comp_reason[comps] < 0]
+        u = np.unique(live)
+        comp_list.append(u)
+        member_list.append(np.full(len(u), i, dtype=np.int64))
+    all_comp, all_member = np.concatenate(comp_list), np.concatenate(member_list)
+    order = np.lexsort((all_member, all_comp))
+    all_comp, all_member = all_comp[order], all_member[order]
+    bounds = np.flatnonzero(np.diff(all_comp)) + 1
+    comps_sorted = all_comp[np.concatenate(([0], bounds))]
+    signatures: dict[tuple[int, ...], list[int]] = {}
+    for comp, members in zip(comps_sorted, np.split(all_member, bounds), strict=True):
+        signatures.setdefault(tuple(members.tolist()), []).append(int(comp))
+
+    # order groups by their first member, units by their first position in that member
+    entries = sorted(signatures.items(), key=lambda kv: kv[0])
+    component_unit = np.full(res.n_components, -1, dtype=np.int64)
+    groups: list[tuple[int, int, list[Member]]] = []
+    start = 0
+    for signature, comps in entries:
+        anchor = raw[signature[0]][4]
+        comp_set = np.asarray(comps, dtype=np.int64)
+        first_pos = {}
+        uniq, first = np.unique(anchor, return_index=True)
+        lookup = dict(zip(uniq.tolist(), first.tolist(), strict=True))
+        for c in comps:
+            first_pos[c] = lookup[c]
+        ordered = sorted(comps, key=first_pos.__getitem__)
+        component_unit[np.asarray(ordered, dtype=np.int64)] = np.arange(start, start + len(ordered))
+        members = []
+        for i in signature:
+            key, owned, dim, role, c = raw[i]
+            positions = np.flatnonzero(np.isin(c, comp_set))
+            members.append(
+                Member(owned.qualname, dim, role, owned.tensor, positions, component_unit[c[positions]] - start)
+            )
+        groups.append((start, len(ordered), members))
+        start += len(ordered)
+    return GroupLayout(groups, start, component_unit, frozen)
+
+
+def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int) -> None:
+    if reason is None:
+        return
+    label = {MODEL_OUTPUT: "reaches a model output", MODEL_INPUT: "reaches a model input"}.get(reason, reason)
+    frozen.setdefault(label, []).append(f"{name}[{dim}]")
+
+
+def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
+    """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen."""
+    comps = res.components(space)
+    size = int(res.sizes[res.roots[space]])
+    if comps is None:
+        return np.full(size, layout.n_units, dtype=np.int64)
+    units = layout.component_unit[comps]
+    return np.where(units < 0, layout.n_units, units)
+
+
+def format_names(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

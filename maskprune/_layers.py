@@ -1,0 +1,195 @@
+"""The layer table: what each module type needs after its tensors are sliced, and user registration.
+
+How channels *flow* is decided by the op rules in :mod:`maskprune._rules`, which
+see ``conv2d``, ``linear``, ``batch_norm`` … whether a module or a user's
+function calls them. This table only covers what the slicing of parameters does
+not: the attributes a module's ``forward`` reads (``in_channels``, ``groups``,
+``normalized_shape`` …).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+Updater = Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a user's module moves channels, for modules the tracer should not look inside.
+
+    Dimensions are labelled with channel-space names; the same name means the same
+    channels. Dimensions not named are never pruned; other dimensions of the first
+    input and the first output that have the same size pass through (batch, tokens).
+
+    Args:
+        inputs: positional input index -> {dim: space name}.
+        outputs: output index (in flattening order) -> {dim: space name}.
+        params: parameter name relative to the module -> {dim: space name}.
+        roles: space name -> role of the parameter dims with that name for scoring
+            ("producer", "consumer", "norm"); default "norm".
+        update: called on the module after its parameters are sliced, to fix
+            attributes its forward reads.
+
+    Example:
+        >>> rule = LayerRule(
+        ...     inputs={0: {-1: "in"}}, outputs={0: {-1: "out"}},
+        ...     params={"inner.weight": {0: "out", 1: "in"}, "scale": {0: "out"}},
+        ...     roles={"out": "producer"},
+        ... )
+    """
+
+    inputs: dict[int, dict[int, str]] = field(default_factory=dict)
+    outputs: dict[int, dict[int, str]] = field(default_factory=dict)
+    params: dict[str, dict[int, str]] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    update: Updater | None = None
+
+
+_LEAF_RULES: dict[type, LayerRule] = {}
+
+
+def register(module_type: type[nn.Module], layer_rule: LayerRule) -> None:
+    """Teach maskprune a module type: its channels follow ``layer_rule`` and its inside is not traced.
+
+    Example:
+        >>> class Scale(nn.Module):
+        ...     def __init__(self, n):
+        ...         super().__init__()
+        ...         self.gain = nn.Parameter(torch.ones(n))
+        ...     def forward(self, x):
+        ...         return x * self.gain
+        >>> register(Scale, LayerRule(inputs={0: {-1: "c"}}, outputs={0: {-1: "c"}}, params={"gain": {0: "c"}}))
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register() needs an nn.Module subclass, got {module_type!r}")
+    if not isinstance(layer_rule, LayerRule):
+        raise TypeError(f"register() needs a maskprune.LayerRule, got {type(layer_rule).__name__}")
+    for where, table in (("inputs", layer_rule.inputs), ("outputs", layer_rule.outputs), ("params", layer_rule.params)):
+        for key, dims in table.items():
+            if not isinstance(dims, dict) or not all(isinstance(d, int) and isinstance(n, str) for d, n in dims.items()):
+                raise TypeError(f"LayerRule.{where}[{key!r}] must map int dims to str space names, got {dims!r}")
+    _LEAF_RULES[module_type] = layer_rule
+
+
+def unregister(module_type: type[nn.Module]) -> None:
+    """Forget a registration made with :func:`register`."""
+    _LEAF_RULES.pop(module_type, None)
+
+
+def leaf_rules() -> dict[type, LayerRule]:
+    return dict(_LEAF_RULES)
+
+
+# ---- attribute updates after slicing -----------------------------------------------------------
+def _update_conv(m: _ConvNd) -> None:
+    w = m.weight
+    if m.transposed:
+        new_in = w.shape[0]
+        groups = m.groups if m.groups == 1 else m.groups * new_in // m.in_channels
+        m.in_channels, m.out_channels, m.groups = new_in, w.shape[1] * groups, groups
+    else:
+        new_out = w.shape[0]
+        groups = m.groups if m.groups == 1 else m.groups * new_out // m.out_channels
+        m.in_channels, m.out_channels, m.groups = w.shape[1] * groups, new_out, groups
+
+
+def _update_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _update_batch_norm(m: nn.Module) -> None:
+    tensor = m.weight if m.weight is not None else m.running_mean
+    if tensor is not None:
+        m.num_features = tensor.shape[0]
+
+
+def _update_group_norm(m: nn.GroupNorm) -> None:
+    channels = m.weight.shape[0]
+    m.num_groups = m.num_groups * channels // m.num_channels
+    m.num_channels = channels
+
+
+def _update_layer_norm(m: nn.Module) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _update_prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+def _update_embedding(m: nn.Embedding) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+_UPDATERS: list[tuple[type, Updater]] = [
+    (_ConvNd, _update_conv),
+    (nn.Linear, _update_linear),
+    (_BatchNorm, _update_batch_norm),
+    (_InstanceNorm, _update_batch_norm),
+    (nn.GroupNorm, _update_group_norm),
+    (nn.LayerNorm, _update_layer_norm),
+    (nn.PReLU, _update_prelu),
+    (nn.Embedding, _update_embedding),
+]
+if hasattr(nn, "RMSNorm"):
+    _UPDATERS.append((nn.RMSNorm, _update_layer_norm))
+
+
+def update_module(module: nn.Module) -> None:
+    """Bring a module's attributes in line with its (sliced) tensors."""
+    registered = _LEAF_RULES.get(type(module))
+    if registered is not None and registered.update is not None:
+        registered.update(module)
+        return
+    for module_type, updater in _UPDATERS:
+        if isinstance(module, module_type):
+            updater(module)
+            return
+
+
+# ---- masked statistics -------------------------------------------------------------------------
+def masked_norm(
+    x: torch.Tensor,
+    dim: int,
+    keep: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    kind: str,
+) -> torch.Tensor:
+    """Layer norm (or RMS norm) along ``dim`` with statistics over the kept channels only.
+
+    Equal to the norm of the exported model, which no longer has the removed channels.
+
+    Example:
+        >>> x = torch.randn(2, 4)
+        >>> keep = torch.tensor([1.0, 1.0, 0.0, 1.0])
+        >>> y = masked_norm(x, 1, keep, None, None, 1e-5, "layer_norm")
+        >>> torch.allclose(y[:, [0, 1, 3]], torch.nn.functional.layer_norm(x[:, [0, 1, 3]], (3,)), atol=1e-6)
+        True
+    """
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    m = keep.view(shape).to(x.dtype)
+    count = keep.sum().to(x.dtype)
+    if kind == "rms_norm":
+        kept = x * m
+        y = kept * torch.rsqrt((kept * kept).sum(dim, keepdim=True) / count + eps)
+    else:
+        mean = (x * m).sum(dim, keepdim=True) / count
+        centered = (x - mean) * m
+        y = centered * torch.rsqrt((centered * centered).sum(dim, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y

@@ -1,0 +1,840 @@
+"""How channels flow through each torch op: the one table of channel rules.
+
+A rule sees one call (:class:`OpCall`): its tensors, arguments and outputs. It
+*claims* the dimensions it understands, uniting or linking their spaces and
+giving each output dimension a space. Whatever it leaves unclaimed is frozen:
+an input dimension a rule did not claim is never pruned, an output dimension
+it did not set gets a fresh frozen space. An op with no rule freezes every
+dimension it touches and is reported by name. Safety is the default; a rule
+only ever makes more channels prunable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._trace import TensorNode, Tracer, iter_tensors
+
+RULES: dict[str, Callable[[OpCall], None]] = {}
+
+PRODUCER, CONSUMER, NORM, BIAS = "producer", "consumer", "norm", "bias"
+
+
+def rule(*names: str) -> Callable:
+    def register(fn: Callable[[OpCall], None]) -> Callable[[OpCall], None]:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+_DUNDER = {
+    "iadd": "add", "radd": "add", "isub": "sub", "rsub": "rsub", "imul": "mul", "rmul": "mul",
+    "itruediv": "div", "truediv": "div", "rtruediv": "div", "ifloordiv": "floor_divide",
+    "floordiv": "floor_divide", "rfloordiv": "floor_divide", "mod": "remainder", "rmod": "remainder",
+    "imod": "remainder", "ipow": "pow", "rpow": "pow", "matmul": "matmul", "rmatmul": "rmatmul",
+    "imatmul": "matmul", "iand": "bitwise_and", "and": "bitwise_and", "rand": "bitwise_and",
+    "ior": "bitwise_or", "or": "bitwise_or", "ror": "bitwise_or", "ixor": "bitwise_xor",
+    "xor": "bitwise_xor", "rxor": "bitwise_xor", "invert": "bitwise_not", "lshift": "bitwise_left_shift",
+    "rshift": "bitwise_right_shift", "ilshift": "bitwise_left_shift", "irshift": "bitwise_right_shift",
+    "rlshift": "bitwise_left_shift", "rrshift": "bitwise_right_shift",
+}
+_NAME_CACHE: dict[Any, tuple[str, bool]] = {}
+
+
+def op_name(func: Any) -> tuple[str, bool]:
+    """Normalised op name and whether the call writes into its first argument.
+
+    Example:
+        >>> op_name(torch.Tensor.relu_), op_name(torch.Tensor.__iadd__)
+        (('relu', True), ('add', True))
+    """
+    try:
+        return _NAME_CACHE[func]
+    except (KeyError, TypeError):
+        pass
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    inplace = False
+    if name.startswith("__") and name.endswith("__"):
+        core = name[2:-2]
+        inplace = core.startswith("i") and core != "invert" and core in _DUNDER
+        name = _DUNDER.get(core, core)
+    elif name.endswith("_") and not name.startswith("_"):
+        name, inplace = name[:-1], True
+    result = (name, inplace)
+    try:
+        _NAME_CACHE[func] = result
+    except TypeError:
+        pass
+    return result
+
+
+class OpCall:
+    """One traced call, as its rule sees it."""
+
+    def __init__(self, tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any):
+        self.tracer = tracer
+        self.graph = tracer.graph
+        self.name = name
+        self.inplace = inplace
+        self.args = args
+        self.kwargs = kwargs
+        self.out = out
+        seen: set[int] = set()
+        self.inputs = [t for t in iter_tensors((args, kwargs)) if not (id(t) in seen or seen.add(id(t)))]
+        self.outputs = list(iter_tensors(out))
+        self.claimed: set[tuple[int, int]] = set()
+        self.done: set[int] = set()
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if len(self.args) > index:
+            return self.args[index]
+        return self.kwargs.get(name, default)
+
+    def space(self, t: torch.Tensor, dim: int) -> int:
+        """The space of ``t``'s dimension ``dim``, claimed by this rule."""
+        dim %= t.dim()
+        self.claimed.add((id(t), dim))
+        return self.tracer.node(t).spaces[dim]
+
+    def claim_all(self, t: torch.Tensor) -> None:
+        for dim in range(t.dim()):
+            self.claimed.add((id(t), dim))
+
+    def unite(self, a: torch.Tensor, da: int, b: torch.Tensor, db: int) -> int:
+        sa = self.space(a, da)
+        self.graph.unite(sa, self.space(b, db))
+        return sa
+
+    def link(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None:
+        self.graph.link(a, ia, b, ib)
+
+    def set_out(self, t: torch.Tensor, spaces: list[int | None]) -> None:
+        """Give output ``t`` its spaces; ``None`` means a fresh frozen space."""
+        reason = self.reason()
+        graph = self.graph
+        resolved = tuple(
+            graph.new_space(n, reason) if s is None else s for s, n in zip(spaces, t.shape, strict=True)
+        )
+        self.tracer.bind(t, TensorNode(resolved, tuple(t.shape)))
+        self.done.add(id(t))
+
+    def is_param(self, t: torch.Tensor) -> bool:
+        return id(t) in self.tracer.owned
+
+    def role(self, t: torch.Tensor | None, dim: int, role: str) -> None:
+        if t is not None and self.is_param(t):
+            self.tracer.roles.setdefault((id(t), dim % t.dim()), role)
+
+    def reason(self) -> str:
+        return f"`{self.name}` in {self.tracer.path()}"
+
+
+def run_rule(call: OpCall) -> None:
+    """Apply the op's rule, then freeze whatever it left unclaimed."""
+    if not call.outputs and call.name != "setitem":
+        return  # sizes, booleans, lists: no channels flow through them
+    fn = RULES.get(call.name)
+    if fn is None:
+        if call.inputs:
+            key = (call.name, call.tracer.path())
+            call.tracer.unknown_ops[key] = call.tracer.unknown_ops.get(key, 0) + 1
+        reason = f"unsupported op `{call.name}` in {call.tracer.path()}"
+    else:
+        fn(call)
+        reason = call.reason()
+    tracer, graph = call.tracer, call.graph
+    for t in call.inputs:
+        node = tracer.node(t)
+        key = id(t)
+        for dim, space in enumerate(node.spaces):
+            if (key, dim) not in call.claimed:
+                graph.freeze(space, reason)
+    for t in call.outputs:
+        if id(t) not in call.done:
+            tracer.fresh(t, reason)
+
+
+def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tuple, output: Any) -> None:
+    """Apply a user's :class:`~maskprune.LayerRule` to one call of a registered module."""
+    call = OpCall(tracer, type(module).__name__, False, args, {}, output)
+    named: dict[str, int] = {}
+
+    def bind(t: torch.Tensor, dims: dict[int, str]) -> None:
+        for dim, label in dims.items():
+            space = call.space(t, dim)
+            if label in named:
+                call.graph.unite(named[label], space)
+            else:
+                named[label] = space
+
+    inputs = list(iter_tensors(args))
+    outputs = list(iter_tensors(output))
+    params = dict(module.named_parameters())
+    for index, dims in leaf.inputs.items():
+        bind(inputs[index], dims)
+    for name, dims in leaf.params.items():
+        bind(params[name], dims)
+        for dim, label in dims.items():
+            call.role(params[name], dim, leaf.roles.get(label, NORM))
+    out_spaces: dict[int, list[int | None]] = {}
+    for index, dims in leaf.outputs.items():
+        t = outputs[index]
+        spaces: list[int | None] = [None] * t.dim()
+        for dim, label in dims.items():
+            dim %= t.dim()
+            if label in named:
+                spaces[dim] = named[label]
+            else:
+                spaces[dim] = named[label] = call.graph.new_space(t.shape[dim])
+        out_spaces[index] = spaces
+    if inputs and outputs and inputs[0].dim() == outputs[0].dim():
+        spaces = out_spaces.setdefault(0, [None] * outputs[0].dim())
+        mentioned = {d % inputs[0].dim() for d in leaf.inputs.get(0, {})}
+        for dim in range(outputs[0].dim()):
+            if spaces[dim] is None and dim not in mentioned and inputs[0].shape[dim] == outputs[0].shape[dim]:
+                spaces[dim] = call.space(inputs[0], dim)
+    for index, spaces in out_spaces.items():
+        call.set_out(outputs[index], spaces)
+    reason = f"registered module {type(module).__name__} in {tracer.path()}"
+    for t in inputs + list(params.values()):
+        node = tracer.node(t)
+        for dim, space in enumerate(node.spaces):
+            if (id(t), dim) not in call.claimed:
+                call.graph.freeze(space, reason)
+    for t in outputs:
+        if id(t) not in call.done:
+            tracer.fresh(t, reason)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _dims(value: Any, ndim: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value % ndim] if ndim else []
+    return [int(d) % ndim for d in value]
+
+
+def _broadcast(call: OpCall, out: torch.Tensor, tensors: list[torch.Tensor]) -> list[int | None]:
+    """Spaces of ``out`` for inputs broadcast together: equal-sized aligned dims are one space."""
+    spaces: list[int | None] = []
+    for j in range(out.dim()):
+        from_right = j - out.dim()
+        first = None
+        for t in tensors:
+            k = t.dim() + from_right
+            if k >= 0 and t.shape[k] == out.shape[j]:
+                if first is None:
+                    first = call.space(t, k)
+                else:
+                    call.graph.unite(first, call.space(t, k))
+            elif k >= 0 and t.shape[k] == 1:
+                call.claimed.add((id(t), k))
+        spaces.append(first)
+    return spaces
+
+
+# ---- elementwise ----------------------------------------------------------------------------
+_ELEMENTWISE = """
+abs absolute acos arccos acosh add addcdiv addcmul angle asin arcsin asinh atan arctan atan2 arctan2
+atanh bitwise_and bitwise_not bitwise_or bitwise_xor bitwise_left_shift bitwise_right_shift ceil celu
+clamp clamp_min clamp_max clip clone conj contiguous copy copysign cos cosh deg2rad detach div divide
+dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout feature_dropout elu eq erf
+erfc erfinv exp exp2 expm1 fill fix float_power floor floor_divide fmax fmin fmod frac ge gelu
+greater greater_equal gt hardshrink hardsigmoid hardswish hardtanh heaviside hypot isfinite isinf
+isnan isneginf isposinf le leaky_relu lerp less less_equal lgamma log log10 log1p log2 logaddexp
+logical_and logical_not logical_or logical_xor logit logsigmoid lt masked_fill maximum minimum mish
+mul multiply nan_to_num ne neg negative normal not_equal positive pow rad2deg real imag reciprocal relu
+relu6 remainder requires_grad resolve_conj resolve_neg round rrelu rsqrt rsub selu sgn sigmoid sign
+signbit silu sin sinc sinh softplus softshrink softsign sqrt square sub subtract tan tanh tanhshrink
+threshold true_divide trunc uniform where xlogy zero data bernoulli exponential to type float double
+half bfloat16 int long bool short char byte cpu cuda clamp_ nan_to_num square
+zeros_like ones_like empty_like full_like rand_like randn_like randint_like
+""".split()
+
+
+@rule(*_ELEMENTWISE)
+def elementwise(call: OpCall) -> None:
+    for out in call.outputs:
+        call.set_out(out, _broadcast(call, out, call.inputs))
+
+
+@rule("type_as", "view_as", "reshape_as", "expand_as")
+def shape_from_other(call: OpCall) -> None:
+    x = call.args[0]
+    for other in call.inputs[1:]:
+        call.claim_all(other)
+    if call.name == "type_as":
+        call.set_out(call.outputs[0], [call.space(x, d) for d in range(x.dim())])
+    elif call.name == "expand_as":
+        expand(call)
+    else:
+        reshape(call)
+
+
+@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")
+def new_from(call: OpCall) -> None:
+    """Only the dtype and device of the input are read; the result is a constant."""
+    call.claim_all(call.args[0])
+
+
+# ---- shapes ------------------------------------------------------------------------------------
+@rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "ravel")
+def reshape(call: OpCall) -> None:
+    """Dims that keep their size pass through; merged dims follow their major factor; splits freeze."""
+    x, out = call.args[0], call.outputs[0]
+    if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.numel() != out.numel():
+        return
+    spaces: list[int | None] = [None] * out.dim()
+    for d, n in enumerate(x.shape):
+        if n == 1:
+            call.claimed.add((id(x), d))
+    a = [(d, n) for d, n in enumerate(x.shape) if n != 1]
+    b = [(d, n) for d, n in enumerate(out.shape) if n != 1]
+    i = j = 0
+    while i < len(a) and j < len(b):
+        block_in, block_out = [a[i]], [b[j]]
+        pa, pb = a[i][1], b[j][1]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                block_in.append(a[i])
+                pa *= a[i][1]
+                i += 1
+            else:
+                block_out.append(b[j])
+                pb *= b[j][1]
+                j += 1
+        if len(block_out) != 1:
+            continue  # a split: the code fixes at least one factor, so freeze
+        out_dim = block_out[0][0]
+        if len(block_in) == 1:
+            spaces[out_dim] = call.space(x, block_in[0][0])
+            continue
+        major_dim, major = block_in[0]
+        stride = pa // major
+        merged = call.graph.new_space(pb)
+        idx = np.arange(pb)
+        call.link(merged, idx, call.space(x, major_dim), idx // stride)
+        spaces[out_dim] = merged
+    call.set_out(out, spaces)
+
+
+def _permutation(call: OpCall, ndim: int) -> list[int] | None:
+    name = call.name
+    if name == "permute":
+        rest = call.args[1:]
+        dims = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else rest
+        return [int(d) % ndim for d in (dims or call.kwargs["dims"])]
+    if name in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = int(call.arg(1, "dim0")) % ndim, int(call.arg(2, "dim1")) % ndim
+        perm = list(range(ndim))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    if name == "t" or name == "T":
+        return list(reversed(range(ndim)))
+    if name in ("mT", "mH", "adjoint"):
+        return list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+    if name in ("movedim", "moveaxis"):
+        src = _dims(call.arg(1, "source"), ndim)
+        dst = _dims(call.arg(2, "destination"), ndim)
+        perm = [None] * ndim
+        for s, d in zip(src, dst, strict=True):
+            perm[d] = s
+        rest = iter(d for d in range(ndim) if d not in src)
+        return [p if p is not None else next(rest) for p in perm]
+    return None
+
+
+@rule("permute", "transpose", "swapaxes", "swapdims", "t", "T", "mT", "mH", "adjoint", "movedim", "moveaxis")
+def permute(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    perm = _permutation(call, x.dim())
+    if perm is not None and len(perm) == out.dim():
+        call.set_out(out, [call.space(x, p) for p in perm])
+
+
+@rule("expand", "broadcast_to")
+def expand(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    lead = out.dim() - x.dim()
+    spaces: list[int | None] = [None] * out.dim()
+    for k in range(x.dim()):
+        if x.shape[k] == out.shape[k + lead]:
+            spaces[k + lead] = call.space(x, k)
+        elif x.shape[k] == 1:
+            call.claimed.add((id(x), k))
+    call.set_out(out, spaces)
+
+
+@rule("repeat", "tile")
+def repeat(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    lead = out.dim() - x.dim()
+    spaces: list[int | None] = [None] * out.dim()
+    for k in range(x.dim()):
+        if x.shape[k] == out.shape[k + lead]:
+            spaces[k + lead] = call.space(x, k)
+    call.set_out(out, spaces)
+
+
+@rule("cat", "concat", "concatenate")
+def cat(call: OpCall) -> None:
+    tensors = list(call.arg(0, "tensors"))
+    out = call.outputs[0]
+    d = int(call.arg(1, "dim", 0)) % out.dim()
+    parts = []
+    for t in tensors:
+        if t.dim() == 1 and t.shape[0] == 0 and out.dim() > 1:
+            call.claim_all(t)  # legacy empty tensor, ignored by cat
+        else:
+            parts.append(t)
+    spaces: list[int | None] = []
+    for j in range(out.dim()):
+        if j != d:
+            first = call.space(parts[0], j)
+            for t in parts[1:]:
+                call.graph.unite(first, call.space(t, j))
+            spaces.append(first)
+        elif len(parts) == 1:
+            spaces.append(call.space(parts[0], d))
+        else:
+            merged = call.graph.new_space(out.shape[d])
+            offset = 0
+            for t in parts:
+                n = t.shape[d]
+                call.link(merged, np.arange(offset, offset + n), call.space(t, d), np.arange(n))
+                offset += n
+            spaces.append(merged)
+    call.set_out(out, spaces)
+
+
+@rule("stack")
+def stack(call: OpCall) -> None:
+    tensors = list(call.arg(0, "tensors"))
+    out = call.outputs[0]
+    d = int(call.arg(1, "dim", 0)) % out.dim()
+    spaces: list[int | None] = []
+    for j in range(tensors[0].dim()):
+        first = call.space(tensors[0], j)
+        for t in tensors[1:]:
+            call.graph.unite(first, call.space(t, j))
+        spaces.append(first)
+    spaces.insert(d, None)
+    call.set_out(out, spaces)
+
+
+@rule("chunk", "split", "split_with_sizes", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit")
+def split(call: OpCall) -> None:
+    """Equal chunks by count stay prunable (every chunk loses the same channels); fixed sizes freeze."""
+    x = call.args[0]
+    default = {"hsplit": 1 if x.dim() > 1 else 0, "vsplit": 0, "dsplit": 2}.get(call.name, 0)
+    dim_pos = 1 if call.name == "unbind" else 2
+    d = int(call.arg(dim_pos, "dim", default)) % x.dim()
+    outs = call.outputs
+    if call.name == "unbind":
+        for out in outs:
+            call.set_out(out, [call.space(x, k) for k in range(x.dim()) if k != d])
+        return
+    size = x.shape[d]
+    equal = call.name == "chunk" and len({o.shape[d] for o in outs}) == 1 and outs[0].shape[d] * len(outs) == size
+    shared = None
+    if equal:
+        n = outs[0].shape[d]
+        shared = call.graph.new_space(n)
+        for k in range(len(outs)):
+            call.link(shared, np.arange(n), call.space(x, d), np.arange(k * n, (k + 1) * n))
+    for out in outs:
+        spaces: list[int | None] = [call.space(x, k) if k != d else shared for k in range(x.dim())]
+        call.set_out(out, spaces)
+
+
+def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, str]] | None:
+    """For basic indexing: (input dim, kind) per output dim, kinds 'full', 'part', 'new'; None if advanced."""
+    items = index if isinstance(index, tuple) else (index,)
+    consuming = 0
+    for item in items:
+        if item is None or item is Ellipsis:
+            continue
+        if isinstance(item, torch.Tensor) and item.dim() == 0 and not item.dtype.is_floating_point and item.dtype != torch.bool:
+            consuming += 1
+        elif isinstance(item, (int, slice)) and not isinstance(item, bool):
+            consuming += 1
+        else:
+            return None
+    plan: list[tuple[int | None, str]] = []
+    dim = 0
+    for item in items:
+        if item is None:
+            plan.append((None, "new"))
+        elif item is Ellipsis:
+            for _ in range(len(shape) - consuming):
+                plan.append((dim, "full"))
+                dim += 1
+        elif isinstance(item, slice):
+            start, stop, step = item.start, item.stop, item.step
+            n = shape[dim]
+            full = start in (None, 0) and (stop is None or (isinstance(stop, int) and stop >= n)) and step in (None, 1)
+            plan.append((dim, "full" if full else "part"))
+            dim += 1
+        else:
+            plan.append((dim, "int"))
+            dim += 1
+    while dim < len(shape):
+        plan.append((dim, "full"))
+        dim += 1
+    return plan
+
+
+@rule("getitem")
+def getitem(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    plan = _index_plan(tuple(x.shape), call.args[1])
+    if plan is None:
+        return
+    spaces: list[int | None] = []
+    for dim, kind in plan:
+        if kind == "full":
+            spaces.append(call.space(x, dim))
+        elif kind in ("part", "new"):
+            spaces.append(None)
+        elif x.shape[dim] == 1:
+            call.claimed.add((id(x), dim))
+    if len(spaces) == out.dim():
+        call.set_out(out, spaces)
+
+
+@rule("setitem")
+def setitem(call: OpCall) -> None:
+    x, value = call.args[0], call.args[2]
+    plan = _index_plan(tuple(x.shape), call.args[1])
+    if plan is None:
+        return
+    view = [(dim, kind) for dim, kind in plan if kind != "int"]
+    for dim, kind in plan:
+        if kind == "int" and x.shape[dim] == 1:
+            call.claimed.add((id(x), dim))
+    if not isinstance(value, torch.Tensor):
+        for dim, kind in view:
+            if kind == "full":
+                call.claimed.add((id(x), dim))
+        return
+    lead = len(view) - value.dim()
+    for j, (dim, kind) in enumerate(view):
+        k = j - lead
+        if kind != "full":
+            continue
+        if k >= 0 and value.shape[k] == x.shape[dim]:
+            call.unite(x, dim, value, k)
+        elif k < 0 or value.shape[k] == 1:
+            call.claimed.add((id(x), dim))
+            if k >= 0:
+                call.claimed.add((id(value), k))
+
+
+@rule("pad")
+def pad(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    widths = list(call.arg(1, "pad"))
+    padded = {x.dim() - 1 - i // 2 for i, w in enumerate(widths) if w != 0}
+    call.set_out(out, [None if d in padded else call.space(x, d) for d in range(x.dim())])
+
+
+# ---- reductions and ops that mix along a dimension ------------------------------------------
+_REDUCTIONS = """
+sum mean nansum nanmean prod amax amin max min std var std_mean var_mean norm logsumexp argmax argmin
+all any count_nonzero median nanmedian mode aminmax kthvalue
+""".split()
+
+
+@rule(*_REDUCTIONS)
+def reduction(call: OpCall) -> None:
+    x = call.args[0]
+    other = call.arg(1, "other")
+    if call.name in ("max", "min") and isinstance(other, torch.Tensor):
+        return elementwise(call)
+    dim_pos = {"norm": 2, "kthvalue": 2}.get(call.name, 1)
+    dims = _dims(call.arg(dim_pos, "dim"), x.dim()) if x.dim() else []
+    if call.name == "norm" and not isinstance(call.arg(2, "dim"), (int, list, tuple)):
+        dims = None
+    if dims is None:
+        dims = list(range(x.dim()))
+    keep = [d for d in range(x.dim()) if d not in dims]
+    for out in call.outputs:
+        if out.dim() == len(keep):
+            call.set_out(out, [call.space(x, d) for d in keep])
+        elif out.dim() == x.dim():
+            call.set_out(out, [None if d in dims else call.space(x, d) for d in range(x.dim())])
+
+
+_MIXING = {
+    "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
+    "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "cummax": (1, "dim", None),
+    "cummin": (1, "dim", None), "logcumsumexp": (1, "dim", None), "sort": (1, "dim", -1),
+    "argsort": (1, "dim", -1), "normalize": (2, "dim", 1), "glu": (1, "dim", -1),
+    "topk": (2, "dim", -1), "flip": (1, "dims", None), "roll": (2, "dims", None),
+    "local_response_norm": (99, "", 1), "gumbel_softmax": (4, "dim", -1), "index_select": (1, "dim", None),
+    "msort": (99, "", 0),
+}
+
+
+@rule(*_MIXING)
+def mixing(call: OpCall) -> None:
+    """Shape-preserving ops that mix values along some dims: those dims freeze, the rest pass."""
+    x = call.args[0]
+    pos, key, default = _MIXING[call.name]
+    dims = _dims(call.arg(pos, key, default) if key else default, x.dim())
+    if dims is None:
+        return
+    for out in call.outputs:
+        if out.dim() == x.dim():
+            call.set_out(out, [None if d in dims else call.space(x, d) for d in range(x.dim())])
+
+
+# ---- spatial ops -------------------------------------------------------------------------------
+_SPATIAL = [
+    f"{kind}{n}d{suffix}"
+    for n in (1, 2, 3)
+    for kind, suffix in (
+        ("max_pool", ""), ("avg_pool", ""), ("adaptive_avg_pool", ""), ("adaptive_max_pool", ""),
+        ("lp_pool", ""), ("fractional_max_pool", ""), ("max_unpool", ""),
+        ("max_pool", "_with_indices"), ("adaptive_max_pool", "_with_indices"),
+    )
+]
+
+
+@rule(*_SPATIAL, "interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
+def spatial(call: OpCall) -> None:
+    """Pooling and resampling: channels pass, spatial dims are new (frozen) spaces."""
+    x = call.args[0]
+    digits = [c for c in call.name if c.isdigit()]
+    k = int(digits[0]) if digits else x.dim() - 2
+    for out in call.outputs:
+        if out.dim() == x.dim():
+            call.set_out(out, [call.space(x, d) if d < x.dim() - k else None for d in range(x.dim())])
+    for extra in call.inputs[1:]:
+        call.claim_all(extra)
+
+
+@rule("grid_sample")
+def grid_sample(call: OpCall) -> None:
+    x, grid = call.args[0], call.arg(1, "grid")
+    out = call.outputs[0]
+    call.unite(x, 0, grid, 0)
+    call.set_out(out, [call.space(x, 0), call.space(x, 1)] + [None] * (out.dim() - 2))
+
+
+@rule("roi_align", "roi_pool")
+def roi_align(call: OpCall) -> None:
+    x = call.args[0]
+    for out in call.outputs:
+        if out.dim() == x.dim():
+            call.set_out(out, [None, call.space(x, 1)] + [None] * (out.dim() - 2))
+
+
+# ---- layers ------------------------------------------------------------------------------------
+@rule("conv1d", "conv2d", "conv3d")
+def conv(call: OpCall) -> None:
+    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
+    out = call.outputs[0]
+    n = int(call.name[-2])
+    groups = int(call.arg(6, "groups", 1))
+    c = x.dim() - n - 1
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    if groups == 1:
+        call.unite(x, c, w, 1)
+        call.role(w, 1, CONSUMER)
+    elif in_per_group == 1 and out_ch == groups:
+        call.unite(x, c, w, 0)
+    else:  # grouped: a whole conv group (its inputs and outputs) is one unit
+        _group_units(call, call.space(x, c), in_per_group, call.space(w, 0), out_ch // groups)
+    call.role(w, 0, PRODUCER)
+    if b is not None:
+        call.unite(b, 0, w, 0)
+        call.role(b, 0, BIAS)
+    spaces: list[int | None] = [None] * out.dim()
+    if c == 1:
+        spaces[0] = call.space(x, 0)
+    spaces[c] = call.space(w, 0)
+    call.set_out(out, spaces)
+
+
+def _group_units(call: OpCall, in_space: int, in_per_group: int, out_space: int, out_per_group: int) -> None:
+    g = call.graph
+    n_in, n_out = g.size(in_space), g.size(out_space)
+    call.link(in_space, np.arange(n_in), out_space, (np.arange(n_in) // in_per_group) * out_per_group)
+    call.link(out_space, np.arange(n_out), out_space, (np.arange(n_out) // out_per_group) * out_per_group)
+
+
+@rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv_transpose(call: OpCall) -> None:
+    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
+    out = call.outputs[0]
+    n = int(call.name[-2])
+    groups = int(call.arg(6, "groups", 1))
+    c = x.dim() - n - 1
+    in_ch, out_per_group = w.shape[0], w.shape[1]
+    call.unite(x, c, w, 0)
+    call.role(w, 0, CONSUMER)
+    if groups == 1:
+        out_space = call.space(w, 1)
+        call.role(w, 1, PRODUCER)
+    else:
+        out_space = call.graph.new_space(out_per_group * groups)
+        _group_units(call, call.space(w, 0), in_ch // groups, out_space, out_per_group)
+    if b is not None:
+        call.graph.unite(call.space(b, 0), out_space)
+        call.role(b, 0, BIAS)
+    spaces: list[int | None] = [None] * out.dim()
+    if c == 1:
+        spaces[0] = call.space(x, 0)
+    spaces[c] = out_space
+    call.set_out(out, spaces)
+
+
+@rule("linear")
+def linear(call: OpCall) -> None:
+    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
+    out = call.outputs[0]
+    if w.dim() != 2:
+        return
+    if call.is_param(w):  # the weight's masked columns make the contraction exact
+        call.unite(x, -1, w, 1)
+        call.role(w, 1, CONSUMER)
+    call.role(w, 0, PRODUCER)
+    if b is not None:
+        call.unite(b, -1, w, 0)
+        call.role(b, -1, BIAS)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim() - 1)] + [call.space(w, 0)])
+
+
+@rule("matmul", "rmatmul", "mm", "bmm")
+def matmul(call: OpCall) -> None:
+    a, b = call.inputs[0], call.inputs[-1]
+    if call.name == "rmatmul":
+        a, b = b, a
+    out = call.outputs[0]
+    if a.dim() < 2 or b.dim() < 2 or len(call.inputs) != 2:
+        return
+    batch = _broadcast_prefix(call, out, [a, b])
+    if call.is_param(a) or call.is_param(b):
+        call.unite(a, -1, b, -2)
+        call.role(a, -1, CONSUMER)
+        call.role(b, -2, CONSUMER)
+    call.set_out(out, batch + [call.space(a, -2), call.space(b, -1)])
+
+
+def _broadcast_prefix(call: OpCall, out: torch.Tensor, tensors: list[torch.Tensor]) -> list[int | None]:
+    n = out.dim() - 2
+    spaces: list[int | None] = []
+    for j in range(n):
+        first = None
+        for t in tensors:
+            k = j - (n - (t.dim() - 2))
+            if k < 0:
+                continue
+            if t.shape[k] == out.shape[j]:
+                first = call.space(t, k) if first is None else first
+                call.graph.unite(first, call.space(t, k))
+            elif t.shape[k] == 1:
+                call.claimed.add((id(t), k))
+        spaces.append(first)
+    return spaces
+
+
+@rule("batch_norm", "instance_norm")
+def batch_norm(call: OpCall) -> None:
+    x, out = call.args[0], call.outputs[0]
+    if x.dim() < 2:
+        return
+    for t in call.inputs[1:]:
+        if t.dim() == 1 and t.shape[0] == x.shape[1]:
+            call.unite(x, 1, t, 0)
+            call.role(t, 0, NORM)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+
+
+@rule("group_norm")
+def group_norm(call: OpCall) -> None:
+    """Channels of one norm group are one unit: removing whole groups keeps the statistics exact."""
+    x, out = call.args[0], call.outputs[0]
+    if call.arg(2, "weight") is None:
+        return  # without affine tensors the new group count could not be stored: keep it whole
+    groups = int(call.arg(1, "num_groups"))
+    channels = x.shape[1]
+    per_group = channels // groups
+    space = call.space(x, 1)
+    if per_group > 1:
+        idx = np.arange(channels)
+        call.link(space, idx, space, (idx // per_group) * per_group)
+    for t in call.inputs[1:]:
+        if t.dim() == 1 and t.shape[0] == channels:
+            call.unite(x, 1, t, 0)
+            call.role(t, 0, NORM)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+
+
+@rule("layer_norm", "rms_norm")
+def layer_norm(call: OpCall) -> None:
+    """A norm over the last dim stays prunable when its module can compute statistics over kept channels."""
+    x, out = call.args[0], call.outputs[0]
+    shape = call.arg(1, "normalized_shape")
+    k = 1 if isinstance(shape, int) else len(shape)
+    if k != 1 or call.arg(2, "weight") is None:
+        call.set_out(out, [call.space(x, d) if d < x.dim() - k else None for d in range(x.dim())])
+        return
+    for t in call.inputs[1:]:
+        if t.dim() == 1:
+            call.unite(x, -1, t, 0)
+            call.role(t, 0, NORM)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+    pending = call.tracer.pending_ln
+    if pending:
+        pending[-1].append((call.space(x, -1), call.name))
+    else:
+        call.graph.freeze(call.space(x, -1), "layer norm outside any module")
+
+
+@rule("prelu")
+def prelu(call: OpCall) -> None:
+    x, w = call.args[0], call.arg(1, "weight")
+    out = call.outputs[0]
+    if w.numel() > 1 and x.dim() >= 2:
+        call.unite(x, 1, w, 0)
+        call.role(w, 0, NORM)
+    else:
+        call.claim_all(w)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+
+
+@rule("embedding")
+def embedding(call: OpCall) -> None:
+    ids, w = call.args[0], call.arg(1, "weight")
+    out = call.outputs[0]
+    call.role(w, 1, PRODUCER)
+    call.set_out(out, [call.space(ids, d) for d in range(ids.dim())] + [call.space(w, 1)])
+
+
+@rule("multi_head_attention_forward")
+def multi_head_attention(call: OpCall) -> None:
+    """nn.MultiheadAttention ties embed_dim to num_heads * head_dim: its channels stay frozen."""
+    query = call.args[0]
+    out = call.outputs[0]
+    call.set_out(out, [call.space(query, d) for d in range(query.dim() - 1)] + [None])
+
+
+@rule("scaled_dot_product_attention")
+def scaled_dot_product_attention(call: OpCall) -> None:
+    q, k, v = call.args[0], call.arg(1, "key"), call.arg(2, "value")
+    out = call.outputs[0]
+    batch = _broadcast_prefix(call, out, [q, k, v])
+    call.unite(k, -2, v, -2)
+    call.set_out(out, batch + [call.space(q, -2), call.space(v, -1)])

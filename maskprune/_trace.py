@@ -1,0 +1,366 @@
+"""Trace a model by running it: every torch function call is seen, with real shapes.
+
+A :class:`torch.overrides.TorchFunctionMode` records each call and applies the
+op's channel rule (:mod:`maskprune._rules`) on the fly; global module hooks
+attribute calls to module paths. Nothing is left behind: hooks, modes, the
+training flags of every module, buffers and the random state are restored,
+also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._graph import ChannelGraph
+from .errors import TraceError
+
+MODEL_INPUT = "model input"
+MODEL_OUTPUT = "model output"
+
+
+@dataclass
+class OwnedTensor:
+    """A parameter or buffer of the model, under every name it has (ties included)."""
+
+    tensor: torch.Tensor
+    is_param: bool
+    names: list[tuple[str, str]]  # (module path, attribute)
+
+    @property
+    def qualname(self) -> str:
+        module, attr = self.names[0]
+        return f"{module}.{attr}" if module else attr
+
+
+@dataclass
+class TensorNode:
+    """A traced tensor: one channel space per dimension."""
+
+    spaces: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass
+class LayerNormSite:
+    """A module whose output is a layer norm over a channel space (masked statistics needed)."""
+
+    kind: str  # "layer_norm" or "rms_norm"
+    module: nn.Module
+    path: str
+    space: int
+    in_dim: int
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass
+class Trace:
+    """What running the model taught us."""
+
+    graph: ChannelGraph
+    owned: dict[int, OwnedTensor]
+    param_nodes: dict[int, TensorNode]
+    roles: dict[tuple[int, int], str]
+    module_outputs: dict[str, list[TensorNode]]
+    layer_norms: list[LayerNormSite]
+    unknown_ops: dict[tuple[str, str], int]
+    unreached: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in nested tuples, lists, dicts, namedtuples and dataclasses, in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from iter_tensors(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from iter_tensors(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name))
+
+
+def owned_tensors(model: nn.Module) -> dict[int, OwnedTensor]:
+    """Parameters and buffers by identity, with every (module path, attribute) that holds them."""
+    owned: dict[int, OwnedTensor] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for store, is_param in ((module._parameters, True), (module._buffers, False)):
+            for attr, tensor in store.items():
+                if tensor is None:
+                    continue
+                entry = owned.setdefault(id(tensor), OwnedTensor(tensor, is_param, []))
+                if (path, attr) not in entry.names:
+                    entry.names.append((path, attr))
+    return owned
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call the model on a tensor, a tuple of positional arguments or a dict of keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore training flags, buffers and the random state after the block, whatever happens."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracer = self.tracer
+        if tracer.leaf_depth:
+            return func(*args, **kwargs)
+        return tracer.apply(func, args, kwargs)
+
+
+class Tracer:
+    """Runs the model and builds the channel graph. Used through :func:`trace`."""
+
+    def __init__(self, model: nn.Module, leaf_rules: Mapping[type, Any]) -> None:
+        from . import _rules
+
+        self.model = model
+        self.graph = ChannelGraph()
+        self.owned = owned_tensors(model)
+        self.param_nodes: dict[int, TensorNode] = {}
+        self.nodes: dict[int, TensorNode] = {}
+        self.alive: list[torch.Tensor] = []
+        self.roles: dict[tuple[int, int], str] = {}
+        self.module_paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+        self.stack: list[nn.Module] = []
+        self.ops_in_call: list[list[str]] = []
+        self.pending_ln: list[list[tuple[int, int]]] = []
+        self.module_outputs: dict[str, list[TensorNode]] = {}
+        self.layer_norms: list[LayerNormSite] = []
+        self.unknown_ops: dict[tuple[str, str], int] = {}
+        self.leaf_rules = leaf_rules
+        self.leaf_depth = 0
+        self.rules = _rules
+
+    # ---- nodes -------------------------------------------------------------------------
+    def path(self) -> str:
+        for module in reversed(self.stack):
+            path = self.module_paths.get(id(module))
+            if path is not None:
+                return path or "<root>"
+        return "<root>"
+
+    def node(self, t: torch.Tensor) -> TensorNode:
+        node = self.nodes.get(id(t))
+        if node is not None and node.shape == tuple(t.shape):
+            return node
+        key = id(t)
+        if key in self.owned:
+            node = self.param_nodes.get(key)
+            if node is None:
+                node = TensorNode(tuple(self.graph.new_space(n) for n in t.shape), tuple(t.shape))
+                self.param_nodes[key] = node
+            return node
+        reason = f"tensor of unknown origin in {self.path()}"
+        return self.fresh(t, reason)
+
+    def fresh(self, t: torch.Tensor, reason: str) -> TensorNode:
+        node = TensorNode(tuple(self.graph.new_space(n, reason) for n in t.shape), tuple(t.shape))
+        self.bind(t, node)
+        return node
+
+    def bind(self, t: torch.Tensor, node: TensorNode) -> None:
+        if id(t) in self.owned:
+            return
+        self.nodes[id(t)] = node
+        self.alive.append(t)
+
+    # ---- ops ---------------------------------------------------------------------------
+    def apply(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        name, inplace = self.rules.op_name(func)
+        if name == "iter":
+            out = list(func(*args, **kwargs))
+            call = self.rules.OpCall(self, "unbind", False, (args[0], 0), {}, out)
+            self.rules.run_rule(call)
+            return iter(out)
+        out = func(*args, **kwargs)
+        if self.ops_in_call:
+            self.ops_in_call[-1].append(name)
+        call = self.rules.OpCall(self, name, inplace, args, kwargs, out)
+        self.rules.run_rule(call)
+        return out
+
+    # ---- module hooks ------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        self.stack.append(module)
+        self.ops_in_call.append([])
+        self.pending_ln.append([])
+        if type(module) in self.leaf_rules:
+            self.leaf_depth += 1
+
+    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if type(module) in self.leaf_rules:
+            self.leaf_depth -= 1
+            if self.leaf_depth == 0:
+                self.rules.run_leaf_rule(self, module, self.leaf_rules[type(module)], args, output)
+        ops = self.ops_in_call.pop()
+        ln_sites = self.pending_ln.pop()
+        self.stack.pop()
+        if self.leaf_depth:
+            return
+        path = self.module_paths.get(id(module))
+        outputs = [self.nodes[id(t)] for t in iter_tensors(output) if id(t) in self.nodes]
+        if path is not None:
+            self.module_outputs.setdefault(path or "<root>", outputs)
+        for space, kind in ln_sites:
+            self.resolve_layer_norm(module, path, ops, space, kind, args, output)
+
+    def resolve_layer_norm(self, module, path, ops, space, kind, args, output) -> None:
+        """Keep a layer norm over a channel space prunable only if its module can be hooked exactly."""
+        inputs = list(iter_tensors(args))
+        outputs = list(iter_tensors(output))
+        plain = set(ops) <= {"permute", "contiguous", "layer_norm", "rms_norm", "transpose", "movedim"}
+        ok = (
+            isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+            and plain
+            and ops.count("layer_norm") + ops.count("rms_norm") == 1
+            and len(inputs) == 1
+            and len(outputs) == 1
+            and inputs[0].shape == outputs[0].shape
+            and path is not None
+        )
+        if ok:
+            in_node = self.nodes.get(id(inputs[0]))
+            out_node = self.nodes.get(id(outputs[0]))
+            find = self.graph.find
+            in_dims = [d for d, s in enumerate(in_node.spaces) if find(s) == find(space)] if in_node else []
+            out_dims = [d for d, s in enumerate(out_node.spaces) if find(s) == find(space)] if out_node else []
+            ok = len(in_dims) == 1 and in_dims == out_dims
+        if ok:
+            self.layer_norms.append(
+                LayerNormSite(
+                    kind=kind,
+                    module=module,
+                    path=path,
+                    space=space,
+                    in_dim=in_dims[0],
+                    eps=module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps,
+                    weight=getattr(module, "weight", None),
+                    bias=getattr(module, "bias", None),
+                )
+            )
+        else:
+            where = path if path else "an unnamed module"
+            self.graph.freeze(space, f"layer norm in {where} cannot be masked exactly")
+
+    # ---- running -----------------------------------------------------------------------
+    def run(self, inputs: Any) -> None:
+        for t in iter_tensors(inputs):
+            if id(t) not in self.owned:
+                self.fresh(t, MODEL_INPUT)
+        pre = torch.nn.modules.module.register_module_forward_pre_hook(self.pre_hook)
+        post = torch.nn.modules.module.register_module_forward_hook(self.post_hook)
+        try:
+            with torch.no_grad(), _Recorder(self):
+                output = call_model(self.model, inputs)
+        finally:
+            pre.remove()
+            post.remove()
+            self.stack.clear()
+            self.ops_in_call.clear()
+            self.pending_ln.clear()
+            self.leaf_depth = 0
+        for t in iter_tensors(output):
+            for space in self.node(t).spaces:
+                self.graph.freeze(space, MODEL_OUTPUT)
+
+
+def trace(
+    model: nn.Module,
+    inputs: Any,
+    leaf_rules: Mapping[type, Any],
+    frozen_modules: Mapping[str, nn.Module],
+) -> Trace:
+    """Trace ``model`` on ``inputs`` in its current mode, then in the other mode if parameters were unreached.
+
+    Example:
+        >>> t = trace(torch.nn.Linear(4, 3), torch.randn(2, 4), {}, {})
+        >>> sorted(o.qualname for o in t.owned.values())
+        ['bias', 'weight']
+    """
+    tracer = Tracer(model, leaf_rules)
+    notes: list[str] = []
+    with preserved_state(model):
+        try:
+            tracer.run(inputs)
+        except TraceError:
+            raise
+        except Exception as error:  # the model's own error, shown to the user
+            raise TraceError(
+                f"the model rejected the example inputs: {type(error).__name__}: {error}"
+            ) from error
+        unreached = _unreached(tracer)
+        if unreached:
+            other = not model.training
+            model.train(other)
+            try:
+                tracer.run(inputs)
+            except Exception as error:  # noqa: BLE001 - a best-effort second pass
+                mode = "train" if other else "eval"
+                notes.append(f"the {mode}-mode trace failed ({type(error).__name__}: {error})")
+            unreached = _unreached(tracer)
+    for path, module in frozen_modules.items():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            node = tracer.param_nodes.get(id(tensor))
+            if node is not None:
+                for space in node.spaces:
+                    tracer.graph.freeze(space, f"ignored by the user ({path})")
+    return Trace(
+        graph=tracer.graph,
+        owned=tracer.owned,
+        param_nodes=tracer.param_nodes,
+        roles=tracer.roles,
+        module_outputs=tracer.module_outputs,
+        layer_norms=tracer.layer_norms,
+        unknown_ops=tracer.unknown_ops,
+        unreached=unreached,
+        notes=notes,
+    )
+
+
+def _unreached(tracer: Tracer) -> list[str]:
+    return [
+        o.qualname
+        for key, o in tracer.owned.items()
+        if o.is_param and key not in tracer.param_nodes
+    ]

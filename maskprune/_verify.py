@@ -1,0 +1,151 @@
+"""Prove that a masked model and its exported model compute the same thing."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._trace import call_model, iter_tensors
+
+# masked model -> callable giving, for a module path, the kept index of each output dim
+_KEEP_LOOKUP: weakref.WeakKeyDictionary[nn.Module, Callable[[str, int], list[torch.Tensor | None] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify`: truthy when the two models agree.
+
+    ``max_rel`` is max |soft - hard| / max |hard| over all floating outputs.
+    """
+
+    max_abs: float
+    max_rel: float
+    rtol: float
+    first_divergence: str | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None and self.max_rel <= self.rtol
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        verdict = "equal" if self.ok else "DIFFERENT"
+        text = f"{verdict}: max |soft - hard| = {self.max_abs:.3g}, relative {self.max_rel:.3g} (tolerance {self.rtol:g})"
+        if self.problem:
+            text += f"; {self.problem}"
+        if self.first_divergence:
+            text += f"; first diverging module: {self.first_divergence}"
+        return text
+
+
+@contextmanager
+def _eval(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _compare(soft: list[torch.Tensor], hard: list[torch.Tensor]) -> tuple[float, float, str | None]:
+    if len(soft) != len(hard):
+        return float("inf"), float("inf"), f"{len(soft)} outputs vs {len(hard)}"
+    max_abs, scale = 0.0, 0.0
+    for i, (s, h) in enumerate(zip(soft, hard, strict=True)):
+        if s.shape != h.shape:
+            return float("inf"), float("inf"), f"output {i} has shape {tuple(s.shape)} vs {tuple(h.shape)}"
+        if not (s.is_floating_point() or s.is_complex()):
+            if not torch.equal(s, h):
+                return float("inf"), float("inf"), f"integer output {i} differs"
+            continue
+        if s.numel():
+            max_abs = max(max_abs, (s.double() - h.double()).abs().max().item())
+            scale = max(scale, h.double().abs().max().item())
+    rel = max_abs / scale if scale > 0 else max_abs
+    return max_abs, rel, None
+
+
+def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """Every output tensor of ``model`` on ``inputs``, in eval mode, without gradients."""
+    with torch.no_grad(), _eval(model):
+        return list(iter_tensors(call_model(model, inputs)))
+
+
+def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float) -> VerifyResult:
+    max_abs, max_rel, problem = _compare(soft, hard)
+    return VerifyResult(max_abs, max_rel, rtol, problem=problem)
+
+
+def verify(masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rtol: float = 1e-5) -> VerifyResult:
+    """Run both models in eval mode on ``inputs`` and compare every output.
+
+    When they differ, the result names the first module (in call order) whose
+    output differs, comparing the masked output on its kept channels.
+
+    Example:
+        >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()   # doctest: +SKIP
+        >>> mask.do_mask(); pruned = mask.generate_pruned_model()          # doctest: +SKIP
+        >>> maskprune.verify(model, pruned, x).max_rel < 1e-5              # doctest: +SKIP
+        True
+    """
+    result = compare(outputs(masked_model, inputs), outputs(pruned_model, inputs), rtol)
+    if not result.ok:
+        result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol)
+    return result
+
+
+def _record(model: nn.Module, inputs: Any) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        name = names.get(id(module))
+        first = next(iter_tensors(output), None)
+        if name and first is not None and name not in outputs:
+            outputs[name] = first.detach().clone()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad(), _eval(model):
+            call_model(model, inputs)
+    finally:
+        handle.remove()
+    return outputs
+
+
+def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float) -> str | None:
+    keep_lookup = _KEEP_LOOKUP.get(masked)
+    try:
+        soft, hard = _record(masked, inputs), _record(pruned, inputs)
+    except Exception as error:  # noqa: BLE001 - the pruned model may not even run
+        return f"(the pruned model fails to run: {type(error).__name__}: {error})"
+    for name, s in soft.items():
+        h = hard.get(name)
+        if h is None:
+            continue
+        keeps = keep_lookup(name, s.dim()) if keep_lookup else None
+        if keeps:
+            for dim, keep in enumerate(keeps):
+                if keep is not None:
+                    s = s.index_select(dim, keep.to(s.device))
+        if s.shape != h.shape:
+            if keep_lookup:
+                return f"{name} (output shape {tuple(h.shape)}, expected {tuple(s.shape)})"
+            continue
+        _, rel, problem = _compare([s], [h])
+        if problem or rel > rtol:
+            return f"{name} (relative difference {rel:.3g})"
+    return None

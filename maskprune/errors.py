@@ -1,0 +1,21 @@
+"""Errors raised by maskprune. Each says what was wrong and what is valid."""
+
+
+class MaskpruneError(Exception):
+    """Base class of maskprune's errors."""
+
+
+class TraceError(MaskpruneError, ValueError):
+    """The model could not be traced on the example inputs (the model's own error is chained)."""
+
+
+class NothingToPruneError(MaskpruneError, ValueError):
+    """The model has no channel that can be removed."""
+
+
+class NotMadeError(MaskpruneError, RuntimeError):
+    """A Mask method needs :meth:`Mask.make` first."""
+
+
+class ExportError(MaskpruneError, RuntimeError):
+    """The exported model does not compute what the masked model computes."""

@@ -1,0 +1,339 @@
+"""The user-facing lifecycle: Mask(...) -> make() -> do_mask() -> generate_pruned_model()."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _verify
+from ._algorithm import Algorithm
+from ._export import Plan, apply_plan
+from ._groups import Group, GroupLayout, build_layout, format_names, unit_index
+from ._layers import leaf_rules
+from ._masking import MaskRuntime
+from ._trace import Trace, trace
+from .errors import ExportError, NothingToPruneError, NotMadeError
+
+
+class Mask:
+    """Soft masks over a model's dependency groups, and their export to a smaller model.
+
+    Args:
+        model: the model to prune; it keeps its parameters' names and shapes while masked.
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
+        input_shape: shorthand for ``example_inputs=torch.randn(input_shape)`` on the model's device.
+        algorithm: scores channels (see :mod:`maskprune.algorithms`); needed by :meth:`do_mask`.
+        ratio: fraction of each group's channels to remove, in [0, 1).
+        ignore: modules (or qualified names) whose channels must never be pruned.
+
+    Example:
+        >>> model = torchvision.models.resnet18()                               # doctest: +SKIP
+        >>> mask = Mask(model, input_shape=(1, 3, 224, 224), algorithm=L1Norm(), ratio=0.5)
+        >>> mask.make().do_mask()                                               # doctest: +SKIP
+        >>> pruned = mask.generate_pruned_model()                               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        algorithm: Algorithm | None = None,
+        ratio: float = 0.5,
+        ignore: Iterable[nn.Module | str] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        if algorithm is not None and not callable(getattr(algorithm, "score", None)):
+            raise TypeError(
+                f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
+            )
+        self.model = model
+        self.algorithm = algorithm
+        self.ratio = float(ratio)
+        self.example_inputs = _example_inputs(model, example_inputs, input_shape)
+        self.ignore = _resolve_ignore(model, ignore)
+        self._made = False
+        self._trace: Trace | None = None
+        self._layout: GroupLayout | None = None
+        self._groups: list[Group] = []
+        self._keep = np.ones(0, dtype=bool)
+        self._runtime: MaskRuntime | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def make(self) -> Mask:
+        """Trace the model, build the dependency groups, install the mask hooks. Returns self."""
+        if self._made:
+            return self
+        tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
+        res = tr.graph.resolve()
+        layout = build_layout(tr, res)
+        if not layout.groups:
+            reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
+            raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
+        self._trace, self._res, self._layout = tr, res, layout
+        self._keep = np.ones(layout.n_units + 1, dtype=bool)
+        self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
+        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
+        self._space_units: dict[int, np.ndarray] = {}
+        for key, node in tr.param_nodes.items():
+            owned = tr.owned[key]
+            if not owned.is_param:
+                continue
+            for dim, space in enumerate(node.spaces):
+                units = self._units(space)
+                if (units < layout.n_units).any():
+                    runtime.add_dim(owned.tensor, dim, units)
+        for site in tr.layer_norms:
+            units = self._units(site.space)
+            if (units < layout.n_units).any():
+                runtime.add_norm(site, units)
+        runtime.refresh(self._keep)
+        runtime.install()
+        self._runtime = runtime
+        self._made = True
+        _verify._KEEP_LOOKUP[self.model] = self._output_keeps
+        return self
+
+    @property
+    def groups(self) -> list[Group]:
+        """The prunable dependency groups (after :meth:`make`)."""
+        self._require_made("groups")
+        return self._groups
+
+    def do_mask(self) -> bool:
+        """Zero the lowest-scoring channels of every group up to ``ratio``. Returns whether anything changed."""
+        self._require_made("do_mask()")
+        if self.algorithm is None:
+            raise ValueError("do_mask() needs an algorithm: Mask(..., algorithm=maskprune.algorithms.L1Norm())")
+        changed = False
+        for group in self._groups:
+            target = min(math.floor(self.ratio * group.size), group.size - 1)
+            keep = group.keep
+            missing = target - int((~keep).sum())
+            if missing <= 0:
+                continue
+            scores = self._scores(group)
+            candidates = np.flatnonzero(keep)
+            order = candidates[np.argsort(scores[candidates], kind="stable")]
+            keep[order[:missing]] = False
+            self._keep[group.start : group.start + group.size] = keep
+            changed = True
+        if changed:
+            self._refresh()
+        return changed
+
+    def generate_pruned_model(
+        self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float = 1e-5
+    ) -> nn.Module:
+        """A plain, smaller ``nn.Module`` without the removed channels.
+
+        Verified against the masked model on ``inputs`` (the example inputs by
+        default) unless ``verify=False``; raises :class:`ExportError` naming the
+        first diverging module. ``inplace=True`` slices the masked model itself
+        (no copy; the Mask is then spent); a failed export leaves it as it was.
+        """
+        self._require_made("generate_pruned_model()")
+        inputs = self.example_inputs if inputs is None else inputs
+        self._runtime.apply()
+        plan = self._plan()
+        if inplace:
+            return self._export_inplace(plan, inputs, verify, rtol)
+        pruned = self._plain_copy()
+        if plan:
+            apply_plan(pruned, plan)
+        if verify:
+            result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
+            if not result:
+                raise ExportError(f"the exported model differs from the masked model: {result}")
+        return pruned
+
+    def remove(self) -> None:
+        """Take every hook and mask buffer off; the model keeps its current (zeroed) weights."""
+        if self._runtime is not None:
+            self._runtime.uninstall()
+            self._runtime = None
+        _verify._KEEP_LOOKUP.pop(self.model, None)
+        self._made = False
+        self._groups = []
+
+    # ---- state -----------------------------------------------------------------------------
+    def _set_keep(self, start: int, keep: np.ndarray) -> None:
+        self._keep[start : start + len(keep)] = keep
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._runtime.refresh(self._keep)
+        self._runtime.apply()
+
+    def _scores(self, group: Group) -> np.ndarray:
+        scores = self.algorithm.score(group)
+        scores = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+        if scores.shape != (group.size,):
+            raise ValueError(
+                f"{type(self.algorithm).__name__}.score() returned shape {scores.shape} for group "
+                f"{group.index}; expected ({group.size},), one score per channel"
+            )
+        return scores
+
+    def _units(self, space: int) -> np.ndarray:
+        units = self._space_units.get(space)
+        if units is None:
+            units = self._space_units[space] = unit_index(self._layout, self._res, space)
+        return units
+
+    def _plan(self) -> Plan:
+        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
+        plan: Plan = {}
+        tr = self._trace
+        for key, node in tr.param_nodes.items():
+            dims = []
+            for dim, space in enumerate(node.spaces):
+                keep = self._keep[self._units(space)]
+                if not keep.all():
+                    dims.append((dim, np.flatnonzero(keep)))
+            if dims:
+                plan[tr.owned[key].names[0]] = dims
+        return plan
+
+    def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
+        nodes = self._trace.module_outputs.get(path) if self._trace else None
+        if not nodes or len(nodes[0].spaces) != ndim:
+            return None
+        keeps: list[torch.Tensor | None] = []
+        for space in nodes[0].spaces:
+            keep = self._keep[self._units(space)]
+            keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
+        return keeps
+
+    def _plain_copy(self) -> nn.Module:
+        """A deep copy of the model without maskprune's hooks."""
+        self._runtime.uninstall()
+        try:
+            return copy.deepcopy(self.model)
+        finally:
+            self._runtime.install()
+
+    def _export_inplace(self, plan: Plan, inputs: Any, verify: bool, rtol: float) -> nn.Module:
+        soft = _verify.outputs(self.model, inputs) if verify else None
+        self._runtime.uninstall()
+        log = apply_plan(self.model, plan) if plan else None
+        if verify:
+            result = _verify.compare(soft, _verify.outputs(self.model, inputs), rtol)
+            if not result:
+                if log is not None:
+                    log.undo()
+                self._runtime.install()
+                self.generate_pruned_model(inputs=inputs, rtol=rtol)  # raises, naming the module
+                raise ExportError(f"the exported model differs from the masked model: {result}")
+        self.remove()
+        return self.model
+
+    def _require_made(self, what: str) -> None:
+        if not self._made:
+            raise NotMadeError(f"call make() before {what}")
+
+    # ---- reporting -------------------------------------------------------------------------
+    def _activation_members(self, group: Group) -> list[tuple[str, int, str]]:
+        """Leaf-module outputs whose channels belong to ``group``: (module path, dim, mapping)."""
+        rows = []
+        leaves = {name for name, m in self.model.named_modules() if not any(True for _ in m.children())}
+        lo, hi = group.start, group.start + group.size
+        for path, nodes in self._trace.module_outputs.items():
+            if path not in leaves or not nodes:
+                continue
+            for dim, space in enumerate(nodes[0].spaces):
+                units = self._units(space)
+                inside = (units >= lo) & (units < hi)
+                if inside.any():
+                    positions = np.flatnonzero(inside)
+                    span = f"[{positions.min()}:{positions.max() + 1}]"
+                    if positions.max() + 1 - positions.min() != len(positions):
+                        span = f"{len(positions)} of {len(units)}"
+                    rows.append((path, dim, span))
+        return rows
+
+    def __repr__(self) -> str:
+        if not self._made:
+            return f"Mask({type(self.model).__name__}, ratio={self.ratio}, not made)"
+        kept = sum(g.kept for g in self._groups)
+        total = sum(g.size for g in self._groups)
+        algo = type(self.algorithm).__name__ if self.algorithm is not None else "no algorithm"
+        lines = [
+            f"Mask({type(self.model).__name__}, {algo}, ratio={self.ratio}): "
+            f"{len(self._groups)} groups, {kept}/{total} channels kept"
+        ]
+        lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
+        for g in self._groups:
+            names = [f"{m.name}[{m.dim}]" for m in g.members]
+            lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
+        frozen = self._layout.frozen
+        if frozen:
+            lines.append("Frozen (never pruned):")
+            for reason, names in frozen.items():
+                lines.append(f"  {reason}: {format_names(names)}")
+        tr = self._trace
+        if tr.unknown_ops:
+            ops = sorted({f"`{op}` in {path}" for op, path in tr.unknown_ops})
+            lines.append(f"Unsupported ops (their channels are frozen): {format_names(ops, 6)}")
+        if tr.unreached:
+            lines.append(f"Parameters not reached by the trace: {format_names(tr.unreached)}")
+        for note in tr.notes:
+            lines.append(f"Note: {note}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Any, input_shape: Sequence[int] | None) -> Any:
+    if example_inputs is not None and input_shape is not None:
+        raise ValueError("give example_inputs or input_shape, not both")
+    if input_shape is not None:
+        if not all(isinstance(n, int) and n > 0 for n in input_shape):
+            raise ValueError(f"input_shape must be positive integers, got {tuple(input_shape)!r}")
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return torch.randn(tuple(input_shape), device=_device(model), dtype=dtype)
+    if example_inputs is None:
+        raise ValueError("example_inputs is required (a tensor, a tuple of arguments or a dict), or input_shape=")
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return example_inputs
+
+
+def _resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str]) -> dict[str, nn.Module]:
+    if isinstance(ignore, (nn.Module, str)):
+        ignore = [ignore]
+    named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in named.items()}
+    resolved: dict[str, nn.Module] = {}
+    for item in ignore:
+        if isinstance(item, str):
+            if item not in named:
+                close = difflib.get_close_matches(item, list(named), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"ignore: {item!r} is not a module of the model{hint}")
+            resolved[item] = named[item]
+        elif isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(f"ignore: the {type(item).__name__} given is not a module of the model")
+            resolved[by_id[id(item)] or "<root>"] = item
+        else:
+            raise TypeError(f"ignore takes modules or qualified module names, got {type(item).__name__}")
+    return resolved
