@@ -161,6 +161,11 @@ class Resolution:
         """Why the whole of ``space`` is frozen, if it is."""
         return self.root_reason.get(int(self.roots[space]))
 
+    def freeze_components(self, components: np.ndarray, reason: str) -> None:
+        """Freeze these components (found to be unprunable after grouping)."""
+        self.reasons.append(reason)
+        self.comp_reason[components] = len(self.reasons) - 1
+
     def component_reason(self, component: int) -> str | None:
         code = self.comp_reason[component]
         return None if code < 0 else self.reasons[code]

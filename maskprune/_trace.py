@@ -23,6 +23,7 @@ from ._graph import ChannelGraph
 from .errors import TraceError
 
 MODEL_INPUT = "model input"
+_SIZE_READS = {"size", "shape", "numel", "len"}
 MODEL_OUTPUT = "model output"
 
 
@@ -74,6 +75,8 @@ class Trace:
     layer_norms: list[LayerNormSite]
     unknown_ops: dict[tuple[str, str], int]
     unreached: list[str]
+    modes: list[bool]
+    size_reads: set[int]
     notes: list[str] = field(default_factory=list)
 
 
@@ -170,6 +173,7 @@ class Tracer:
         self.unknown_ops: dict[tuple[str, str], int] = {}
         self.leaf_rules = leaf_rules
         self.leaf_depth = 0
+        self.size_reads: set[int] = set()
         self.rules = _rules
 
     # ---- nodes -------------------------------------------------------------------------
@@ -214,11 +218,25 @@ class Tracer:
             self.rules.run_rule(call)
             return iter(out)
         out = func(*args, **kwargs)
+        if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
+            self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
         if self.ops_in_call:
             self.ops_in_call[-1].append(name)
         call = self.rules.OpCall(self, name, inplace, args, kwargs, out)
         self.rules.run_rule(call)
         return out
+
+    def note_size_read(self, t: torch.Tensor, name: str, rest: tuple) -> None:
+        """Remember spaces whose size the model's code read: a trial export checks them first."""
+        node = self.nodes.get(id(t)) or self.param_nodes.get(id(t))
+        if node is None:
+            return
+        if name == "size" and rest and isinstance(rest[0], int):
+            self.size_reads.add(node.spaces[rest[0] % len(node.spaces)])
+        elif name == "__len__" and node.spaces:
+            self.size_reads.add(node.spaces[0])
+        else:
+            self.size_reads.update(node.spaces)
 
     # ---- module hooks ------------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
@@ -320,6 +338,7 @@ def trace(
     """
     tracer = Tracer(model, leaf_rules)
     notes: list[str] = []
+    modes = [model.training]
     with preserved_state(model):
         try:
             tracer.run(inputs)
@@ -335,6 +354,7 @@ def trace(
             model.train(other)
             try:
                 tracer.run(inputs)
+                modes.append(other)
             except Exception as error:  # noqa: BLE001 - a best-effort second pass
                 mode = "train" if other else "eval"
                 notes.append(f"the {mode}-mode trace failed ({type(error).__name__}: {error})")
@@ -354,6 +374,8 @@ def trace(
         layer_norms=tracer.layer_norms,
         unknown_ops=tracer.unknown_ops,
         unreached=unreached,
+        modes=modes,
+        size_reads=tracer.size_reads,
         notes=notes,
     )
 

@@ -18,6 +18,7 @@ from ._export import Plan, apply_plan
 from ._groups import Group, GroupLayout, build_layout, format_names, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
+from ._probe import fixed_size_groups
 from ._trace import Trace, trace
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
@@ -78,10 +79,28 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
+        self._trace, self._res, self._layout = tr, res, layout
+        suspects = {
+            int(np.searchsorted(starts, unit, side="right")) - 1
+            for space in tr.size_reads
+            for unit in np.unique(unit_index(layout, res, space))
+            if unit < layout.n_units
+        } if (starts := np.asarray([g[0] for g in layout.groups])).size else set()
+        fixed, note = fixed_size_groups(
+            self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects
+        )
+        if note:
+            tr.notes.append(note)
+        if fixed:
+            for index, error in fixed.items():
+                start, size, _ = layout.groups[index]
+                comps = np.flatnonzero((layout.component_unit >= start) & (layout.component_unit < start + size))
+                res.freeze_components(comps, f"the model's code fixes this size (trial export: {error})")
+            layout = build_layout(tr, res)
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._trace, self._res, self._layout = tr, res, layout
+        self._layout = layout
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
         runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
@@ -192,14 +211,28 @@ class Mask:
             units = self._space_units[space] = unit_index(self._layout, self._res, space)
         return units
 
-    def _plan(self) -> Plan:
+    def _probe_plan(self, groups: list[int]) -> Plan:
+        """The export plan that removes the last channel of each of ``groups`` (for the trial export)."""
+        keep = np.ones(self._layout.n_units + 1, dtype=bool)
+        for index in groups:
+            start, size, _ = self._layout.groups[index]
+            if size > 1:
+                keep[start + size - 1] = False
+        return self._plan(keep, {})
+
+    def _plan(self, keep_flags: np.ndarray | None = None, cache: dict | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
+        keep_flags = self._keep if keep_flags is None else keep_flags
+        cache = self._space_units if cache is None else cache
         plan: Plan = {}
         tr = self._trace
         for key, node in tr.param_nodes.items():
             dims = []
             for dim, space in enumerate(node.spaces):
-                keep = self._keep[self._units(space)]
+                units = cache.get(space)
+                if units is None:
+                    units = cache[space] = unit_index(self._layout, self._res, space)
+                keep = keep_flags[units]
                 if not keep.all():
                     dims.append((dim, np.flatnonzero(keep)))
             if dims:
