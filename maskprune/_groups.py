@@ -179,6 +179,8 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     groups: list[tuple[int, int, list[Member]]] = []
     start = 0
     for signature, comps in entries:
+        if len(comps) < 2:
+            continue  # a group keeps at least one channel: a single channel can never go
         anchor = raw[signature[0]][4]
         comp_set = np.asarray(comps, dtype=np.int64)
         first_pos = {}

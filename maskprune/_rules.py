@@ -35,8 +35,8 @@ def rule(*names: str) -> Callable:
 
 _DUNDER = {
     "iadd": "add", "radd": "add", "isub": "sub", "rsub": "rsub", "imul": "mul", "rmul": "mul",
-    "itruediv": "div", "truediv": "div", "rtruediv": "div", "ifloordiv": "floor_divide",
-    "floordiv": "floor_divide", "rfloordiv": "floor_divide", "mod": "remainder", "rmod": "remainder",
+    "itruediv": "div", "truediv": "div", "rtruediv": "rdiv", "ifloordiv": "floor_divide",
+    "floordiv": "floor_divide", "rfloordiv": "rfloor_divide", "mod": "remainder", "rmod": "rremainder",
     "imod": "remainder", "ipow": "pow", "rpow": "pow", "matmul": "matmul", "rmatmul": "rmatmul",
     "imatmul": "matmul", "iand": "bitwise_and", "and": "bitwise_and", "rand": "bitwise_and",
     "ior": "bitwise_or", "or": "bitwise_or", "ror": "bitwise_or", "ixor": "bitwise_xor",
@@ -123,8 +123,11 @@ class OpCall:
         resolved = tuple(
             graph.new_space(n, reason) if s is None else s for s, n in zip(spaces, t.shape, strict=True)
         )
-        self.tracer.bind(t, TensorNode(resolved, tuple(t.shape)))
+        self.tracer.bind(t, TensorNode(resolved, tuple(t.shape), self.tainted()))
         self.done.add(id(t))
+
+    def tainted(self) -> bool:
+        return any(self.tracer.node(t).tainted for t in self.inputs)
 
     def is_param(self, t: torch.Tensor) -> bool:
         return id(t) in self.tracer.owned
@@ -157,9 +160,10 @@ def run_rule(call: OpCall) -> None:
         for dim, space in enumerate(node.spaces):
             if (key, dim) not in call.claimed:
                 graph.freeze(space, reason)
+    tainted = call.tainted()
     for t in call.outputs:
         if id(t) not in call.done:
-            tracer.fresh(t, reason)
+            tracer.fresh(t, reason, tainted)
 
 
 def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tuple, output: Any) -> None:
@@ -244,20 +248,19 @@ def _broadcast(call: OpCall, out: torch.Tensor, tensors: list[torch.Tensor]) -> 
 
 # ---- elementwise ----------------------------------------------------------------------------
 _ELEMENTWISE = """
-abs absolute acos arccos acosh add addcdiv addcmul angle asin arcsin asinh atan arctan atan2 arctan2
-atanh bitwise_and bitwise_not bitwise_or bitwise_xor bitwise_left_shift bitwise_right_shift ceil celu
-clamp clamp_min clamp_max clip clone conj contiguous copy copysign cos cosh deg2rad detach div divide
-dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout feature_dropout elu eq erf
-erfc erfinv exp exp2 expm1 fill fix float_power floor floor_divide fmax fmin fmod frac ge gelu
-greater greater_equal gt hardshrink hardsigmoid hardswish hardtanh heaviside hypot isfinite isinf
-isnan isneginf isposinf le leaky_relu lerp less less_equal lgamma log log10 log1p log2 logaddexp
-logical_and logical_not logical_or logical_xor logit logsigmoid lt masked_fill maximum minimum mish
-mul multiply nan_to_num ne neg negative normal not_equal positive pow rad2deg real imag reciprocal relu
-relu6 remainder requires_grad resolve_conj resolve_neg round rrelu rsqrt rsub selu sgn sigmoid sign
-signbit silu sin sinc sinh softplus softshrink softsign sqrt square sub subtract tan tanh tanhshrink
-threshold true_divide trunc uniform where xlogy zero data bernoulli exponential to type float double
-half bfloat16 int long bool short char byte cpu cuda clamp_ nan_to_num square
-zeros_like ones_like empty_like full_like rand_like randn_like randint_like
+abs absolute acos arccos add addcdiv addcmul angle asin arcsin asinh atan arctan atan2 arctan2 atanh
+bitwise_and bitwise_not bitwise_or bitwise_xor bitwise_left_shift bitwise_right_shift ceil celu
+clamp clamp_min clamp_max clip clone conj contiguous copy copysign cos cosh deg2rad detach dropout
+dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout feature_dropout elu eq erf erfc
+erfinv exp exp2 expm1 fill fix floor fmax fmin frac ge gelu greater greater_equal gt hardshrink
+hardsigmoid hardswish hardtanh heaviside hypot isfinite isinf isnan isneginf isposinf le leaky_relu
+lerp less less_equal log1p logaddexp logical_and logical_not logical_or logical_xor logsigmoid lt
+masked_fill maximum minimum mish mul multiply nan_to_num ne neg negative normal not_equal positive
+rad2deg real imag relu relu6 requires_grad resolve_conj resolve_neg round rrelu rsub selu sgn
+sigmoid sign signbit silu sin sinc sinh softplus softshrink softsign sqrt square sub subtract tan
+tanh tanhshrink threshold trunc uniform where zero data bernoulli exponential to type float double
+half bfloat16 int long bool short char byte cpu cuda clamp_ zeros_like ones_like empty_like
+full_like rand_like randn_like randint_like
 """.split()
 
 
@@ -265,6 +268,31 @@ zeros_like ones_like empty_like full_like rand_like randn_like randint_like
 def elementwise(call: OpCall) -> None:
     for out in call.outputs:
         call.set_out(out, _broadcast(call, out, call.inputs))
+
+
+@rule("div", "divide", "true_divide", "floor_divide", "remainder", "fmod", "rdiv", "rfloor_divide", "rremainder")
+def division(call: OpCall) -> None:
+    """A removed channel is zero in the masked model: as a divisor it would become inf or NaN. Freeze divisors."""
+    elementwise(call)
+    reflected = call.name.startswith("r") and call.name != "remainder"
+    divisor = call.args[0] if reflected else call.arg(1, "other")
+    if isinstance(divisor, torch.Tensor) and call.tracer.node(divisor).tainted:
+        call.claimed -= {(id(divisor), d) for d in range(divisor.dim())}
+
+
+@rule("pow", "float_power")
+def power(call: OpCall) -> None:
+    """x ** e is finite at 0 only for e >= 0: other exponents freeze the base's channels."""
+    exponent = call.arg(1, "exponent")
+    if (isinstance(exponent, (int, float)) and exponent >= 0) or not call.tainted():
+        elementwise(call)
+
+
+@rule("rsqrt", "reciprocal", "log", "log2", "log10", "logit", "lgamma", "acosh", "xlogy")
+def not_finite_at_zero(call: OpCall) -> None:
+    """Not finite at 0, the value of a removed channel in the masked model: frozen unless unmasked."""
+    if not call.tainted():
+        elementwise(call)
 
 
 @rule("type_as", "view_as", "reshape_as", "expand_as")

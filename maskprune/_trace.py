@@ -43,10 +43,15 @@ class OwnedTensor:
 
 @dataclass
 class TensorNode:
-    """A traced tensor: one channel space per dimension."""
+    """A traced tensor: one channel space per dimension.
+
+    ``tainted``: derived from a masked parameter, so its removed channels may be
+    zero in the masked model (where the original had other values).
+    """
 
     spaces: tuple[int, ...]
     shape: tuple[int, ...]
+    tainted: bool = True
 
 
 @dataclass
@@ -192,14 +197,15 @@ class Tracer:
         if key in self.owned:
             node = self.param_nodes.get(key)
             if node is None:
-                node = TensorNode(tuple(self.graph.new_space(n) for n in t.shape), tuple(t.shape))
+                spaces = tuple(self.graph.new_space(n) for n in t.shape)
+                node = TensorNode(spaces, tuple(t.shape), tainted=self.owned[key].is_param)
                 self.param_nodes[key] = node
             return node
         reason = f"tensor of unknown origin in {self.path()}"
         return self.fresh(t, reason)
 
-    def fresh(self, t: torch.Tensor, reason: str) -> TensorNode:
-        node = TensorNode(tuple(self.graph.new_space(n, reason) for n in t.shape), tuple(t.shape))
+    def fresh(self, t: torch.Tensor, reason: str, tainted: bool = True) -> TensorNode:
+        node = TensorNode(tuple(self.graph.new_space(n, reason) for n in t.shape), tuple(t.shape), tainted)
         self.bind(t, node)
         return node
 
@@ -305,7 +311,7 @@ class Tracer:
     def run(self, inputs: Any) -> None:
         for t in iter_tensors(inputs):
             if id(t) not in self.owned:
-                self.fresh(t, MODEL_INPUT)
+                self.fresh(t, MODEL_INPUT, tainted=False)
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self.pre_hook)
         post = torch.nn.modules.module.register_module_forward_hook(self.post_hook)
         try:

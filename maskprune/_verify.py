@@ -71,6 +71,8 @@ def _compare(soft: list[torch.Tensor], hard: list[torch.Tensor]) -> tuple[float,
             if not torch.equal(s, h):
                 return float("inf"), float("inf"), f"integer output {i} differs"
             continue
+        if s.isnan().any() or h.isnan().any():
+            return float("inf"), float("inf"), f"output {i} contains NaN"
         if s.numel():
             max_abs = max(max_abs, (s.double() - h.double()).abs().max().item())
             scale = max(scale, h.double().abs().max().item())

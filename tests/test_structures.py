@@ -1,0 +1,590 @@
+"""Every structure of :mod:`maskprune.testing`: the exact dependency groups, and soft == hard after export.
+
+Groups are written as ``G(size, "module.tensor[dim]", ...)``: a group of ``size`` channels touching
+exactly those tensor dimensions. Tensors that must never be pruned (model outputs, frozen ops) are
+checked to be in no group at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import maskprune
+from maskprune import Group, Mask, Member, count_parameters
+from maskprune.testing import TINY_MODELS
+
+RTOL = 1e-5
+
+GroupKey = tuple[int, frozenset[str]]
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def G(size: int, *members: str) -> GroupKey:
+    """A group as the tests write it: its size and the ``name[dim]`` of every member."""
+    return size, frozenset(members)
+
+
+def make(name: str) -> tuple[Mask, nn.Module, Any]:
+    model, inputs = TINY_MODELS[name]()
+    return Mask(model, inputs).make(), model, inputs
+
+
+def found(mask: Mask) -> set[GroupKey]:
+    return {(g.size, frozenset(f"{m.name}[{m.dim}]" for m in g.members)) for g in mask.groups}
+
+
+def grouped(mask: Mask) -> set[str]:
+    """Every ``name[dim]`` that belongs to some group."""
+    return {f"{m.name}[{m.dim}]" for g in mask.groups for m in g.members}
+
+
+def group_of(mask: Mask, name: str, dim: int) -> Group:
+    matches = [g for g in mask.groups if any(m.name == name and m.dim == dim for m in g.members)]
+    assert len(matches) == 1, f"{name}[{dim}] is in {len(matches)} groups"
+    return matches[0]
+
+
+def member(group: Group, name: str, dim: int) -> Member:
+    matches = [m for m in group.members if m.name == name and m.dim == dim]
+    assert len(matches) == 1, f"{name}[{dim}] is {len(matches)} times in group {group.index}"
+    return matches[0]
+
+
+def prune_every_group(mask: Mask) -> None:
+    """Remove every other channel (from channel 0) of each group, keeping at least one."""
+    for group in mask.groups:
+        channels = list(range(0, group.size, 2))[: group.size - 1]
+        if channels:
+            group.prune(channels)
+        assert group.pruned == channels and group.kept == group.size - len(channels) >= 1
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """Every output tensor, in order (dicts, tuples and lists flattened)."""
+    with eval_mode(model):
+        if isinstance(inputs, dict):
+            out = model(**inputs)
+        elif isinstance(inputs, tuple):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
+
+    def flat(obj: Any) -> Iterator[torch.Tensor]:
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from flat(value)
+        elif isinstance(obj, (tuple, list)):
+            for value in obj:
+                yield from flat(value)
+
+    return list(flat(out))
+
+
+def assert_soft_equals_hard(mask: Mask, model: nn.Module, inputs: Any, fresh: list[Any]) -> nn.Module:
+    """Export and check the pruned model against the masked one on ``inputs`` and every ``fresh`` input.
+
+    Checked: fewer parameters, the same module tree (names and types), no hook left on any exported
+    module, ``maskprune.verify(...).max_rel <= RTOL`` and, independently of ``verify``, finite masked
+    outputs of the original shapes that match the exported ones.
+    """
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    pruned = mask.generate_pruned_model()
+    assert count_parameters(pruned) < count_parameters(model)
+    assert [(name, type(m)) for name, m in pruned.named_modules()] == modules
+    for name, m in pruned.named_modules():
+        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+        assert not any(hooks), f"hooks left on {name or '<root>'}"
+    for x in [inputs, *fresh]:
+        result = maskprune.verify(model, pruned, x)
+        assert result.problem is None and result.max_rel <= RTOL, str(result)
+        soft, hard = outputs(model, x), outputs(pruned, x)
+        assert [s.shape for s in soft] == [h.shape for h in hard]
+        for s, h in zip(soft, hard, strict=True):
+            if s.is_floating_point():
+                assert torch.isfinite(s).all(), "the masked model computes non-finite values"
+                scale = max(h.abs().max().item(), 1e-12)
+                assert (s - h).abs().max().item() / scale <= RTOL
+            else:
+                assert torch.equal(s, h)
+    return pruned
+
+
+# ---- fresh inputs: another batch size, and another spatial size where the model allows -------
+def _randn(*shapes: tuple[int, ...]) -> Callable[[], list[torch.Tensor]]:
+    return lambda: [torch.randn(*shape) for shape in shapes]
+
+
+def _ids() -> list[torch.Tensor]:
+    return [torch.randint(0, 10, (3, 6)), torch.randint(0, 10, (1, 9))]
+
+
+def _dict_io() -> list[dict[str, Any]]:
+    return [
+        {"image": torch.randn(3, 3, 8, 8), "extra": torch.randn(3, 4), "scale": 2.0},
+        {"image": torch.randn(1, 3, 12, 10), "extra": torch.randn(1, 4)},
+    ]
+
+
+def _bool_mask() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(3, 5, 6), torch.tensor([1, 5, 0])), (torch.randn(1, 7, 6), torch.tensor([4]))]
+
+
+IMAGES = _randn((3, 3, 8, 8), (1, 3, 12, 10))
+IMAGES_FIXED_SIZE = _randn((3, 3, 8, 8))  # the model's parameters fix the spatial size
+TOKENS = _randn((3, 5, 6), (1, 7, 6))
+
+FRESH: dict[str, Callable[[], list[Any]]] = {
+    "conv1d": _randn((3, 3, 16), (1, 3, 21)),
+    "conv2d": IMAGES,
+    "conv3d": _randn((3, 3, 4, 6, 6), (1, 3, 5, 7, 4)),
+    "conv_transpose2d": IMAGES,
+    "depthwise_conv": IMAGES,
+    "grouped_conv": IMAGES,
+    "linear_3d": TOKENS,
+    "batch_norm2d": IMAGES,
+    "group_norm": IMAGES,
+    "layer_norm": TOKENS,
+    "instance_norm2d": IMAGES,
+    "frozen_batch_norm2d": IMAGES,
+    "prelu": IMAGES,
+    "embedding": _ids,
+    "bare_parameter": IMAGES_FIXED_SIZE,
+    "residual_add": IMAGES,
+    "residual_sub": IMAGES,
+    "residual_mul": IMAGES,
+    "residual_div": IMAGES,
+    "squeeze_excitation": IMAGES,
+    "cat": IMAGES,
+    "chunk": IMAGES,
+    "split_unequal": IMAGES,
+    "slice": IMAGES,
+    "flatten_linear": IMAGES_FIXED_SIZE,
+    "view_reshape": IMAGES,
+    "permute_transpose": IMAGES,
+    "channel_shuffle": IMAGES,
+    "pooling": _randn((3, 3, 8, 8), (1, 3, 16, 12)),
+    "interpolate": IMAGES,
+    "relu": IMAGES,
+    "gelu": IMAGES,
+    "silu": IMAGES,
+    "hardswish": IMAGES,
+    "sigmoid": IMAGES,
+    "dropout": IMAGES,
+    "multihead_attention": TOKENS,
+    "functional": IMAGES,
+    "shared_module": IMAGES,
+    "tied_parameters": _ids,
+    "dict_io": _dict_io,
+    "inplace": IMAGES,
+    "no_grad": IMAGES,
+    "bool_mask": _bool_mask,
+    "unsupported_op": IMAGES,
+}
+
+# ---- the exact groups of every structure ------------------------------------------------------
+TWO_CONVS = {
+    G(8, "conv1.weight[0]", "conv1.bias[0]", "conv2.weight[1]"),
+    G(6, "conv2.weight[0]", "conv2.bias[0]", "head.weight[1]"),
+}
+STEM_HEAD = {G(8, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")}
+STEM_NORM_HEAD = {G(8, "stem.weight[0]", "stem.bias[0]", "body.0.weight[0]", "body.0.bias[0]", "head.weight[1]")}
+RESIDUAL = {
+    G(8, "stem.weight[0]", "stem.bias[0]", "branch1.weight[1]", "branch2.weight[0]", "branch2.bias[0]",
+      "head.weight[1]"),
+    G(6, "branch1.weight[0]", "branch1.bias[0]", "branch2.weight[1]"),
+}
+STEM_ONLY = {G(6, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]")}  # conv's output channels are frozen
+
+EXPECTED: dict[str, set[GroupKey]] = {
+    "conv1d": TWO_CONVS,
+    "conv2d": TWO_CONVS,
+    "conv3d": TWO_CONVS,
+    "conv_transpose2d": {
+        G(8, "conv.weight[0]", "conv.bias[0]", "up.weight[0]"),  # a transposed conv's weight is (in, out, ...)
+        G(6, "up.weight[1]", "up.bias[0]", "head.weight[1]"),
+    },
+    "depthwise_conv": {
+        G(8, "expand.weight[0]", "expand.bias[0]", "bn1.weight[0]", "bn1.bias[0]", "dw.weight[0]", "dw.bias[0]",
+          "bn2.weight[0]", "bn2.bias[0]", "head.weight[1]"),
+    },
+    "grouped_conv": {G(2, "expand.weight[0]", "expand.bias[0]", "gconv.weight[0]", "gconv.bias[0]", "head.weight[1]")},
+    "linear_3d": {
+        G(8, "fc1.weight[0]", "fc1.bias[0]", "fc2.weight[1]"),
+        G(6, "fc2.weight[0]", "fc2.bias[0]", "head.weight[1]"),
+    },
+    "batch_norm2d": STEM_NORM_HEAD,
+    "group_norm": {  # 4 norm groups of 2 channels: 4 units
+        G(4, "stem.weight[0]", "stem.bias[0]", "body.0.weight[0]", "body.0.bias[0]", "head.weight[1]"),
+    },
+    "layer_norm": {G(8, "fc.weight[0]", "fc.bias[0]", "norm.weight[0]", "norm.bias[0]", "head.weight[1]")},
+    "instance_norm2d": STEM_NORM_HEAD,
+    "frozen_batch_norm2d": STEM_HEAD,  # its tensors are buffers: sliced, but not members
+    "prelu": {G(8, "stem.weight[0]", "stem.bias[0]", "body.0.weight[0]", "head.weight[1]")},
+    "embedding": {
+        G(8, "emb.weight[1]", "fc.weight[1]"),
+        G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
+    },
+    "bare_parameter": {
+        G(8, "patch.weight[0]", "patch.bias[0]", "cls_token[2]", "pos_embed[2]", "fc1.weight[1]", "fc2.weight[0]",
+          "fc2.bias[0]", "gamma[0]", "head.weight[1]"),
+        G(12, "fc1.weight[0]", "fc1.bias[0]", "fc2.weight[1]"),
+    },
+    "residual_add": RESIDUAL,
+    "residual_sub": RESIDUAL,
+    "residual_mul": RESIDUAL,
+    "residual_div": {G(6, "branch1.weight[0]", "branch1.bias[0]", "branch2.weight[1]")},  # a / b: b frozen
+    "squeeze_excitation": {
+        G(8, "stem.weight[0]", "stem.bias[0]", "se.fc1.weight[1]", "se.fc2.weight[0]", "se.fc2.bias[0]",
+          "head.weight[1]"),
+        G(4, "se.fc1.weight[0]", "se.fc1.bias[0]", "se.fc2.weight[1]"),
+    },
+    "cat": {
+        G(4, "conv_a.weight[0]", "conv_a.bias[0]", "head.weight[1]"),
+        G(6, "conv_b.weight[0]", "conv_b.bias[0]", "head.weight[1]"),
+    },
+    "chunk": {G(4, "conv.weight[0]", "conv.bias[0]", "head.weight[1]")},
+    "split_unequal": STEM_ONLY,
+    "slice": STEM_ONLY,
+    "flatten_linear": {
+        G(4, "conv.weight[0]", "conv.bias[0]", "fc.weight[1]"),
+        G(8, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
+    },
+    "view_reshape": {G(8, "conv.weight[0]", "conv.bias[0]", "head.weight[1]")},
+    "permute_transpose": {
+        G(8, "conv.weight[0]", "conv.bias[0]", "fc.weight[1]"),
+        G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
+    },
+    "channel_shuffle": STEM_ONLY,
+    "pooling": {
+        G(8, "conv1.weight[0]", "conv1.bias[0]", "conv2.weight[1]"),
+        G(8, "conv2.weight[0]", "conv2.bias[0]", "conv3.weight[1]"),
+        G(6, "conv3.weight[0]", "conv3.bias[0]", "conv4.weight[1]"),
+        G(6, "conv4.weight[0]", "conv4.bias[0]", "head.weight[1]"),
+    },
+    "interpolate": TWO_CONVS,
+    "relu": STEM_HEAD,
+    "gelu": STEM_HEAD,
+    "silu": STEM_HEAD,
+    "hardswish": STEM_HEAD,
+    "sigmoid": STEM_HEAD,
+    "dropout": {
+        G(8, "conv.weight[0]", "conv.bias[0]", "fc.weight[1]"),
+        G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
+    },
+    "multihead_attention": {  # embed dim frozen: pre2's outputs, attn.*, post1's inputs
+        G(10, "pre1.weight[0]", "pre1.bias[0]", "pre2.weight[1]"),
+        G(12, "post1.weight[0]", "post1.bias[0]", "post2.weight[1]"),
+    },
+    "functional": {
+        G(8, "stem.weight[0]", "stem.bias[0]", "proj.weight[1]"),
+        G(6, "proj.weight[0]", "proj.bias[0]", "head.weight[1]"),
+    },
+    "shared_module": {
+        G(8, "stem.weight[0]", "stem.bias[0]", "block.weight[0]", "block.weight[1]", "block.bias[0]",
+          "head.weight[1]"),
+    },
+    "tied_parameters": {  # b.weight is a.weight: one tensor, named by its first owner
+        G(8, "a.weight[1]", "mlp.0.weight[1]", "mlp.2.weight[0]", "mlp.2.bias[0]"),
+        G(12, "mlp.0.weight[0]", "mlp.0.bias[0]", "mlp.2.weight[1]"),
+    },
+    "dict_io": {
+        G(8, "conv.weight[0]", "conv.bias[0]", "head.weight[1]"),
+        G(6, "aux.weight[0]", "aux.bias[0]", "head.weight[1]", "aux_head.weight[1]"),
+    },
+    "inplace": {
+        G(8, "stem.weight[0]", "stem.bias[0]", "conv.weight[0]", "conv.weight[1]", "conv.bias[0]", "head.weight[1]"),
+    },
+    "no_grad": {
+        G(8, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]"),
+        G(6, "conv.weight[0]", "conv.bias[0]", "head.weight[1]"),
+    },
+    "bool_mask": {G(8, "fc.weight[0]", "fc.bias[0]", "head.weight[1]")},
+    "unsupported_op": STEM_ONLY,
+}
+
+# tensor dims computing the model's outputs: never in a group
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "multihead_attention": ("post2.weight[0]", "post2.bias[0]"),
+    "tied_parameters": ("a.weight[0]",),
+    "dict_io": ("head.weight[0]", "head.bias[0]", "aux_head.weight[0]", "aux_head.bias[0]"),
+}
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and do not stall when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_structure_has_expectations() -> None:
+    assert set(EXPECTED) == set(TINY_MODELS) == set(FRESH)
+
+
+def test_factories_build_fresh_deterministic_models() -> None:
+    state = torch.get_rng_state()
+    (a, x), (b, y) = TINY_MODELS["conv2d"](), TINY_MODELS["conv2d"]()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a is not b and torch.equal(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_groups(name: str) -> None:
+    mask, _, _ = make(name)
+    assert found(mask) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_outputs_never_pruned(name: str) -> None:
+    mask, _, _ = make(name)
+    assert not grouped(mask) & set(OUTPUTS.get(name, ("head.weight[0]", "head.bias[0]")))
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_soft_equals_hard(name: str) -> None:
+    mask, model, inputs = make(name)
+    prune_every_group(mask)
+    assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+
+
+# ---- mappings that are not one channel to one position ----------------------------------------
+def test_grouped_conv_removes_whole_conv_groups() -> None:
+    mask, model, inputs = make("grouped_conv")
+    (group,) = mask.groups
+    assert group.size == 2  # one unit per conv group: 4 inputs and 6 outputs each
+    per_group = {"expand.weight": 4, "expand.bias": 4, "gconv.weight": 6, "gconv.bias": 6, "head.weight": 6}
+    for m in group.members:
+        size = m.tensor.shape[m.dim]
+        assert m.positions.tolist() == list(range(size))
+        assert m.units.tolist() == (np.arange(size) // per_group[m.name]).tolist()
+    assert "gconv.weight[1]" not in grouped(mask)  # inputs per conv group stay 4
+    group.prune([0])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    assert (pruned.gconv.groups, pruned.gconv.in_channels, pruned.gconv.out_channels) == (1, 4, 6)
+    assert torch.equal(pruned.gconv.weight, model.gconv.weight[6:])
+    assert pruned.expand.out_channels == 4 and pruned.head.in_channels == 6
+
+
+def test_depthwise_conv_keeps_one_conv_group_per_channel() -> None:
+    mask, model, inputs = make("depthwise_conv")
+    mask.groups[0].prune([1, 2, 5])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    assert (pruned.dw.groups, pruned.dw.in_channels, pruned.dw.out_channels) == (5, 5, 5)
+    assert pruned.bn2.num_features == 5 and pruned.bn2.running_mean.shape == (5,)
+
+
+def test_group_norm_units_are_whole_norm_groups() -> None:
+    mask, model, inputs = make("group_norm")
+    (group,) = mask.groups
+    for m in group.members:
+        assert m.positions.tolist() == list(range(8))
+        assert m.units.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    group.prune([1, 2])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    norm = pruned.body[0]
+    assert (norm.num_groups, norm.num_channels) == (2, 4)
+    assert torch.equal(norm.weight, model.body[0].weight[[0, 1, 6, 7]])
+
+
+def test_cat_offsets() -> None:
+    mask, _, _ = make("cat")
+    a, b = group_of(mask, "conv_a.weight", 0), group_of(mask, "conv_b.weight", 0)
+    assert member(a, "head.weight", 1).positions.tolist() == [0, 1, 2, 3]
+    assert member(a, "head.weight", 1).units.tolist() == [0, 1, 2, 3]
+    assert member(b, "head.weight", 1).positions.tolist() == [4, 5, 6, 7, 8, 9]
+    assert member(b, "head.weight", 1).units.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_chunk_removes_the_same_channels_from_every_chunk() -> None:
+    mask, model, inputs = make("chunk")
+    (group,) = mask.groups
+    assert member(group, "conv.weight", 0).positions.tolist() == list(range(8))
+    assert member(group, "conv.weight", 0).units.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert member(group, "head.weight", 1).units.tolist() == [0, 1, 2, 3]
+    group.prune([1])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    assert torch.equal(pruned.conv.weight, model.conv.weight[[0, 2, 3, 4, 6, 7]])
+
+
+def test_flatten_expands_a_channel_to_its_pixels() -> None:
+    mask, model, inputs = make("flatten_linear")
+    fc_in = member(group_of(mask, "conv.weight", 0), "fc.weight", 1)
+    assert fc_in.positions.tolist() == list(range(64))
+    assert fc_in.units.tolist() == np.repeat(np.arange(4), 16).tolist()  # 4x4 pixels per channel
+    mask.groups[0].prune([2])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES_FIXED_SIZE())
+    assert torch.equal(pruned.fc.weight, torch.cat([model.fc.weight[:, :32], model.fc.weight[:, 48:]], dim=1))
+
+
+def test_bare_parameters_follow_the_channels() -> None:
+    """Class token, position embedding and layer scale are sliced with the channels they carry."""
+    mask, model, inputs = make("bare_parameter")
+    assert found(mask) == EXPECTED["bare_parameter"]
+    big = group_of(mask, "patch.weight", 0)
+    for name, dim in (("cls_token", 2), ("pos_embed", 2), ("gamma", 0)):
+        assert member(big, name, dim).positions.tolist() == list(range(8))
+    assert not grouped(mask) & {"cls_token[1]", "pos_embed[1]"}  # the token dim is the model's
+    big.prune([0, 3])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES_FIXED_SIZE())
+    assert pruned.cls_token.shape == (1, 1, 6) and pruned.pos_embed.shape == (1, 5, 6)
+    assert pruned.gamma.shape == (6,)
+
+
+def test_no_group_for_size_one_parameter_dims() -> None:
+    mask, _, _ = make("bare_parameter")
+    assert all(g.size > 1 for g in mask.groups)
+    assert not grouped(mask) & {"cls_token[0]", "pos_embed[0]"}
+
+
+# ---- layers whose attributes follow their sliced tensors ---------------------------------------
+def test_layer_norm_uses_masked_statistics() -> None:
+    mask, model, inputs = make("layer_norm")
+    mask.groups[0].prune([0, 5, 6])
+    pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
+    assert pruned.norm.normalized_shape == (5,)
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute"),
+    [
+        ("batch_norm2d", "num_features"),
+        ("instance_norm2d", "num_features"),
+        ("frozen_batch_norm2d", None),
+        ("prelu", "num_parameters"),
+    ],
+)
+def test_per_channel_layers_are_sliced(name: str, attribute: str | None) -> None:
+    mask, model, inputs = make(name)
+    mask.groups[0].prune([0, 1, 7])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    layer = pruned.body[0]
+    sliced = {key: tuple(t.shape) for key, t in layer.state_dict().items() if t.dim()}
+    assert sliced and all(shape == (5,) for shape in sliced.values()), sliced  # parameters and buffers
+    if attribute is not None:
+        assert getattr(layer, attribute) == 5
+
+
+def test_embedding_keeps_its_vocabulary() -> None:
+    mask, model, inputs = make("embedding")
+    assert "emb.weight[0]" not in grouped(mask)
+    group_of(mask, "emb.weight", 1).prune([2, 3])
+    pruned = assert_soft_equals_hard(mask, model, inputs, _ids())
+    assert (pruned.emb.num_embeddings, pruned.emb.embedding_dim) == (10, 6)
+
+
+def test_tied_parameter_stays_tied() -> None:
+    mask, model, inputs = make("tied_parameters")
+    assert not any(m.name.startswith("b.") for g in mask.groups for m in g.members)
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, _ids())
+    assert pruned.a.weight is pruned.b.weight
+    assert pruned.a.weight.shape == (10, 4) and pruned.b.in_features == 4
+
+
+def test_shared_module_is_pruned_once() -> None:
+    mask, model, inputs = make("shared_module")
+    (group,) = mask.groups
+    group.prune([0, 4])
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    assert pruned.block.weight.shape == (6, 6, 3, 3)
+
+
+def test_functional_calls_prune_the_borrowed_parameters() -> None:
+    mask, model, inputs = make("functional")
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    assert pruned.stem.weight.shape == (4, 3, 3, 3)
+    assert (pruned.proj.in_features, pruned.proj.out_features) == (4, 3)
+
+
+def test_dict_inputs_and_outputs() -> None:
+    mask, model, inputs = make("dict_io")
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, _dict_io())
+    with eval_mode(pruned):
+        out = pruned(**inputs)
+    assert set(out) == {"logits", "extras"} and isinstance(out["extras"], tuple)
+    assert out["logits"].shape == (2, 5) and out["extras"][0].shape == (2, 3)
+
+
+# ---- frozen channels ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "frozen", "op"),
+    [
+        ("split_unequal", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`split` in <root>"),
+        ("slice", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`getitem` in <root>"),
+        ("channel_shuffle", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`view` in <root>"),
+        (
+            "multihead_attention",
+            {"pre2.weight[0]", "pre2.bias[0]", "attn.in_proj_weight[0]", "attn.in_proj_weight[1]",
+             "attn.in_proj_bias[0]", "attn.out_proj.weight[0]", "attn.out_proj.weight[1]", "attn.out_proj.bias[0]",
+             "post1.weight[1]"},
+            "`multi_head_attention_forward` in attn",
+        ),
+        ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`einsum` in mix"),
+    ],
+)
+def test_frozen_channels(name: str, frozen: set[str], op: str) -> None:
+    mask, model, inputs = make(name)
+    assert not grouped(mask) & frozen
+    assert op in str(mask)
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+    for key in frozen:  # every frozen dimension keeps its size
+        tensor, dim = key[:-3], int(key[-2])
+        assert pruned.get_parameter(tensor).shape[dim] == model.get_parameter(tensor).shape[dim], key
+
+
+def test_attention_is_left_whole() -> None:
+    mask, model, inputs = make("multihead_attention")
+    assert not [m.name for g in mask.groups for m in g.members if m.name.startswith("attn.")]
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
+    assert pruned.attn.embed_dim == 8 and pruned.attn.in_proj_weight.shape == (24, 8)
+    assert (pruned.pre1.out_features, pruned.pre2.in_features) == (5, 5)  # its neighbours' own channels
+    assert (pruned.post1.out_features, pruned.post2.in_features) == (6, 6)
+
+
+def test_unsupported_op_is_reported() -> None:
+    mask, _, _ = make("unsupported_op")
+    text = str(mask)
+    assert "Unsupported ops (their channels are frozen): `einsum` in mix" in text
+    assert "unsupported op `einsum` in mix: conv.weight[0]" in text
+
+
+# ---- engine checks the structures rely on ------------------------------------------------------
+def test_verify_reports_nan_as_different() -> None:
+    class Nan(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    result = maskprune.verify(Nan(), nn.Identity(), torch.ones(3))
+    assert not result

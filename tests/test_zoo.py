@@ -1,0 +1,56 @@
+"""Every torchvision model: mask half of every group, export, prove soft == hard, train the export.
+
+Marked ``zoo`` so CI can shard it (``-m zoo`` / ``-m "not zoo"``); CI runs it all.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from zoo import ZooCase, all_cases
+
+import maskprune
+from maskprune import Mask
+from maskprune.algorithms import L1Norm, Random
+
+# name -> reason; the target is none.
+EXCLUDED: dict[str, str] = {}
+
+CASES = [case for case in all_cases() if case.name not in EXCLUDED]
+
+
+def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm) -> None:
+    inputs = case.inputs(2, False)
+    mask = Mask(model, inputs, algorithm=algorithm, ratio=0.5).make()
+    assert mask.do_mask()
+    pruned = mask.generate_pruned_model()  # verifies on the example inputs itself
+
+    assert maskprune.count_parameters(pruned) < maskprune.count_parameters(model)
+    fresh = case.inputs(3, case.other_size)
+    result = maskprune.verify(model, pruned, fresh)
+    assert result.ok, f"{case.name}: {result}"
+    scale = max(
+        (t.abs().max().item() for t in maskprune._trace.iter_tensors(maskprune._verify.outputs(pruned, fresh))
+         if t.is_floating_point() and t.numel()),
+        default=0.0,
+    )
+    assert scale > 0, "outputs are all zero: the comparison would prove nothing"
+
+    for module in pruned.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+    pruned.train()
+    loss = case.loss(pruned, case.inputs(2, False))
+    loss.backward()
+    grads = [p.grad for p in pruned.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_zoo_soft_equals_hard(case: ZooCase) -> None:
+    model = case.build()
+    _check(case, copy.deepcopy(model), L1Norm())
+    _check(case, model, Random(seed=0))
