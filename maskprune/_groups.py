@@ -103,7 +103,11 @@ class Group:
         self._mask._set_keep(self.start, keep)
 
     def _check(self, channels: Iterable[int]) -> np.ndarray:
-        idx = np.asarray(list(channels), dtype=np.int64)
+        channels = list(channels)
+        wrong = [c for c in channels if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+        if wrong:
+            raise TypeError(f"channels must be integers 0..{self.size - 1}; got {wrong!r}")
+        idx = np.asarray(channels, dtype=np.int64)
         bad = idx[(idx < 0) | (idx >= self.size)]
         if len(bad):
             raise IndexError(f"group {self.index} has channels 0..{self.size - 1}; got {bad.tolist()}")
@@ -118,8 +122,8 @@ class Group:
         header = ("module", "tensor", "dim", "role", "index mapping")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
         lines = [f"Group {self.index}: {self.kept}/{self.size} channels kept"]
-        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         return "\n".join(lines)
 
 

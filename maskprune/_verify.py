@@ -86,6 +86,12 @@ def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
         return list(iter_tensors(call_model(model, inputs)))
 
 
+def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
+    """The result for a pruned model that raised instead of returning outputs."""
+    problem = f"the pruned model raised {type(error).__name__}: {error}"
+    return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
+
+
 def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float) -> VerifyResult:
     max_abs, max_rel, problem = _compare(soft, hard)
     return VerifyResult(max_abs, max_rel, rtol, problem=problem)
@@ -103,37 +109,52 @@ def verify(masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rto
         >>> maskprune.verify(model, pruned, x).max_rel < 1e-5              # doctest: +SKIP
         True
     """
-    result = compare(outputs(masked_model, inputs), outputs(pruned_model, inputs), rtol)
+    soft = outputs(masked_model, inputs)
+    try:
+        result = compare(soft, outputs(pruned_model, inputs), rtol)
+    except Exception as error:  # noqa: BLE001 - a pruned model that crashes differs
+        result = crashed(error, rtol)
     if not result.ok:
         result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol)
     return result
 
 
-def _record(model: nn.Module, inputs: Any) -> dict[str, torch.Tensor]:
+def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str | None]:
+    """First output of every module, in completion order; and the module that raised, if one did."""
     outputs: dict[str, torch.Tensor] = {}
     names = {id(m): n for n, m in model.named_modules()}
+    running: list[str] = []
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        running.append(names.get(id(module), ""))
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        running.pop()
         name = names.get(id(module))
         first = next(iter_tensors(output), None)
         if name and first is not None and name not in outputs:
             outputs[name] = first.detach().clone()
 
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    handles = [
+        torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
+        torch.nn.modules.module.register_module_forward_hook(hook),
+    ]
     try:
         with torch.no_grad(), _eval(model):
             call_model(model, inputs)
+    except Exception as error:  # noqa: BLE001 - name the module that raised
+        failing = next((n for n in reversed(running) if n), "<root>")
+        return outputs, f"{failing} (raised {type(error).__name__}: {str(error).splitlines()[0][:200]})"
     finally:
-        handle.remove()
-    return outputs
+        for handle in handles:
+            handle.remove()
+    return outputs, None
 
 
 def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float) -> str | None:
     keep_lookup = _KEEP_LOOKUP.get(masked)
-    try:
-        soft, hard = _record(masked, inputs), _record(pruned, inputs)
-    except Exception as error:  # noqa: BLE001 - the pruned model may not even run
-        return f"(the pruned model fails to run: {type(error).__name__}: {error})"
+    soft, _ = _record(masked, inputs)
+    hard, raised = _record(pruned, inputs)
     for name, s in soft.items():
         h = hard.get(name)
         if h is None:
@@ -150,4 +171,4 @@ def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: f
         _, rel, problem = _compare([s], [h])
         if problem or rel > rtol:
             return f"{name} (relative difference {rel:.3g})"
-    return None
+    return raised

@@ -19,7 +19,7 @@ from ._groups import Group, GroupLayout, build_layout, format_names, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
-from ._trace import Trace, trace
+from ._trace import Trace, iter_tensors, trace
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
 
@@ -135,7 +135,7 @@ class Mask:
         self._require_made("do_mask()")
         if self.algorithm is None:
             raise ValueError("do_mask() needs an algorithm: Mask(..., algorithm=maskprune.algorithms.L1Norm())")
-        changed = False
+        decided = []  # all scores first: an algorithm failing on one group changes nothing
         for group in self._groups:
             target = min(math.floor(self.ratio * group.size), group.size - 1)
             keep = group.keep
@@ -146,11 +146,12 @@ class Mask:
             candidates = np.flatnonzero(keep)
             order = candidates[np.argsort(scores[candidates], kind="stable")]
             keep[order[:missing]] = False
-            self._keep[group.start : group.start + group.size] = keep
-            changed = True
-        if changed:
+            decided.append((group.start, keep))
+        for start, keep in decided:
+            self._keep[start : start + len(keep)] = keep
+        if decided:
             self._refresh()
-        return changed
+        return bool(decided)
 
     def generate_pruned_model(
         self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float = 1e-5
@@ -164,6 +165,8 @@ class Mask:
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
+        if verify and any(t.is_meta for t in iter_tensors(inputs)):
+            raise ExportError("cannot verify on the meta device (no values): pass verify=False")
         self._runtime.apply()
         plan = self._plan()
         if inplace:
@@ -197,7 +200,9 @@ class Mask:
 
     def _scores(self, group: Group) -> np.ndarray:
         scores = self.algorithm.score(group)
-        scores = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu().double().numpy()
+        scores = np.asarray(scores, dtype=float)
         if scores.shape != (group.size,):
             raise ValueError(
                 f"{type(self.algorithm).__name__}.score() returned shape {scores.shape} for group "
@@ -262,7 +267,10 @@ class Mask:
         self._runtime.uninstall()
         log = apply_plan(self.model, plan) if plan else None
         if verify:
-            result = _verify.compare(soft, _verify.outputs(self.model, inputs), rtol)
+            try:
+                result = _verify.compare(soft, _verify.outputs(self.model, inputs), rtol)
+            except Exception as error:  # noqa: BLE001 - the exported model crashed: put everything back
+                result = _verify.crashed(error)
             if not result:
                 if log is not None:
                     log.undo()

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
+from maskprune.algorithms import L1Norm, Random
 from zoo import ZooCase, all_cases
 
 import maskprune
 from maskprune import Mask
-from maskprune.algorithms import L1Norm, Random
 
 # name -> reason; the target is none.
 EXCLUDED: dict[str, str] = {}

@@ -123,7 +123,7 @@ def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, 
             masks[1, 30:140, 40:150] = 1
             target["masks"] = masks
         if name.startswith("keypointrcnn"):
-            kp = torch.tensor([[20.0, 30.0, 1.0], [60.0, 80.0, 1.0]])
+            kp = torch.cat([torch.linspace(20, 120, 17)[:, None].expand(17, 2), torch.ones(17, 1)], dim=1)
             target["keypoints"] = kp.expand(2, 17, 3).clone()
         targets.append(target)
     return targets
@@ -149,16 +149,32 @@ def detection_cases() -> list[ZooCase]:
             kwargs.update(box_score_thresh=0.0, box_detections_per_img=20)
         else:
             kwargs.update(score_thresh=0.0, detections_per_img=20)
-        build = _builder(models.get_model, name, **kwargs)
+        build = _builder(models.get_model, name, post=_separate_scores, **kwargs)
         cases.append(ZooCase(name, build, _detection_inputs, _detection_loss_for(name)))
     return cases
 
 
-def _builder(factory: Callable[..., nn.Module], name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+_SCORE_LAYERS = ("cls_score", "cls_logits", "bbox_ctrness", "classification_head", "kps_score", "mask_fcn_logits")
+
+
+def _separate_scores(model: nn.Module) -> None:
+    """Untrained detectors score every box about equally, so NMS and top-k flip on rounding differences
+    (1e-7) between any two exact implementations. Trained scores are spread out: spread these too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(layer in name for layer in _SCORE_LAYERS):
+                p.mul_(50.0)
+
+
+def _builder(
+    factory: Callable[..., nn.Module], name: str, post: Callable[[nn.Module], None] | None = None, **kwargs: Any
+) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
         model = factory(name, weights=None, **kwargs)
         _randomize_zero_parameters(model)
+        if post is not None:
+            post(model)
         return model.eval()
 
     return build
