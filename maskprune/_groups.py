@@ -42,7 +42,11 @@ class Member:
     def mapping(self) -> str:
         """Where the group's channels sit in this dimension, in words."""
         lo, hi = int(self.positions.min()), int(self.positions.max()) + 1
-        span = f"[{lo}:{hi}]" if hi - lo == len(self.positions) else f"{len(self.positions)} of {self.tensor.shape[self.dim]}"
+        span = (
+            f"[{lo}:{hi}]"
+            if hi - lo == len(self.positions)
+            else f"{len(self.positions)} of {self.tensor.shape[self.dim]}"
+        )
         per_unit = len(self.positions) / max(1, len(np.unique(self.units)))
         return span if per_unit == 1 else f"{span}, {per_unit:g} per channel"
 
@@ -117,8 +121,13 @@ class Group:
         return f"Group({self.index}, channels={self.size}, kept={self.kept}, members={len(self.members)})"
 
     def __str__(self) -> str:
-        rows = [(m.module or "<root>", m.name.rpartition(".")[2], str(m.dim), m.role, m.mapping()) for m in self.members]
-        rows += [(path, "output", str(dim), "activation", mapping) for path, dim, mapping in self._mask._activation_members(self)]
+        rows = [
+            (m.module or "<root>", m.name.rpartition(".")[2], str(m.dim), m.role, m.mapping()) for m in self.members
+        ]
+        rows += [
+            (path, "output", str(dim), "activation", mapping)
+            for path, dim, mapping in self._mask._activation_members(self)
+        ]
         header = ("module", "tensor", "dim", "role", "index mapping")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
         lines = [f"Group {self.index}: {self.kept}/{self.size} channels kept"]

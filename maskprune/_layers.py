@@ -74,7 +74,9 @@ def register(module_type: type[nn.Module], layer_rule: LayerRule) -> None:
         raise TypeError(f"register() needs a maskprune.LayerRule, got {type(layer_rule).__name__}")
     for where, table in (("inputs", layer_rule.inputs), ("outputs", layer_rule.outputs), ("params", layer_rule.params)):
         for key, dims in table.items():
-            if not isinstance(dims, dict) or not all(isinstance(d, int) and isinstance(n, str) for d, n in dims.items()):
+            if not isinstance(dims, dict) or not all(
+                isinstance(d, int) and isinstance(n, str) for d, n in dims.items()
+            ):
                 raise TypeError(f"LayerRule.{where}[{key!r}] must map int dims to str space names, got {dims!r}")
     _LEAF_RULES[module_type] = layer_rule
 

@@ -119,6 +119,8 @@ class MaskRuntime:
             if not norm.active:
                 return None
             values = norm.values if norm.values.device == args[0].device else norm.values.to(args[0].device)
-            return masked_norm(args[0], site.in_dim, values, module.weight, getattr(module, "bias", None), site.eps, site.kind)
+            return masked_norm(
+                args[0], site.in_dim, values, module.weight, getattr(module, "bias", None), site.eps, site.kind
+            )
 
         return hook

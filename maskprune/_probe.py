@@ -128,4 +128,3 @@ def fixed_size_groups(
         for g in remaining:
             culprits[g] = error
     return culprits, None
-

@@ -34,15 +34,42 @@ def rule(*names: str) -> Callable:
 
 
 _DUNDER = {
-    "iadd": "add", "radd": "add", "isub": "sub", "rsub": "rsub", "imul": "mul", "rmul": "mul",
-    "itruediv": "div", "truediv": "div", "rtruediv": "rdiv", "ifloordiv": "floor_divide",
-    "floordiv": "floor_divide", "rfloordiv": "rfloor_divide", "mod": "remainder", "rmod": "rremainder",
-    "imod": "remainder", "ipow": "pow", "rpow": "pow", "matmul": "matmul", "rmatmul": "rmatmul",
-    "imatmul": "matmul", "iand": "bitwise_and", "and": "bitwise_and", "rand": "bitwise_and",
-    "ior": "bitwise_or", "or": "bitwise_or", "ror": "bitwise_or", "ixor": "bitwise_xor",
-    "xor": "bitwise_xor", "rxor": "bitwise_xor", "invert": "bitwise_not", "lshift": "bitwise_left_shift",
-    "rshift": "bitwise_right_shift", "ilshift": "bitwise_left_shift", "irshift": "bitwise_right_shift",
-    "rlshift": "bitwise_left_shift", "rrshift": "bitwise_right_shift",
+    "iadd": "add",
+    "radd": "add",
+    "isub": "sub",
+    "rsub": "rsub",
+    "imul": "mul",
+    "rmul": "mul",
+    "itruediv": "div",
+    "truediv": "div",
+    "rtruediv": "rdiv",
+    "ifloordiv": "floor_divide",
+    "floordiv": "floor_divide",
+    "rfloordiv": "rfloor_divide",
+    "mod": "remainder",
+    "rmod": "rremainder",
+    "imod": "remainder",
+    "ipow": "pow",
+    "rpow": "pow",
+    "matmul": "matmul",
+    "rmatmul": "rmatmul",
+    "imatmul": "matmul",
+    "iand": "bitwise_and",
+    "and": "bitwise_and",
+    "rand": "bitwise_and",
+    "ior": "bitwise_or",
+    "or": "bitwise_or",
+    "ror": "bitwise_or",
+    "ixor": "bitwise_xor",
+    "xor": "bitwise_xor",
+    "rxor": "bitwise_xor",
+    "invert": "bitwise_not",
+    "lshift": "bitwise_left_shift",
+    "rshift": "bitwise_right_shift",
+    "ilshift": "bitwise_left_shift",
+    "irshift": "bitwise_right_shift",
+    "rlshift": "bitwise_left_shift",
+    "rrshift": "bitwise_right_shift",
 }
 _NAME_CACHE: dict[Any, tuple[str, bool]] = {}
 
@@ -120,9 +147,7 @@ class OpCall:
         """Give output ``t`` its spaces; ``None`` means a fresh frozen space."""
         reason = self.reason()
         graph = self.graph
-        resolved = tuple(
-            graph.new_space(n, reason) if s is None else s for s, n in zip(spaces, t.shape, strict=True)
-        )
+        resolved = tuple(graph.new_space(n, reason) if s is None else s for s, n in zip(spaces, t.shape, strict=True))
         self.tracer.bind(t, TensorNode(resolved, tuple(t.shape), self.tainted()))
         self.done.add(id(t))
 
@@ -492,7 +517,12 @@ def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, st
     for item in items:
         if item is None or item is Ellipsis:
             continue
-        if isinstance(item, torch.Tensor) and item.dim() == 0 and not item.dtype.is_floating_point and item.dtype != torch.bool:
+        if (
+            isinstance(item, torch.Tensor)
+            and item.dim() == 0
+            and not item.dtype.is_floating_point
+            and item.dtype != torch.bool
+        ):
             consuming += 1
         elif isinstance(item, (int, slice)) and not isinstance(item, bool):
             consuming += 1
@@ -604,12 +634,24 @@ def reduction(call: OpCall) -> None:
 
 
 _MIXING = {
-    "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
-    "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "cummax": (1, "dim", None),
-    "cummin": (1, "dim", None), "logcumsumexp": (1, "dim", None), "sort": (1, "dim", -1),
-    "argsort": (1, "dim", -1), "normalize": (2, "dim", 1), "glu": (1, "dim", -1),
-    "topk": (2, "dim", -1), "flip": (1, "dims", None), "roll": (2, "dims", None),
-    "local_response_norm": (99, "", 1), "gumbel_softmax": (4, "dim", -1), "index_select": (1, "dim", None),
+    "softmax": (1, "dim", None),
+    "log_softmax": (1, "dim", None),
+    "softmin": (1, "dim", None),
+    "cumsum": (1, "dim", None),
+    "cumprod": (1, "dim", None),
+    "cummax": (1, "dim", None),
+    "cummin": (1, "dim", None),
+    "logcumsumexp": (1, "dim", None),
+    "sort": (1, "dim", -1),
+    "argsort": (1, "dim", -1),
+    "normalize": (2, "dim", 1),
+    "glu": (1, "dim", -1),
+    "topk": (2, "dim", -1),
+    "flip": (1, "dims", None),
+    "roll": (2, "dims", None),
+    "local_response_norm": (99, "", 1),
+    "gumbel_softmax": (4, "dim", -1),
+    "index_select": (1, "dim", None),
     "msort": (99, "", 0),
 }
 
@@ -632,9 +674,15 @@ _SPATIAL = [
     f"{kind}{n}d{suffix}"
     for n in (1, 2, 3)
     for kind, suffix in (
-        ("max_pool", ""), ("avg_pool", ""), ("adaptive_avg_pool", ""), ("adaptive_max_pool", ""),
-        ("lp_pool", ""), ("fractional_max_pool", ""), ("max_unpool", ""),
-        ("max_pool", "_with_indices"), ("adaptive_max_pool", "_with_indices"),
+        ("max_pool", ""),
+        ("avg_pool", ""),
+        ("adaptive_avg_pool", ""),
+        ("adaptive_max_pool", ""),
+        ("lp_pool", ""),
+        ("fractional_max_pool", ""),
+        ("max_unpool", ""),
+        ("max_pool", "_with_indices"),
+        ("adaptive_max_pool", "_with_indices"),
     )
 ]
 

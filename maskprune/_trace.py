@@ -351,9 +351,7 @@ def trace(
         except TraceError:
             raise
         except Exception as error:  # the model's own error, shown to the user
-            raise TraceError(
-                f"the model rejected the example inputs: {type(error).__name__}: {error}"
-            ) from error
+            raise TraceError(f"the model rejected the example inputs: {type(error).__name__}: {error}") from error
         unreached = _unreached(tracer)
         if unreached:
             other = not model.training
@@ -387,8 +385,4 @@ def trace(
 
 
 def _unreached(tracer: Tracer) -> list[str]:
-    return [
-        o.qualname
-        for key, o in tracer.owned.items()
-        if o.is_param and key not in tracer.param_nodes
-    ]
+    return [o.qualname for key, o in tracer.owned.items() if o.is_param and key not in tracer.param_nodes]

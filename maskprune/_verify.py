@@ -41,7 +41,9 @@ class VerifyResult:
 
     def __str__(self) -> str:
         verdict = "equal" if self.ok else "DIFFERENT"
-        text = f"{verdict}: max |soft - hard| = {self.max_abs:.3g}, relative {self.max_rel:.3g} (tolerance {self.rtol:g})"
+        text = (
+            f"{verdict}: max |soft - hard| = {self.max_abs:.3g}, relative {self.max_rel:.3g} (tolerance {self.rtol:g})"
+        )
         if self.problem:
             text += f"; {self.problem}"
         if self.first_divergence:

@@ -80,12 +80,16 @@ class Mask:
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
         self._trace, self._res, self._layout = tr, res, layout
-        suspects = {
-            int(np.searchsorted(starts, unit, side="right")) - 1
-            for space in tr.size_reads
-            for unit in np.unique(unit_index(layout, res, space))
-            if unit < layout.n_units
-        } if (starts := np.asarray([g[0] for g in layout.groups])).size else set()
+        suspects = (
+            {
+                int(np.searchsorted(starts, unit, side="right")) - 1
+                for space in tr.size_reads
+                for unit in np.unique(unit_index(layout, res, space))
+                if unit < layout.n_units
+            }
+            if (starts := np.asarray([g[0] for g in layout.groups])).size
+            else set()
+        )
         fixed, note = fixed_size_groups(
             self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects
         )

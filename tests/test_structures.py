@@ -210,8 +210,15 @@ TWO_CONVS = {
 STEM_HEAD = {G(8, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")}
 STEM_NORM_HEAD = {G(8, "stem.weight[0]", "stem.bias[0]", "body.0.weight[0]", "body.0.bias[0]", "head.weight[1]")}
 RESIDUAL = {
-    G(8, "stem.weight[0]", "stem.bias[0]", "branch1.weight[1]", "branch2.weight[0]", "branch2.bias[0]",
-      "head.weight[1]"),
+    G(
+        8,
+        "stem.weight[0]",
+        "stem.bias[0]",
+        "branch1.weight[1]",
+        "branch2.weight[0]",
+        "branch2.bias[0]",
+        "head.weight[1]",
+    ),
     G(6, "branch1.weight[0]", "branch1.bias[0]", "branch2.weight[1]"),
 }
 STEM_ONLY = {G(6, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]")}  # conv's output channels are frozen
@@ -225,8 +232,18 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(6, "up.weight[1]", "up.bias[0]", "head.weight[1]"),
     },
     "depthwise_conv": {
-        G(8, "expand.weight[0]", "expand.bias[0]", "bn1.weight[0]", "bn1.bias[0]", "dw.weight[0]", "dw.bias[0]",
-          "bn2.weight[0]", "bn2.bias[0]", "head.weight[1]"),
+        G(
+            8,
+            "expand.weight[0]",
+            "expand.bias[0]",
+            "bn1.weight[0]",
+            "bn1.bias[0]",
+            "dw.weight[0]",
+            "dw.bias[0]",
+            "bn2.weight[0]",
+            "bn2.bias[0]",
+            "head.weight[1]",
+        ),
     },
     "grouped_conv": {G(2, "expand.weight[0]", "expand.bias[0]", "gconv.weight[0]", "gconv.bias[0]", "head.weight[1]")},
     "linear_3d": {
@@ -246,8 +263,18 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
     },
     "bare_parameter": {
-        G(8, "patch.weight[0]", "patch.bias[0]", "cls_token[2]", "pos_embed[2]", "fc1.weight[1]", "fc2.weight[0]",
-          "fc2.bias[0]", "gamma[0]", "head.weight[1]"),
+        G(
+            8,
+            "patch.weight[0]",
+            "patch.bias[0]",
+            "cls_token[2]",
+            "pos_embed[2]",
+            "fc1.weight[1]",
+            "fc2.weight[0]",
+            "fc2.bias[0]",
+            "gamma[0]",
+            "head.weight[1]",
+        ),
         G(12, "fc1.weight[0]", "fc1.bias[0]", "fc2.weight[1]"),
     },
     "residual_add": RESIDUAL,
@@ -255,8 +282,15 @@ EXPECTED: dict[str, set[GroupKey]] = {
     "residual_mul": RESIDUAL,
     "residual_div": {G(6, "branch1.weight[0]", "branch1.bias[0]", "branch2.weight[1]")},  # a / b: b frozen
     "squeeze_excitation": {
-        G(8, "stem.weight[0]", "stem.bias[0]", "se.fc1.weight[1]", "se.fc2.weight[0]", "se.fc2.bias[0]",
-          "head.weight[1]"),
+        G(
+            8,
+            "stem.weight[0]",
+            "stem.bias[0]",
+            "se.fc1.weight[1]",
+            "se.fc2.weight[0]",
+            "se.fc2.bias[0]",
+            "head.weight[1]",
+        ),
         G(4, "se.fc1.weight[0]", "se.fc1.bias[0]", "se.fc2.weight[1]"),
     },
     "cat": {
@@ -301,8 +335,7 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(6, "proj.weight[0]", "proj.bias[0]", "head.weight[1]"),
     },
     "shared_module": {
-        G(8, "stem.weight[0]", "stem.bias[0]", "block.weight[0]", "block.weight[1]", "block.bias[0]",
-          "head.weight[1]"),
+        G(8, "stem.weight[0]", "stem.bias[0]", "block.weight[0]", "block.weight[1]", "block.bias[0]", "head.weight[1]"),
     },
     "tied_parameters": {  # b.weight is a.weight: one tensor, named by its first owner
         G(8, "a.weight[1]", "mlp.0.weight[1]", "mlp.2.weight[0]", "mlp.2.bias[0]"),
@@ -329,6 +362,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "tied_parameters": ("a.weight[0]",),
     "dict_io": ("head.weight[0]", "head.bias[0]", "aux_head.weight[0]", "aux_head.bias[0]"),
 }
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -544,9 +578,17 @@ def test_dict_inputs_and_outputs() -> None:
         ("channel_shuffle", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`view` in <root>"),
         (
             "multihead_attention",
-            {"pre2.weight[0]", "pre2.bias[0]", "attn.in_proj_weight[0]", "attn.in_proj_weight[1]",
-             "attn.in_proj_bias[0]", "attn.out_proj.weight[0]", "attn.out_proj.weight[1]", "attn.out_proj.bias[0]",
-             "post1.weight[1]"},
+            {
+                "pre2.weight[0]",
+                "pre2.bias[0]",
+                "attn.in_proj_weight[0]",
+                "attn.in_proj_weight[1]",
+                "attn.in_proj_bias[0]",
+                "attn.out_proj.weight[0]",
+                "attn.out_proj.weight[1]",
+                "attn.out_proj.bias[0]",
+                "post1.weight[1]",
+            },
             "`multi_head_attention_forward` in attn",
         ),
         ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`einsum` in mix"),

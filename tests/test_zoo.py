@@ -32,8 +32,11 @@ def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm
     result = maskprune.verify(model, pruned, fresh)
     assert result.ok, f"{case.name}: {result}"
     scale = max(
-        (t.abs().max().item() for t in maskprune._trace.iter_tensors(maskprune._verify.outputs(pruned, fresh))
-         if t.is_floating_point() and t.numel()),
+        (
+            t.abs().max().item()
+            for t in maskprune._trace.iter_tensors(maskprune._verify.outputs(pruned, fresh))
+            if t.is_floating_point() and t.numel()
+        ),
         default=0.0,
     )
     assert scale > 0, "outputs are all zero: the comparison would prove nothing"
