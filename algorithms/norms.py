@@ -26,8 +26,10 @@ class L1Norm(Algorithm):
         self.include_consumers = include_consumers
 
     def score(self, group: Group) -> torch.Tensor:
-        roles = {"producer", "consumer"} if self.include_consumers else {"producer"}
-        members = [m for m in group.members if m.role in roles] or group.members
+        members = group.producers()
+        if self.include_consumers:
+            members += [m for m in group.members if m.role == "consumer"]
+        members = members or group.members
         return combine(group, members, _l1, self.reduction)
 
     def __repr__(self) -> str:

@@ -78,9 +78,6 @@ class ChannelGraph:
         self._reason.setdefault(root, reason)
         self._reason.setdefault(space, reason)
 
-    def is_frozen(self, space: int) -> bool:
-        return self.find(space) in self._reason
-
     def resolve(self) -> Resolution:
         """Connected components of channels, with the reason each frozen one is frozen."""
         n = len(self._size)

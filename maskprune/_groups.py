@@ -232,6 +232,17 @@ def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
     return np.where(units < 0, layout.n_units, units)
 
 
+def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:
+    """Indices of the groups that own a channel of any of ``spaces``."""
+    if not layout.groups:
+        return set()
+    starts = np.asarray([start for start, _, _ in layout.groups])
+    units = [unit_index(layout, res, space) for space in spaces]
+    live = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
+    live = live[live < layout.n_units]
+    return set((np.searchsorted(starts, live, side="right") - 1).tolist())
+
+
 def format_names(names: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

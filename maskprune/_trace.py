@@ -64,8 +64,6 @@ class LayerNormSite:
     space: int
     in_dim: int
     eps: float
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
 
 
 @dataclass
@@ -299,8 +297,6 @@ class Tracer:
                     space=space,
                     in_dim=in_dims[0],
                     eps=module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps,
-                    weight=getattr(module, "weight", None),
-                    bias=getattr(module, "bias", None),
                 )
             )
         else:

@@ -15,7 +15,7 @@ from torch import nn
 from . import _verify
 from ._algorithm import Algorithm
 from ._export import Plan, apply_plan
-from ._groups import Group, GroupLayout, build_layout, format_names, unit_index
+from ._groups import Group, GroupLayout, build_layout, format_names, groups_of_spaces, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
@@ -80,16 +80,7 @@ class Mask:
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
         self._trace, self._res, self._layout = tr, res, layout
-        suspects = (
-            {
-                int(np.searchsorted(starts, unit, side="right")) - 1
-                for space in tr.size_reads
-                for unit in np.unique(unit_index(layout, res, space))
-                if unit < layout.n_units
-            }
-            if (starts := np.asarray([g[0] for g in layout.groups])).size
-            else set()
-        )
+        suspects = groups_of_spaces(layout, res, tr.size_reads)
         fixed, note = fixed_size_groups(
             self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects
         )

@@ -42,7 +42,10 @@ def _output_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def _classification_size(name: str) -> tuple[int, int, bool]:
-    if name.startswith(("vit_", "maxvit")):
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        return 2 * patch, 2 * patch, False  # built with image_size = 2 patches: 4 tokens + the class token
+    if name.startswith("maxvit"):
         return 224, 224, False
     if name.startswith("inception"):
         return 160, 192, True
@@ -55,7 +58,8 @@ def classification_cases() -> list[ZooCase]:
     cases = []
     for name in models.list_models(module=models):
         size, other, ok = _classification_size(name)
-        build = _builder(models.get_model, name)
+        kwargs = {"image_size": size} if name.startswith("vit_") else {}
+        build = _builder(models.get_model, name, **kwargs)
         cases.append(ZooCase(name, build, _images(3, size, other), _output_loss, ok))
     return cases
 
@@ -116,7 +120,8 @@ def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, 
     for image in images:
         h, w = image.shape[-2:]
         boxes = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 150.0, 140.0]]) * min(h, w) / 160
-        target = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+        labels = torch.tensor([1, 1]) if name.startswith("keypointrcnn") else torch.tensor([1, 2])
+        target = {"boxes": boxes, "labels": labels}
         if name.startswith("maskrcnn"):
             masks = torch.zeros(2, h, w, dtype=torch.uint8)
             masks[0, 12:100, 10:90] = 1
@@ -149,7 +154,7 @@ def detection_cases() -> list[ZooCase]:
             kwargs.update(box_score_thresh=0.0, box_detections_per_img=20)
         else:
             kwargs.update(score_thresh=0.0, detections_per_img=20)
-        build = _builder(models.get_model, name, post=_separate_scores, **kwargs)
+        build = _builder(models.get_model, name, post=_realistic_detector, **kwargs)
         cases.append(ZooCase(name, build, _detection_inputs, _detection_loss_for(name)))
     return cases
 
@@ -157,10 +162,24 @@ def detection_cases() -> list[ZooCase]:
 _SCORE_LAYERS = ("cls_score", "cls_logits", "bbox_ctrness", "classification_head", "kps_score", "mask_fcn_logits")
 
 
-def _separate_scores(model: nn.Module) -> None:
-    """Untrained detectors score every box about equally, so NMS and top-k flip on rounding differences
-    (1e-7) between any two exact implementations. Trained scores are spread out: spread these too."""
+def _realistic_detector(model: nn.Module) -> None:
+    """Make an untrained detector behave like a trained one where exactness can be observed.
+
+    With default BatchNorm statistics an untrained MobileNetV3 backbone shrinks activations to 1e-8, and
+    untrained heads score every box about equally: NMS and top-k then pick among exact ties, and any two
+    exact implementations differ by their rounding. So calibrate the BatchNorm statistics on random images
+    and spread the scores, as training does.
+    """
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration batches
+        model.backbone.train()
+        for seed in range(2):
+            model.backbone(torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(seed)))
+        for bn in norms:
+            bn.momentum = 0.1
         for name, p in model.named_parameters():
             if any(layer in name for layer in _SCORE_LAYERS):
                 p.mul_(50.0)
