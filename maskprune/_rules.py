@@ -415,8 +415,9 @@ def permute(call: OpCall) -> None:
         call.set_out(out, [call.space(x, p) for p in perm])
 
 
-@rule("expand", "broadcast_to")
+@rule("expand", "broadcast_to", "repeat", "tile")
 def expand(call: OpCall) -> None:
+    """Dims that keep their size pass through; broadcast or repeated dims become new (frozen) spaces."""
     x, out = call.args[0], call.outputs[0]
     lead = out.dim() - x.dim()
     spaces: list[int | None] = [None] * out.dim()
@@ -425,17 +426,6 @@ def expand(call: OpCall) -> None:
             spaces[k + lead] = call.space(x, k)
         elif x.shape[k] == 1:
             call.claimed.add((id(x), k))
-    call.set_out(out, spaces)
-
-
-@rule("repeat", "tile")
-def repeat(call: OpCall) -> None:
-    x, out = call.args[0], call.outputs[0]
-    lead = out.dim() - x.dim()
-    spaces: list[int | None] = [None] * out.dim()
-    for k in range(x.dim()):
-        if x.shape[k] == out.shape[k + lead]:
-            spaces[k + lead] = call.space(x, k)
     call.set_out(out, spaces)
 
 

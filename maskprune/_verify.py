@@ -23,7 +23,8 @@ _KEEP_LOOKUP: weakref.WeakKeyDictionary[nn.Module, Callable[[str, int], list[tor
 class VerifyResult:
     """Outcome of :func:`verify`: truthy when the two models agree.
 
-    ``max_rel`` is max |soft - hard| / max |hard| over all floating outputs.
+    ``max_rel`` is max |soft - hard| / max |hard| over all floating outputs; ``scale`` is max |hard|
+    (a comparison of all-zero outputs proves nothing).
     """
 
     max_abs: float
@@ -31,6 +32,7 @@ class VerifyResult:
     rtol: float
     first_divergence: str | None = None
     problem: str | None = None
+    scale: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -62,24 +64,29 @@ def _eval(model: nn.Module):
             m.training = mode
 
 
-def _compare(soft: list[torch.Tensor], hard: list[torch.Tensor]) -> tuple[float, float, str | None]:
+def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e-5) -> VerifyResult:
+    """Max |soft - hard| over all floating outputs, relative to max |hard|; integer outputs must be equal."""
+
+    def failed(problem: str) -> VerifyResult:
+        return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
+
     if len(soft) != len(hard):
-        return float("inf"), float("inf"), f"{len(soft)} outputs vs {len(hard)}"
+        return failed(f"{len(soft)} outputs vs {len(hard)}")
     max_abs, scale = 0.0, 0.0
     for i, (s, h) in enumerate(zip(soft, hard, strict=True)):
         if s.shape != h.shape:
-            return float("inf"), float("inf"), f"output {i} has shape {tuple(s.shape)} vs {tuple(h.shape)}"
+            return failed(f"output {i} has shape {tuple(s.shape)} vs {tuple(h.shape)}")
         if not (s.is_floating_point() or s.is_complex()):
             if not torch.equal(s, h):
-                return float("inf"), float("inf"), f"integer output {i} differs"
+                return failed(f"integer output {i} differs")
             continue
         if s.isnan().any() or h.isnan().any():
-            return float("inf"), float("inf"), f"output {i} contains NaN"
+            return failed(f"output {i} contains NaN")
         if s.numel():
             max_abs = max(max_abs, (s.double() - h.double()).abs().max().item())
             scale = max(scale, h.double().abs().max().item())
     rel = max_abs / scale if scale > 0 else max_abs
-    return max_abs, rel, None
+    return VerifyResult(max_abs, rel, rtol, scale=scale)
 
 
 def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -92,11 +99,6 @@ def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
     """The result for a pruned model that raised instead of returning outputs."""
     problem = f"the pruned model raised {type(error).__name__}: {error}"
     return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
-
-
-def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float) -> VerifyResult:
-    max_abs, max_rel, problem = _compare(soft, hard)
-    return VerifyResult(max_abs, max_rel, rtol, problem=problem)
 
 
 def verify(masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rtol: float = 1e-5) -> VerifyResult:
@@ -170,7 +172,7 @@ def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: f
             if keep_lookup:
                 return f"{name} (output shape {tuple(h.shape)}, expected {tuple(s.shape)})"
             continue
-        _, rel, problem = _compare([s], [h])
-        if problem or rel > rtol:
-            return f"{name} (relative difference {rel:.3g})"
+        result = compare([s], [h], rtol)
+        if not result.ok:
+            return f"{name} (relative difference {result.max_rel:.3g})"
     return raised

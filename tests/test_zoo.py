@@ -5,8 +5,6 @@ Marked ``zoo`` so CI can shard it (``-m zoo`` / ``-m "not zoo"``); CI runs it al
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from maskprune.algorithms import L1Norm, Random
@@ -31,15 +29,7 @@ def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm
     fresh = case.inputs(3, case.other_size)
     result = maskprune.verify(model, pruned, fresh)
     assert result.ok, f"{case.name}: {result}"
-    scale = max(
-        (
-            t.abs().max().item()
-            for t in maskprune._trace.iter_tensors(maskprune._verify.outputs(pruned, fresh))
-            if t.is_floating_point() and t.numel()
-        ),
-        default=0.0,
-    )
-    assert scale > 0, "outputs are all zero: the comparison would prove nothing"
+    assert result.scale > 0, "outputs are all zero: the comparison would prove nothing"
 
     for module in pruned.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
@@ -53,7 +43,6 @@ def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_zoo_soft_equals_hard(case: ZooCase) -> None:
-    model = case.build()
-    _check(case, copy.deepcopy(model), L1Norm())
-    _check(case, model, Random(seed=0))
+@pytest.mark.parametrize("algorithm", [L1Norm, lambda: Random(seed=0)], ids=["l1", "random"])
+def test_zoo_soft_equals_hard(case: ZooCase, algorithm) -> None:
+    _check(case, case.build(), algorithm())  # a fresh model each time: the largest ones take 2.6 GB
