@@ -13,10 +13,14 @@ from torch import nn
 
 from ._trace import call_model, iter_tensors
 
-# masked model -> callable giving, for a module path, the kept index of each output dim
-_KEEP_LOOKUP: weakref.WeakKeyDictionary[nn.Module, Callable[[str, int], list[torch.Tensor | None] | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# masked model -> weak method giving, for a module path, the kept index of each output dim (weak both
+# ways: the Mask holds the model, so a strong value would keep its own key alive)
+_KEEP_LOOKUP: weakref.WeakKeyDictionary[nn.Module, weakref.WeakMethod] = weakref.WeakKeyDictionary()
+
+
+def keep_lookup(model: nn.Module) -> Callable[[str, int], list[torch.Tensor | None] | None] | None:
+    ref = _KEEP_LOOKUP.get(model)
+    return ref() if ref is not None else None
 
 
 @dataclass
@@ -156,20 +160,20 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
 
 
 def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float) -> str | None:
-    keep_lookup = _KEEP_LOOKUP.get(masked)
+    lookup = keep_lookup(masked)
     soft, _ = _record(masked, inputs)
     hard, raised = _record(pruned, inputs)
     for name, s in soft.items():
         h = hard.get(name)
         if h is None:
             continue
-        keeps = keep_lookup(name, s.dim()) if keep_lookup else None
+        keeps = lookup(name, s.dim()) if lookup else None
         if keeps:
             for dim, keep in enumerate(keeps):
                 if keep is not None:
                     s = s.index_select(dim, keep.to(s.device))
         if s.shape != h.shape:
-            if keep_lookup:
+            if lookup:
                 return f"{name} (output shape {tuple(h.shape)}, expected {tuple(s.shape)})"
             continue
         result = compare([s], [h], rtol)

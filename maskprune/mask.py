@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -116,7 +117,7 @@ class Mask:
         runtime.install()
         self._runtime = runtime
         self._made = True
-        _verify._KEEP_LOOKUP[self.model] = self._output_keeps
+        _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
         return self
 
     @property
