@@ -352,12 +352,16 @@ def trace(
         if unreached:
             other = not model.training
             model.train(other)
+            reached_before = set(tracer.param_nodes)
             try:
                 tracer.run(inputs)
                 modes.append(other)
             except Exception as error:  # noqa: BLE001 - a best-effort second pass
                 mode = "train" if other else "eval"
                 notes.append(f"the {mode}-mode trace failed ({type(error).__name__}: {error})")
+                for key in set(tracer.param_nodes) - reached_before:  # half-traced: keep them whole
+                    for space in tracer.param_nodes[key].spaces:
+                        tracer.graph.freeze(space, f"reached only by the failed {mode}-mode trace")
             unreached = _unreached(tracer)
     for path, module in frozen_modules.items():
         for tensor in list(module.parameters()) + list(module.buffers()):

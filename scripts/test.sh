@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite (the torchvision zoo included), sharded over the CPU cores.
+# The whole test suite (the torchvision zoo included), sharded over the CPU cores; the heavy zoo
+# models share one worker (xdist group) so that two of them never fill the memory at once.
 # Extra arguments go to pytest (e.g. -m "not zoo" for the quick part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check maskprune algorithms tests examples benchmarks
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${WORKERS:-$(nproc)}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${WORKERS:-$(nproc)}" --dist loadgroup "$@"

@@ -27,6 +27,18 @@ class ZooCase:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     other_size: bool = True  # whether the model accepts another spatial size
 
+    @property
+    def heavy(self) -> bool:
+        """Several GB while traced: run these one at a time (one xdist worker)."""
+        return self.name in _HEAVY or _is_detection_or_video(self.name)
+
+
+_HEAVY = {"regnet_y_128gf", "regnet_y_32gf", "vit_h_14", "vit_l_16", "vit_l_32", "efficientnet_v2_l", "convnext_large"}
+
+
+def _is_detection_or_video(name: str) -> bool:
+    return name in models.list_models(module=models.detection) or name in models.list_models(module=models.video)
+
 
 def _images(channels: int, size: int, other: int) -> Callable[[int, bool], torch.Tensor]:
     return lambda batch, other_size: torch.randn(batch, channels, *(2 * [other if other_size else size]))
@@ -48,7 +60,7 @@ def _classification_size(name: str) -> tuple[int, int, bool]:
     if name.startswith("maxvit"):
         return 224, 224, False
     if name.startswith("inception"):
-        return 160, 192, True
+        return 299, 320, True  # the auxiliary head (train mode) needs 299
     if name.startswith(("googlenet", "swin")):
         return 96, 128, True
     return 64, 96, True
