@@ -707,13 +707,17 @@ def roi_align(call: OpCall) -> None:
 
 
 # ---- layers ------------------------------------------------------------------------------------
+def _conv_args(call: OpCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int, int]:
+    """(input, weight, bias, output, groups, channel dim of the input) of a convolution call."""
+    x = call.args[0]
+    spatial = int(call.name[-2])
+    groups = int(call.arg(6, "groups", 1))  # the same position for conv and conv_transpose
+    return x, call.arg(1, "weight"), call.arg(2, "bias"), call.outputs[0], groups, x.dim() - spatial - 1
+
+
 @rule("conv1d", "conv2d", "conv3d")
 def conv(call: OpCall) -> None:
-    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
-    out = call.outputs[0]
-    n = int(call.name[-2])
-    groups = int(call.arg(6, "groups", 1))
-    c = x.dim() - n - 1
+    x, w, b, out, groups, c = _conv_args(call)
     out_ch, in_per_group = w.shape[0], w.shape[1]
     if groups == 1:
         call.unite(x, c, w, 1)
@@ -742,11 +746,7 @@ def _group_units(call: OpCall, in_space: int, in_per_group: int, out_space: int,
 
 @rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv_transpose(call: OpCall) -> None:
-    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
-    out = call.outputs[0]
-    n = int(call.name[-2])
-    groups = int(call.arg(6, "groups", 1))
-    c = x.dim() - n - 1
+    x, w, b, out, groups, c = _conv_args(call)
     in_ch, out_per_group = w.shape[0], w.shape[1]
     call.unite(x, c, w, 0)
     call.role(w, 0, CONSUMER)
