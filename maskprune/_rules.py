@@ -151,6 +151,17 @@ class OpCall:
         self.tracer.bind(t, TensorNode(resolved, tuple(t.shape), self.tainted()))
         self.done.add(id(t))
 
+    def finish(self, tensors: list[torch.Tensor], reason: str) -> None:
+        """Freeze every dimension of ``tensors`` the rule did not claim; unset outputs get frozen spaces."""
+        for t in tensors:
+            for dim, space in enumerate(self.tracer.node(t).spaces):
+                if (id(t), dim) not in self.claimed:
+                    self.graph.freeze(space, reason)
+        tainted = any(self.tracer.node(t).tainted for t in tensors)
+        for t in self.outputs:
+            if id(t) not in self.done:
+                self.tracer.fresh(t, reason, tainted)
+
     def tainted(self) -> bool:
         return any(self.tracer.node(t).tainted for t in self.inputs)
 
@@ -178,17 +189,7 @@ def run_rule(call: OpCall) -> None:
     else:
         fn(call)
         reason = call.reason()
-    tracer, graph = call.tracer, call.graph
-    for t in call.inputs:
-        node = tracer.node(t)
-        key = id(t)
-        for dim, space in enumerate(node.spaces):
-            if (key, dim) not in call.claimed:
-                graph.freeze(space, reason)
-    tainted = call.tainted()
-    for t in call.outputs:
-        if id(t) not in call.done:
-            tracer.fresh(t, reason, tainted)
+    call.finish(call.inputs, reason)
 
 
 def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tuple, output: Any) -> None:
@@ -232,15 +233,7 @@ def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tupl
                 spaces[dim] = call.space(inputs[0], dim)
     for index, spaces in out_spaces.items():
         call.set_out(outputs[index], spaces)
-    reason = f"registered module {type(module).__name__} in {tracer.path()}"
-    for t in inputs + list(params.values()):
-        node = tracer.node(t)
-        for dim, space in enumerate(node.spaces):
-            if (id(t), dim) not in call.claimed:
-                call.graph.freeze(space, reason)
-    for t in outputs:
-        if id(t) not in call.done:
-            tracer.fresh(t, reason)
+    call.finish(inputs + list(params.values()), f"registered module {type(module).__name__} in {tracer.path()}")
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
-        self._trace, self._res, self._layout = tr, res, layout
+        self._trace, self._res = tr, res
+        self._use_layout(layout)
         suspects = groups_of_spaces(layout, res, tr.size_reads)
         fixed, note = fixed_size_groups(
             self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects
@@ -96,11 +97,10 @@ class Mask:
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._layout = layout
+        self._use_layout(layout)
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
         runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
-        self._space_units: dict[int, np.ndarray] = {}
         for key, node in tr.param_nodes.items():
             owned = tr.owned[key]
             if not owned.is_param:
@@ -206,6 +206,10 @@ class Mask:
             )
         return scores
 
+    def _use_layout(self, layout: GroupLayout) -> None:
+        self._layout = layout
+        self._space_units: dict[int, np.ndarray] = {}  # cached per layout
+
     def _units(self, space: int) -> np.ndarray:
         units = self._space_units.get(space)
         if units is None:
@@ -219,21 +223,17 @@ class Mask:
             start, size, _ = self._layout.groups[index]
             if size > 1:
                 keep[start + size - 1] = False
-        return self._plan(keep, {})
+        return self._plan(keep)
 
-    def _plan(self, keep_flags: np.ndarray | None = None, cache: dict | None = None) -> Plan:
+    def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
         keep_flags = self._keep if keep_flags is None else keep_flags
-        cache = self._space_units if cache is None else cache
         plan: Plan = {}
         tr = self._trace
         for key, node in tr.param_nodes.items():
             dims = []
             for dim, space in enumerate(node.spaces):
-                units = cache.get(space)
-                if units is None:
-                    units = cache[space] = unit_index(self._layout, self._res, space)
-                keep = keep_flags[units]
+                keep = keep_flags[self._units(space)]
                 if not keep.all():
                     dims.append((dim, np.flatnonzero(keep)))
             if dims:
