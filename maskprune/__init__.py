@@ -10,6 +10,7 @@ Example:
     >>> pruned = mask.generate_pruned_model()   # verified: same outputs as the masked model
 """
 
+from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
@@ -20,6 +21,7 @@ from .mask import Mask
 from .measure import count_flops, count_parameters
 
 __all__ = [
+    "ActivationSite",
     "Algorithm",
     "ExportError",
     "Group",
@@ -38,4 +40,5 @@ __all__ = [
     "register",
     "unregister",
     "verify",
+    "watch",
 ]

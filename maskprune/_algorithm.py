@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from ._groups import Group
+    from .mask import Mask
 
 
 class Algorithm(ABC):
     """Scores the channels of a group; the lowest scores are removed first.
 
     Subclasses look at ``group.members`` (each a tensor dimension with the positions
-    of every channel) and return a tensor of ``group.size`` scores.
+    of every channel) or ``group.activations()`` and return ``group.size`` scores.
+    The engine decides how many channels each group loses (the allocation); the
+    optional hooks below let a criterion watch training or calibration data.
 
     Example:
         >>> class Constant(Algorithm):
@@ -23,9 +28,32 @@ class Algorithm(ABC):
         ...         return torch.zeros(group.size)
     """
 
+    #: True when raw scores compare across groups (|gamma|, Taylor); otherwise a global
+    #: ranking divides each group's scores by their mean first.
+    comparable_across_groups: bool = False
+
     @abstractmethod
     def score(self, group: Group) -> torch.Tensor:
         """One score per channel of ``group`` (higher = more important)."""
+
+    def attach(self, mask: Mask) -> None:  # noqa: B027 - optional hook
+        """Called once by :meth:`Mask.make`, after the groups exist (install training hooks here)."""
+
+    def detach(self, mask: Mask) -> None:  # noqa: B027 - optional hook
+        """Called by :meth:`Mask.remove`: take off whatever :meth:`attach` installed."""
+
+    def prepare(self, mask: Mask, groups: Sequence[Group]) -> None:  # noqa: B027 - optional hook
+        """Called at the start of each :meth:`Mask.do_mask` before ``groups`` are scored (run calibration here)."""
+
+    def finish(self, mask: Mask) -> None:  # noqa: B027 - optional hook
+        """Called at the end of each :meth:`Mask.do_mask` (reset accumulated statistics here)."""
+
+    def group_weights(self, sizes: np.ndarray) -> np.ndarray | None:
+        """Relative removal ratio per group (channel-weighted mean 1), or None for the same ratio everywhere.
+
+        The random baseline draws them; the engine scales them to the requested ratio.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._activations import ActivationSite, activation_sites
 from ._graph import Resolution
 from ._trace import MODEL_INPUT, MODEL_OUTPUT, OwnedTensor, Trace
 
@@ -90,6 +91,16 @@ class Group:
     def producers(self) -> list[Member]:
         """Members that compute the channels (conv/linear output rows), the slices criteria look at."""
         return [m for m in self.members if m.role == "producer"]
+
+    def activations(self, kind: str = "output") -> list[ActivationSite]:
+        """Where this group's channels appear in leaf modules' outputs (or ``kind="input"``: inputs).
+
+        Example:
+            >>> [(s.path, s.dim) for s in group.activations()]             # doctest: +SKIP
+            [('bn1', 1), ('relu', 1)]
+        """
+        mask = self._mask
+        return activation_sites(mask._trace.leaf_calls, mask._units, self.start, self.size, kind)
 
     def prune(self, channels: Iterable[int]) -> None:
         """Zero these channels of the group (0 <= c < size). A group always keeps at least one channel."""

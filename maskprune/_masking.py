@@ -32,6 +32,7 @@ class DimMask:
     index: torch.Tensor
     values: torch.Tensor
     shaped: torch.Tensor
+    producer: bool = False
     active: bool = False
 
 
@@ -45,23 +46,30 @@ class NormMask:
 
 
 class MaskRuntime:
-    """Mask buffers and hooks of one model."""
+    """Mask buffers and hooks of one model.
+
+    ``enforce`` (frozen semantics) re-zeroes the removed channels before every
+    forward and masks layer-norm statistics; without it (soft-filter semantics)
+    the hooks stay off and removed weights train until the next ``do_mask()``.
+    """
 
     def __init__(self, model: nn.Module, n_units: int, device: torch.device):
         self.model = model
+        self.enforce = True
+        self.optimizer_handles: list[RemovableHandle] = []
         self.keep = torch.ones(n_units + 1, device=device)
         self.dims: list[DimMask] = []
         self.norms: list[NormMask] = []
         self.handles: list[RemovableHandle] = []
         self.active: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def add_dim(self, tensor: torch.Tensor, dim: int, units: np.ndarray) -> None:
+    def add_dim(self, tensor: torch.Tensor, dim: int, units: np.ndarray, producer: bool) -> None:
         device = tensor.device
         index = torch.as_tensor(units, device=device)
         values = torch.ones(len(units), device=device, dtype=tensor.dtype)
         shape = [1] * tensor.dim()
         shape[dim] = -1
-        self.dims.append(DimMask(tensor, dim, units, index, values, values.view(shape)))
+        self.dims.append(DimMask(tensor, dim, units, index, values, values.view(shape), producer))
 
     def add_norm(self, site: LayerNormSite, units: np.ndarray) -> None:
         index = torch.as_tensor(units, device=self.keep.device)
@@ -88,6 +96,41 @@ class MaskRuntime:
                     return self.apply()
                 tensor.data.mul_(shaped)
 
+    def apply_producers(self) -> None:
+        """Zero only the filters that compute removed channels (soft-filter semantics, as SFP and FPGM do)."""
+        with torch.no_grad():
+            for d in self.dims:
+                if d.active and d.producer:
+                    d.tensor.data.mul_(d.shaped.to(d.tensor.device))
+
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Frozen semantics through optimizer steps: removed positions get no gradient, no momentum, stay zero."""
+        self.optimizer_handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self.optimizer_handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self.enforce:
+            return
+        with torch.no_grad():
+            for tensor, shaped in self.active:
+                if tensor.grad is not None:
+                    tensor.grad.mul_(shaped)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self.enforce:
+            return
+        self.apply()
+        with torch.no_grad():
+            for tensor, shaped in self.active:
+                for value in optimizer.state.get(tensor, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                        value.mul_(shaped)
+
+    def unhook_optimizers(self) -> None:
+        for handle in self.optimizer_handles:
+            handle.remove()
+        self.optimizer_handles.clear()
+
     def _follow_device(self, device: torch.device) -> None:
         """The model moved: move every mask with it (host-side metadata check only)."""
         self.keep = self.keep.to(device)
@@ -99,6 +142,8 @@ class MaskRuntime:
         self.active = [(d.tensor, d.shaped) for d in self.dims if d.active]
 
     def install(self) -> None:
+        if not self.enforce:
+            return
         self.handles.append(self.model.register_forward_pre_hook(self._pre_hook))
         for norm in self.norms:
             self.handles.append(norm.site.module.register_forward_hook(self._norm_hook(norm)))

@@ -67,6 +67,17 @@ class LayerNormSite:
 
 
 @dataclass
+class LeafCall:
+    """One call of a leaf module during the first trace pass: its input and output tensors' channel spaces."""
+
+    path: str
+    module: nn.Module
+    call: int  # 0 for the module's first call in a forward, 1 for its second, ...
+    inputs: list[TensorNode]
+    outputs: list[TensorNode]
+
+
+@dataclass
 class Trace:
     """What running the model taught us."""
 
@@ -80,6 +91,7 @@ class Trace:
     unreached: list[str]
     modes: list[bool]
     size_reads: set[int]
+    leaf_calls: list[LeafCall] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -177,6 +189,9 @@ class Tracer:
         self.leaf_rules = leaf_rules
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
+        self.leaf_calls: list[LeafCall] = []
+        self.first_pass = True
+        self.calls: dict[str, int] = {}
         self.rules = _rules
 
     # ---- nodes -------------------------------------------------------------------------
@@ -264,8 +279,16 @@ class Tracer:
         outputs = [self.nodes[id(t)] for t in iter_tensors(output) if id(t) in self.nodes]
         if path is not None:
             self.module_outputs.setdefault(path or "<root>", outputs)
+            if self.first_pass and next(module.children(), None) is None:
+                self.record_leaf_call(path, module, args, outputs)
         for space, kind in ln_sites:
             self.resolve_layer_norm(module, path, ops, space, kind, args, output)
+
+    def record_leaf_call(self, path: str, module: nn.Module, args: tuple, outputs: list[TensorNode]) -> None:
+        calls = self.calls.get(path, 0)
+        self.calls[path] = calls + 1
+        inputs = [self.nodes[id(t)] for t in iter_tensors(args) if id(t) in self.nodes]
+        self.leaf_calls.append(LeafCall(path, module, calls, inputs, outputs))
 
     def resolve_layer_norm(self, module, path, ops, space, kind, args, output) -> None:
         """Keep a layer norm over a channel space prunable only if its module can be hooked exactly."""
@@ -349,6 +372,7 @@ def trace(
         except Exception as error:  # the model's own error, shown to the user
             raise TraceError(f"the model rejected the example inputs: {type(error).__name__}: {error}") from error
         unreached = _unreached(tracer)
+        tracer.first_pass = False
         if unreached:
             other = not model.training
             model.train(other)
@@ -380,6 +404,7 @@ def trace(
         unreached=unreached,
         modes=modes,
         size_reads=tracer.size_reads,
+        leaf_calls=tracer.leaf_calls,
         notes=notes,
     )
 

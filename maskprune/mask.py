@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
-import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,10 +16,14 @@ from torch import nn
 from . import _verify
 from ._algorithm import Algorithm
 from ._export import Plan, apply_plan
+from ._flops import FlopsProbe
 from ._groups import Group, GroupLayout, build_layout, format_names, groups_of_spaces, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
+from ._pruning import Pruner
+from ._report import Sparsity, sparsity_report
+from ._settings import Settings
 from ._trace import Trace, iter_tensors, trace
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
@@ -32,7 +36,25 @@ class Mask:
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
         input_shape: shorthand for ``example_inputs=torch.randn(input_shape)`` on the model's device.
         algorithm: scores channels (see :mod:`maskprune.algorithms`); needed by :meth:`do_mask`.
-        ratio: fraction of each group's channels to remove, in [0, 1).
+        ratio: fraction of the channels to remove, in [0, 1) (of each group, or of all of them with
+            ``allocation="global"``).
+        target_flops: instead of ``ratio``, the fraction of the model's FLOPs to remove, in (0, 1),
+            met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
+        ratios: per-module ratio overrides, ``{module or qualified name: ratio}``; a group takes the
+            entry of the most specific module holding its first producer.
+        allocation: ``"uniform"`` (every group loses ``ratio``) or ``"global"`` (channels ranked across
+            groups by score, each group's scores divided by their mean unless the criterion's raw
+            scores compare across groups).
+        min_channels: channels every group keeps at least.
+        max_ratio: the largest fraction any group loses (global ranking, random ratios, FLOPs search).
+        round_to: kept channels rounded up to a multiple of this (for fast kernels).
+        steps: ``do_mask()`` calls to reach the target, each moving one step of ``ramp``.
+        ramp: ``"linear"``, ``"exp"`` (the kept fraction shrinks by a constant factor) or ``"cubic"`` (AGP).
+        pre_layer: layer-by-layer mode: each ``do_mask()`` prunes the next group to its target and
+            returns True while groups remain.
+        semantics: ``"frozen"`` (a removed channel stays zero and gets no gradient) or ``"soft"``
+            (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
+            training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
 
     Example:
@@ -50,27 +72,77 @@ class Mask:
         input_shape: Sequence[int] | None = None,
         algorithm: Algorithm | None = None,
         ratio: float = 0.5,
+        target_flops: float | None = None,
+        ratios: Mapping[nn.Module | str, float] | None = None,
+        allocation: str = "uniform",
+        min_channels: int = 1,
+        max_ratio: float = 0.9,
+        round_to: int = 1,
+        steps: int = 1,
+        ramp: str = "linear",
+        pre_layer: bool = False,
+        semantics: str = "frozen",
         ignore: Iterable[nn.Module | str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
         if algorithm is not None and not callable(getattr(algorithm, "score", None)):
             raise TypeError(
                 f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
             )
+        if not isinstance(ratios, (Mapping, type(None))):
+            raise TypeError(f"ratios must be a dict {{module or name: ratio}}, got {type(ratios).__name__}")
+        named_ratios = {}
+        for key, value in (ratios or {}).items():
+            (name,) = _resolve_modules(model, [key], "ratios")
+            named_ratios[name] = value
+        self.settings = Settings(
+            ratio=ratio,
+            target_flops=target_flops,
+            ratios=named_ratios,
+            allocation=allocation,
+            min_channels=min_channels,
+            max_ratio=max_ratio,
+            round_to=round_to,
+            steps=steps,
+            ramp=ramp,
+            pre_layer=pre_layer,
+            semantics=semantics,
+        )
         self.model = model
         self.algorithm = algorithm
-        self.ratio = float(ratio)
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
-        self.ignore = _resolve_ignore(model, ignore)
+        self.ignore = _resolve_modules(model, ignore, "ignore")
         self._made = False
         self._trace: Trace | None = None
         self._layout: GroupLayout | None = None
         self._groups: list[Group] = []
         self._keep = np.ones(0, dtype=bool)
         self._runtime: MaskRuntime | None = None
+        self._pruner: Pruner | None = None
+        self._requested: dict[int, float] = {}
+        self._probe: FlopsProbe | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.settings.ratio
+
+    @property
+    def semantics(self) -> str:
+        """``"frozen"`` or ``"soft"``; switching to frozen zeroes every removed channel's slices at once."""
+        return self.settings.semantics
+
+    @semantics.setter
+    def semantics(self, value: str) -> None:
+        self.settings = dataclasses.replace(self.settings, semantics=value)
+        if self._pruner is not None:
+            self._pruner.settings = self.settings
+        if self._runtime is not None:
+            self._runtime.uninstall()
+            self._runtime.enforce = value == "frozen"
+            self._runtime.install()
+            if value == "frozen":
+                self._runtime.apply()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def make(self) -> Mask:
@@ -108,16 +180,20 @@ class Mask:
             for dim, space in enumerate(node.spaces):
                 units = self._units(space)
                 if (units < layout.n_units).any():
-                    runtime.add_dim(owned.tensor, dim, units)
+                    runtime.add_dim(owned.tensor, dim, units, tr.roles.get((key, dim)) == "producer")
         for site in tr.layer_norms:
             units = self._units(site.space)
             if (units < layout.n_units).any():
                 runtime.add_norm(site, units)
+        runtime.enforce = self.settings.semantics == "frozen"
         runtime.refresh(self._keep)
         runtime.install()
         self._runtime = runtime
         self._made = True
         _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
+        self._pruner = Pruner(self)
+        if self.algorithm is not None:
+            self.algorithm.attach(self)
         return self
 
     @property
@@ -127,27 +203,61 @@ class Mask:
         return self._groups
 
     def do_mask(self) -> bool:
-        """Zero the lowest-scoring channels of every group up to ``ratio``. Returns whether anything changed."""
+        """Move one step of the schedule: zero the lowest-scoring channels. Returns whether anything changed.
+
+        One shot (``steps=1``): the first call reaches the target. ``steps=N``: each call
+        moves one step of the ramp. ``pre_layer=True``: each call prunes the next group and
+        returns True while groups remain (False once every group was visited). With soft
+        semantics every call re-selects from all channels. Atomic: a criterion that fails
+        on one group changes nothing.
+        """
         self._require_made("do_mask()")
         if self.algorithm is None:
             raise ValueError("do_mask() needs an algorithm: Mask(..., algorithm=maskprune.algorithms.L1Norm())")
-        decided = []  # all scores first: an algorithm failing on one group changes nothing
-        for group in self._groups:
-            target = min(math.floor(self.ratio * group.size), group.size - 1)
-            keep = group.keep
-            missing = target - int((~keep).sum())
-            if missing <= 0:
-                continue
-            scores = self._scores(group)
-            candidates = np.flatnonzero(keep)
-            order = candidates[np.argsort(scores[candidates], kind="stable")]
-            keep[order[:missing]] = False
-            decided.append((group.start, keep))
-        for start, keep in decided:
-            self._keep[start : start + len(keep)] = keep
-        if decided:
-            self._refresh()
-        return bool(decided)
+        pruner = self._pruner
+        if pruner.finished():
+            return False
+        decision = pruner.decide()
+        pruner.advance()
+        changed = not np.array_equal(decision.keep, self._keep)
+        self._requested.update(decision.requested)
+        if changed:
+            self._keep = decision.keep
+            self._runtime.refresh(self._keep)
+            if self.settings.semantics == "frozen":
+                self._runtime.apply()
+            else:
+                self._runtime.apply_producers()
+        self.algorithm.finish(self)
+        return changed or self.settings.pre_layer
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> Mask:
+        """Keep removed channels exactly zero through ``optimizer.step()`` (frozen semantics).
+
+        Before each step the gradients of removed positions are zeroed; after it the
+        weights and every optimizer state of the parameter's shape (momentum, Adam's
+        moments) are zeroed there, so a removed channel never moves. Returns self.
+
+        Example:
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # doctest: +SKIP
+            >>> mask.track_optimizer(opt)                                           # doctest: +SKIP
+        """
+        self._require_made("track_optimizer()")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"track_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._runtime.hook_optimizer(optimizer)
+        return self
+
+    def sparsity(self) -> Sparsity:
+        """Requested versus achieved ratio, parameters and FLOPs per group and for the model.
+
+        FLOPs are counted on the shapes the export would have (eval mode, example inputs).
+
+        Example:
+            >>> print(mask.sparsity())                                   # doctest: +SKIP
+        """
+        self._require_made("sparsity()")
+        return sparsity_report(self)
 
     def generate_pruned_model(
         self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float = 1e-5
@@ -163,6 +273,13 @@ class Mask:
         inputs = self.example_inputs if inputs is None else inputs
         if verify and any(t.is_meta for t in iter_tensors(inputs)):
             raise ExportError("cannot verify on the meta device (no values): pass verify=False")
+        if self.settings.semantics == "soft":
+            self.semantics = "frozen"  # the export is of the whole mask: norms and biases of removed channels too
+            try:
+                return self.generate_pruned_model(verify=verify, inplace=inplace, inputs=inputs, rtol=rtol)
+            finally:
+                if self._runtime is not None:
+                    self.semantics = "soft"
         self._runtime.apply()
         plan = self._plan()
         if inplace:
@@ -180,7 +297,10 @@ class Mask:
         """Take every hook and mask buffer off; the model keeps its current (zeroed) weights."""
         if self._runtime is not None:
             self._runtime.uninstall()
+            self._runtime.unhook_optimizers()
             self._runtime = None
+        if self._made and self.algorithm is not None:
+            self.algorithm.detach(self)
         _verify._KEEP_LOOKUP.pop(self.model, None)
         self._made = False
         self._groups = []
@@ -188,23 +308,18 @@ class Mask:
     # ---- state -----------------------------------------------------------------------------
     def _set_keep(self, start: int, keep: np.ndarray) -> None:
         self._keep[start : start + len(keep)] = keep
-        self._refresh()
-
-    def _refresh(self) -> None:
         self._runtime.refresh(self._keep)
         self._runtime.apply()
 
-    def _scores(self, group: Group) -> np.ndarray:
-        scores = self.algorithm.score(group)
-        if isinstance(scores, torch.Tensor):
-            scores = scores.detach().cpu().double().numpy()
-        scores = np.asarray(scores, dtype=float)
-        if scores.shape != (group.size,):
-            raise ValueError(
-                f"{type(self.algorithm).__name__}.score() returned shape {scores.shape} for group "
-                f"{group.index}; expected ({group.size},), one score per channel"
-            )
-        return scores
+    def _flops_probe(self) -> FlopsProbe:
+        """Counts FLOPs of would-be exports (a weightless copy on the meta device, made once)."""
+        if self._probe is None:
+            self._runtime.uninstall()
+            try:
+                self._probe = FlopsProbe(self.model, self.example_inputs)
+            finally:
+                self._runtime.install()
+        return self._probe
 
     def _use_layout(self, layout: GroupLayout) -> None:
         self._layout = layout
@@ -354,23 +469,24 @@ def _example_inputs(model: nn.Module, example_inputs: Any, input_shape: Sequence
     return example_inputs
 
 
-def _resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str]) -> dict[str, nn.Module]:
-    if isinstance(ignore, (nn.Module, str)):
-        ignore = [ignore]
+def _resolve_modules(model: nn.Module, items: Iterable[nn.Module | str], option: str) -> dict[str, nn.Module]:
+    """Qualified name -> module for each module or name in ``items``; clear errors name ``option``."""
+    if isinstance(items, (nn.Module, str)):
+        items = [items]
     named = dict(model.named_modules())
     by_id = {id(m): n for n, m in named.items()}
     resolved: dict[str, nn.Module] = {}
-    for item in ignore:
+    for item in items:
         if isinstance(item, str):
             if item not in named:
                 close = difflib.get_close_matches(item, list(named), n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"ignore: {item!r} is not a module of the model{hint}")
+                raise ValueError(f"{option}: {item!r} is not a module of the model{hint}")
             resolved[item] = named[item]
         elif isinstance(item, nn.Module):
             if id(item) not in by_id:
-                raise ValueError(f"ignore: the {type(item).__name__} given is not a module of the model")
+                raise ValueError(f"{option}: the {type(item).__name__} given is not a module of the model")
             resolved[by_id[id(item)] or "<root>"] = item
         else:
-            raise TypeError(f"ignore takes modules or qualified module names, got {type(item).__name__}")
+            raise TypeError(f"{option} takes modules or qualified module names, got {type(item).__name__}")
     return resolved

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from maskprune.algorithms import L1Norm, Random
+from maskprune.algorithms import L1Norm, Random, Uniform
 from torch import nn
 
 import maskprune
@@ -87,7 +87,7 @@ def assert_equal_models(masked: nn.Module, pruned: nn.Module, inputs: object) ->
 # ---- soft == hard, plain export ----------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:FutureWarning")
-@pytest.mark.parametrize("algorithm", ["l1", "random"])
+@pytest.mark.parametrize("algorithm", ["l1", "uniform"])
 @pytest.mark.parametrize("name", list(SIZES))
 def test_soft_equals_hard_and_export_is_plain(name: str, algorithm: str, build: Build, leftover_hooks) -> None:
     model, inputs = build(name)
@@ -95,7 +95,7 @@ def test_soft_equals_hard_and_export_is_plain(name: str, algorithm: str, build: 
     n_params = maskprune.count_parameters(model)
     x = inputs(2)
 
-    criterion = L1Norm() if algorithm == "l1" else Random(seed=0)
+    criterion = L1Norm() if algorithm == "l1" else Uniform(seed=0)
     mask = Mask(model, x, algorithm=criterion, ratio=0.5).make()
     assert mask.do_mask()
     assert all(g.kept == g.size - g.size // 2 for g in mask.groups)
@@ -369,7 +369,7 @@ def test_dict_inputs_are_keyword_arguments() -> None:
 
 def test_meta_device_model(build: Build) -> None:
     model = torchvision.models.resnet18(weights=None).to("meta")
-    mask = Mask(model, torch.randn(2, 3, 32, 32, device="meta"), algorithm=Random(seed=0), ratio=0.5).make()
+    mask = Mask(model, torch.randn(2, 3, 32, 32, device="meta"), algorithm=Uniform(seed=0), ratio=0.5).make()
     real, inputs = build("resnet18")
     assert [g.size for g in mask.groups] == [g.size for g in Mask(real, inputs(1)).make().groups]
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -476,7 +476,7 @@ def test_verify_names_the_first_diverging_module(tiny_cnn) -> None:
 def test_googlenet_aux_branches_are_pruned_and_train() -> None:
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).eval()
     x = torch.randn(2, 3, 96, 96)
-    mask = Mask(model, x, algorithm=Random(seed=0), ratio=0.5).make()
+    mask = Mask(model, x, algorithm=Uniform(seed=0), ratio=0.5).make()
     mask.do_mask()
     pruned = mask.generate_pruned_model()
     assert_equal_models(model, pruned, torch.randn(1, 3, 96, 96))

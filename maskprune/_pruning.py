@@ -1,0 +1,244 @@
+"""What one ``do_mask()`` decides: the step of the schedule, the kept count per group, the kept channels.
+
+The schedule gives the ratio (or FLOPs fraction) this step asks for; the
+allocation turns it into kept counts per group; the criterion's scores pick the
+channels. A FLOPs target is met by bisection over the ratio (or, for a global
+ranking, over the number of channels removed), counting each candidate's FLOPs on
+the would-be exported shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import _allocate as alloc
+
+if TYPE_CHECKING:
+    from ._groups import Group
+    from .mask import Mask
+
+FLOPS_TOLERANCE = 0.002  # stop searching closer than this to the FLOPs target (the promise is 0.01)
+MAX_SEARCH = 24
+
+
+@dataclass
+class Decision:
+    """New keep flags of the groups a step touched, and the ratio each group was asked for."""
+
+    keep: np.ndarray
+    requested: dict[int, float] = field(default_factory=dict)
+
+
+class Pruner:
+    """The schedule's state (step, layer cursor) and the allocation of one :class:`Mask`."""
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask = mask
+        self.settings = mask.settings
+        self.step = 0
+        self.cursor = 0
+        self.weights: np.ndarray | None = None
+        self.layer_counts: tuple[np.ndarray, np.ndarray] | None = None
+        self.overrides = self._overrides()
+
+    # ---- the step ----------------------------------------------------------------------
+    def finished(self) -> bool:
+        s = self.settings
+        if s.pre_layer:
+            return self.cursor >= len(self.mask.groups)
+        return self.step >= s.steps and s.semantics == "frozen"
+
+    def decide(self) -> Decision:
+        """The keep flags after the next step (the Mask's flags are not changed)."""
+        mask, s = self.mask, self.settings
+        groups = [mask.groups[self.cursor]] if s.pre_layer else mask.groups
+        step = min(self.step + 1, s.steps)
+        candidates = mask._keep.copy()
+        if s.semantics == "soft":
+            for g in groups:
+                candidates[g.start : g.start + g.size] = True
+        if s.pre_layer:
+            if self.layer_counts is None:
+                every = self._scores(mask.groups, candidates)
+                self.layer_counts = self._counts(mask.groups, every, candidates, 1, 1)
+            scores = self._scores(groups, candidates)
+            counts, ratios = (part[[g.index for g in groups]] for part in self.layer_counts)
+        else:
+            scores = self._scores(groups, candidates)
+            counts, ratios = self._counts(groups, scores, candidates, step, s.steps)
+        keep = candidates.copy()
+        requested = {}
+        for g, kept, ratio in zip(groups, counts, ratios, strict=True):
+            if scores[g.index] is None:
+                continue  # declined by the criterion: left as it is
+            part = slice(g.start, g.start + g.size)
+            keep[part] = alloc.choose(scores[g.index], candidates[part], int(kept))
+            requested[g.index] = float(ratio)
+        return Decision(keep, requested)
+
+    def advance(self) -> None:
+        if self.settings.pre_layer:
+            self.cursor += 1
+        else:
+            self.step = min(self.step + 1, self.settings.steps)
+
+    # ---- scores ------------------------------------------------------------------------
+    def _scores(self, groups: list[Group], candidates: np.ndarray) -> dict[int, np.ndarray]:
+        """The criterion's scores, with ``group.keep`` showing the candidates while it scores."""
+        mask = self.mask
+        algorithm = mask.algorithm
+        saved = mask._keep
+        mask._keep = candidates
+        try:
+            algorithm.prepare(mask, groups)
+            scores = {}
+            for g in groups:
+                raw = algorithm.score(g)
+                scores[g.index] = None if raw is None else _as_scores(raw, g, algorithm)
+        finally:
+            mask._keep = saved
+        return scores
+
+    # ---- allocation --------------------------------------------------------------------
+    def _counts(
+        self, groups: list[Group], scores: dict, candidates: np.ndarray, step: int, steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Kept channels per group at this step of the schedule, and the ratio each group was asked for."""
+        s = self.settings
+        fixed = {
+            g.index: alloc.ramp_ratio(self.overrides[g.index], step, steps, s.ramp)
+            for g in groups
+            if g.index in self.overrides
+        }
+        if s.target_flops is None:
+            ratio = alloc.ramp_ratio(s.ratio, step, steps, s.ramp)
+            return self._counts_at(groups, scores, candidates, ratio, fixed)
+        target = alloc.ramp_ratio(s.target_flops, step, steps, s.ramp)
+        return self._counts_for_flops(groups, scores, candidates, target, fixed)
+
+    def _counts_at(
+        self, groups: list[Group], scores: dict, candidates: np.ndarray, ratio: float, fixed: dict[int, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Kept counts and ratios asked when the model loses ``ratio`` of its channels (per group or globally).
+
+        ``fixed`` gives the ratio of groups with a per-module override; declined groups keep everything.
+        """
+        s = self.settings
+        sizes = np.asarray([g.size for g in groups])
+        ratios = np.asarray([fixed.get(g.index, 0.0) for g in groups])
+        declined = np.asarray([scores.get(g.index, 0) is None for g in groups], dtype=bool)
+        free = np.asarray([g.index not in fixed for g in groups], dtype=bool) & ~declined
+        if s.allocation == "global" and free.any():
+            kept = alloc.kept_counts(sizes, np.where(free, 0.0, ratios), s.min_channels, s.round_to)
+            pool = [g for g, f in zip(groups, free, strict=True) if f]
+            ranked = [self._ranked(g, scores[g.index], candidates) for g in pool]
+            floors = np.asarray([max(s.min_channels, math.ceil((1 - s.max_ratio) * g.size)) for g in pool])
+            total = int(round(ratio * sizes[free].sum()))
+            kept[free] = alloc.global_kept(ranked, total, np.minimum(floors, sizes[free]), s.round_to)
+            ratios[free] = 1.0 - kept[free] / sizes[free]
+            return kept, ratios
+        weights = self._group_weights(groups)
+        if weights is not None and free.any():
+            ratios[free] = alloc.spread_ratios(sizes[free], weights[free], ratio, s.max_ratio)
+        else:
+            ratios[free] = ratio
+        return alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to), ratios
+
+    def _ranked(self, group: Group, scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        live = candidates[group.start : group.start + group.size]
+        if not self.mask.algorithm.comparable_across_groups:
+            scores = alloc.normalised(scores, live)
+        return np.where(live, scores, -np.inf)
+
+    def _counts_for_flops(
+        self, groups: list[Group], scores: dict, candidates: np.ndarray, target: float, fixed: dict[int, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Kept counts and ratios asked whose export removes ``target`` of the FLOPs: bisection over the ratio."""
+        s = self.settings
+        dense = self.mask._flops_probe().count({}).total
+
+        def removed_at(ratio: float) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+            allocated = self._counts_at(groups, scores, candidates, ratio, fixed)
+            return 1.0 - self._flops_with(groups, allocated[0], candidates) / dense, allocated
+
+        most, counts = removed_at(s.max_ratio)
+        if most < target - 0.01:
+            warnings.warn(
+                f"target_flops={target:.3f} is out of reach: removing max_ratio={s.max_ratio} of every prunable "
+                f"group removes {most:.3f} of the FLOPs (frozen or ignored layers keep the rest)",
+                stacklevel=4,
+            )
+            return counts
+        best = (most, counts)
+        low, high = 0.0, s.max_ratio
+        finest = 0.5 / max(1, sum(g.size for g in groups))
+        for _ in range(MAX_SEARCH):
+            middle = (low + high) / 2
+            removed, counts = removed_at(middle)
+            if abs(removed - target) < abs(best[0] - target):
+                best = (removed, counts)
+            if abs(removed - target) <= FLOPS_TOLERANCE or high - low <= finest:
+                break
+            low, high = (middle, high) if removed < target else (low, middle)
+        return best[1]
+
+    def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
+        """FLOPs of the export where each group keeps ``counts`` channels (which ones does not change the count)."""
+        keep = self.mask._keep.copy()
+        for g, kept in zip(groups, counts, strict=True):
+            part = slice(g.start, g.start + g.size)
+            live = np.flatnonzero(candidates[part])
+            flags = np.zeros(g.size, dtype=bool)
+            flags[live[: int(kept)]] = True
+            keep[part] = flags if len(live) >= kept else candidates[part]
+        return self.mask._flops_probe().count(self.mask._plan(keep)).total
+
+    # ---- per-group options -------------------------------------------------------------
+    def _group_weights(self, groups: list[Group]) -> np.ndarray | None:
+        if self.weights is None:
+            sizes = np.asarray([g.size for g in self.mask.groups])
+            weights = self.mask.algorithm.group_weights(sizes)
+            if weights is None:
+                return None
+            self.weights = np.asarray(weights, dtype=float)
+            if self.weights.shape != sizes.shape:
+                raise ValueError(
+                    f"{type(self.mask.algorithm).__name__}.group_weights() returned shape {self.weights.shape}; "
+                    f"expected ({len(sizes)},), one weight per group"
+                )
+        return self.weights[[g.index for g in groups]]
+
+    def _overrides(self) -> dict[int, float]:
+        """Per-group ratio from ``ratios``: the most specific module prefix of the group's first producer."""
+        ratios = self.settings.ratios
+        if not ratios:
+            return {}
+        found = {}
+        for g in self.mask.groups:
+            members = g.producers() or g.members
+            path = members[0].module
+            matching = [k for k in ratios if k == "<root>" or path == k or path.startswith(k + ".")]
+            best = max(matching, key=lambda k: -1 if k == "<root>" else len(k), default=None)
+            if best is not None:
+                found[g.index] = ratios[best]
+        return found
+
+
+def _as_scores(raw: object, group: Group, algorithm: object) -> np.ndarray:
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().cpu().double().numpy()
+    scores = np.asarray(raw, dtype=float)
+    if scores.shape != (group.size,):
+        raise ValueError(
+            f"{type(algorithm).__name__}.score() returned shape {scores.shape} for group "
+            f"{group.index}; expected ({group.size},), one score per channel"
+        )
+    if np.isnan(scores).any():
+        raise ValueError(f"{type(algorithm).__name__}.score() returned NaN for group {group.index}")
+    return scores
