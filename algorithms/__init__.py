@@ -3,12 +3,22 @@
 They use only maskprune's public API, as a user's own criterion would.
 
 Example:
-    >>> from maskprune.algorithms import L1Norm, Random
-    >>> L1Norm(), Random(seed=0)
-    (L1Norm(reduction='sum'), Random(seed=0))
+    >>> from maskprune.algorithms import FPGM, BNScale, L1Norm, L2Norm, Random, Uniform
+    >>> L1Norm(), L2Norm(), FPGM(distance="cosine")
+    (L1Norm(reduction='sum'), L2Norm(reduction='sum'), FPGM(rate_norm=1.0, distance='cosine', reduction='sum'))
+    >>> Random(seed=0), Uniform(seed=0), BNScale(strength=1e-4)
+    (Random(seed=0), Uniform(seed=0), BNScale(strength=0.0001))
+    >>> from maskprune.algorithms import APoZ, Taylor, ThiNet    # activations: need data or training
+    >>> Taylor(), ThiNet([], samples=10)
+    (Taylor(), ThiNet(samples=10, rescale=False, max_batches=None))
 """
 
-from .baselines import Random
-from .norms import L1Norm
+from .apoz import APoZ
+from .baselines import Random, Uniform
+from .bnscale import BNScale
+from .fpgm import FPGM
+from .norms import L1Norm, L2Norm
+from .taylor import Taylor
+from .thinet import ThiNet
 
-__all__ = ["L1Norm", "Random"]
+__all__ = ["FPGM", "APoZ", "BNScale", "L1Norm", "L2Norm", "Random", "Taylor", "ThiNet", "Uniform"]

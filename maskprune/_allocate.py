@@ -66,16 +66,27 @@ def spread_ratios(sizes: np.ndarray, weights: np.ndarray, ratio: float, max_rati
     return ratios
 
 
-def kept_counts(sizes: np.ndarray, ratios: np.ndarray, min_channels: int, round_to: int) -> np.ndarray:
+def kept_counts(
+    sizes: np.ndarray, ratios: np.ndarray, min_channels: int, round_to: int, *, dither: bool = False
+) -> np.ndarray:
     """Channels each group keeps when it loses ``ratios`` of them (floored), at least ``min_channels`` (and 1).
 
     With ``round_to`` the kept count rounds up to a multiple of it (never above the group size).
+    ``dither`` carries each group's rounding remainder to the next (as error diffusion does), so
+    the total removed follows the ratio channel by channel even when every group has the same size:
+    what a FLOPs target needs on models such as DenseNet, whose groups all jump at the same ratios.
 
     Example:
         >>> kept_counts(np.array([64, 10]), np.array([0.5, 0.5]), 1, 8).tolist()
         [32, 8]
+        >>> kept_counts(np.array([5, 5, 5]), np.array([0.5, 0.5, 0.5]), 1, 1, dither=True).tolist()
+        [3, 2, 3]
     """
-    removed = np.floor(ratios * sizes + 1e-9).astype(np.int64)
+    if dither:
+        cumulative = np.floor(np.cumsum(ratios * sizes) + 1e-9).astype(np.int64)
+        removed = np.minimum(np.diff(cumulative, prepend=0), np.floor(ratios * sizes + 1 - 1e-9).astype(np.int64))
+    else:
+        removed = np.floor(ratios * sizes + 1e-9).astype(np.int64)
     kept = np.maximum(sizes - removed, np.minimum(max(min_channels, 1), sizes))
     if round_to > 1:
         kept = np.minimum(np.ceil(kept / round_to).astype(np.int64) * round_to, sizes)

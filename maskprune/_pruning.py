@@ -123,7 +123,13 @@ class Pruner:
         return self._counts_for_flops(groups, scores, candidates, target, fixed)
 
     def _counts_at(
-        self, groups: list[Group], scores: dict, candidates: np.ndarray, ratio: float, fixed: dict[int, float]
+        self,
+        groups: list[Group],
+        scores: dict,
+        candidates: np.ndarray,
+        ratio: float,
+        fixed: dict[int, float],
+        dither: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Kept counts and ratios asked when the model loses ``ratio`` of its channels (per group or globally).
 
@@ -148,7 +154,7 @@ class Pruner:
             ratios[free] = alloc.spread_ratios(sizes[free], weights[free], ratio, s.max_ratio)
         else:
             ratios[free] = ratio
-        return alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to), ratios
+        return alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to, dither=dither), ratios
 
     def _ranked(self, group: Group, scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         live = candidates[group.start : group.start + group.size]
@@ -164,7 +170,7 @@ class Pruner:
         dense = self.mask._flops_probe().count({}).total
 
         def removed_at(ratio: float) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
-            allocated = self._counts_at(groups, scores, candidates, ratio, fixed)
+            allocated = self._counts_at(groups, scores, candidates, ratio, fixed, dither=True)
             return 1.0 - self._flops_with(groups, allocated[0], candidates) / dense, allocated
 
         most, counts = removed_at(s.max_ratio)
