@@ -68,6 +68,22 @@ def activation_sites(
     return sites
 
 
+_WATCH_HOOKS: set[int] = set()  # ids of the hooks watch() installed and not yet removed
+
+
+def strip_watch_hooks(model: nn.Module) -> None:
+    """Drop :func:`watch` hooks that a deep copy of a watched model carried over (the copy is not watched)."""
+    for module in model.modules():
+        for hooks in (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._forward_hooks_with_kwargs,
+            module._forward_hooks_always_called,
+        ):
+            for key in [k for k in hooks if k in _WATCH_HOOKS]:
+                del hooks[key]
+
+
 @contextmanager
 def watch(
     model: nn.Module, sites: Sequence[ActivationSite], callback: Callable[[ActivationSite, torch.Tensor], None]
@@ -86,6 +102,8 @@ def watch(
     handles = [model.register_forward_pre_hook(lambda *_: counts.clear())]
 
     def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if id(module) not in by_module:
+            return
         call = counts.get(id(module), 0)
         counts[id(module)] = call + 1
         tensors = {"input": None, "output": None}
@@ -100,7 +118,9 @@ def watch(
     try:
         for site_list in by_module.values():
             handles.append(site_list[0].module.register_forward_hook(hook))
+        _WATCH_HOOKS.update(h.id for h in handles)
         yield
     finally:
         for handle in handles:
             handle.remove()
+            _WATCH_HOOKS.discard(handle.id)

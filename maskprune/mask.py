@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _verify
+from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._export import Plan, apply_plan
 from ._flops import FlopsProbe
@@ -369,9 +370,11 @@ class Mask:
         """A deep copy of the model without maskprune's hooks."""
         self._runtime.uninstall()
         try:
-            return copy.deepcopy(self.model)
+            plain = copy.deepcopy(self.model)
         finally:
             self._runtime.install()
+        strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
+        return plain
 
     def _export_inplace(self, plan: Plan, inputs: Any, verify: bool, rtol: float) -> nn.Module:
         soft = _verify.outputs(self.model, inputs) if verify else None

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from maskprune.algorithms import L1Norm, Random, Uniform
 from torch import nn
 
 import maskprune
 from maskprune import Algorithm, Mask
 from maskprune._allocate import global_kept, kept_counts, ramp_ratio, spread_ratios
-from maskprune.algorithms import L1Norm, Random, Uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

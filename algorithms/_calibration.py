@@ -1,0 +1,111 @@
+"""Running calibration batches through a model: eval mode, no gradients, the model's device, a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+BatchInputs = Callable[[Any], Any]
+
+
+def check_batches(max_batches: int | None) -> int | None:
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    return max_batches
+
+
+def check_inputs(inputs: BatchInputs | None) -> BatchInputs | None:
+    if inputs is not None and not callable(inputs):
+        raise TypeError(f"inputs must be a function batch -> model inputs, got {type(inputs).__name__}")
+    return inputs
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def default_inputs(batch: Any) -> Any:
+    """A tensor or a dict is the model input; a tuple or list is ``(inputs, targets, ...)``: element 0."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("a calibration batch is an empty tuple or list; pass inputs=... to say what to feed")
+        return batch[0]
+    return batch
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device`` without blocking."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple, ``model(**x)`` for a dict (as Mask's example inputs)."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside the block; every module's ``training`` flag restored after, also on error."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def run_batches(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    inputs: BatchInputs | None,
+    max_batches: int | None,
+    desc: str,
+) -> int:
+    """Feed the batches of ``data`` to ``model`` (call inside :func:`evaluating` and a ``watch``); returns their count.
+
+    Raises ValueError when ``data`` gives no batch (an exhausted iterator, for one).
+    """
+    device = model_device(model)
+    get = inputs or default_inputs
+    total = len(data) if hasattr(data, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    batches = data if max_batches is None else islice(data, max_batches)
+    count = 0
+    for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None):
+        call(model, to_device(get(batch), device))
+        count += 1
+    if count == 0:
+        raise ValueError(
+            f"{desc}: the calibration data gave no batch (an exhausted iterator? pass a DataLoader or a list, "
+            "which can be iterated again at every do_mask())"
+        )
+    return count
