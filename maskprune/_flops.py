@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._export import Plan, apply_plan
-from ._probe import meta_copy, to_meta
+from ._probe import FastMetaNorms, meta_copy, to_meta
 from ._trace import call_model
 
 
@@ -47,7 +47,7 @@ class FlopsProbe:
             return self._dense
         log = apply_plan(self.model, plan) if plan else None
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMetaNorms():
                 call_model(self.model, self.inputs)
         finally:
             if log is not None:

@@ -353,3 +353,16 @@ def test_no_warning_for_a_reachable_target() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mask.do_mask()
+
+
+def test_fast_meta_batch_norm_checks_shapes_like_torch() -> None:
+    from maskprune._probe import FastMetaNorms
+
+    x = torch.empty(2, 8, 4, 4, device="meta")
+    bn = nn.BatchNorm2d(8).to("meta")
+    with FastMetaNorms():
+        assert bn(x).shape == x.shape
+        with pytest.raises(RuntimeError, match="weight should contain 6 elements not 8|running_mean should contain 6"):
+            bn(torch.empty(2, 6, 4, 4, device="meta"))
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            bn.train()(torch.empty(1, 8, device="meta"))
