@@ -365,4 +365,4 @@ def test_fast_meta_batch_norm_checks_shapes_like_torch() -> None:
         with pytest.raises(RuntimeError, match="weight should contain 6 elements not 8|running_mean should contain 6"):
             bn(torch.empty(2, 6, 4, 4, device="meta"))
         with pytest.raises(ValueError, match="more than 1 value per channel"):
-            bn.train()(torch.empty(1, 8, device="meta"))
+            bn.train()(torch.empty(1, 8, 1, 1, device="meta"))
