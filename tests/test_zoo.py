@@ -18,8 +18,6 @@ EXCLUDED: dict[str, str] = {
     "keypointrcnn_resnet50_fpn": "export changes the keypoint count (17 -> 9): the heatmap-to-keypoint path is not "
     "traced as coupled to the output; verification catches it (ExportError), the trace must learn it",
     "fcos_resnet50_fpn": "post-processing ties at random init: labels differ after NMS although every module matches",
-    "ssd300_vgg16": "RuntimeError 'kernel size can't be greater than actual input size' in the zoo run: "
-    "not yet analysed",
     "s3d": "its fixed average pool needs 16x224x224 clips, too slow and too large for CI on 2 cores",
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -166,7 +167,11 @@ def detection_cases() -> list[ZooCase]:
             kwargs.update(box_score_thresh=0.0, box_detections_per_img=20)
         else:
             kwargs.update(score_thresh=0.0, detections_per_img=20)
-        build = _builder(models.get_model, name, post=_realistic_detector, **kwargs)
+        size = _DETECTION_SIZE.get(name, 160)  # SSD's backbone alone needs its own input size
+        # SSD300's softmax scores are spread already; x50 saturates them to exact 1.0 ties
+        spread = 1.0 if name == "ssd300_vgg16" else 50.0
+        post = partial(_realistic_detector, size=size, spread=spread)
+        build = _builder(models.get_model, name, post=post, **kwargs)
         cases.append(ZooCase(name, build, _detection_inputs, _detection_loss_for(name)))
     return cases
 
@@ -174,7 +179,7 @@ def detection_cases() -> list[ZooCase]:
 _SCORE_LAYERS = ("cls_score", "cls_logits", "bbox_ctrness", "classification_head", "kps_score", "mask_fcn_logits")
 
 
-def _realistic_detector(model: nn.Module) -> None:
+def _realistic_detector(model: nn.Module, size: int, spread: float) -> None:
     """Make an untrained detector behave like a trained one where exactness can be observed.
 
     With default BatchNorm statistics an untrained MobileNetV3 backbone shrinks activations to 1e-8, and
@@ -189,12 +194,12 @@ def _realistic_detector(model: nn.Module) -> None:
             bn.momentum = None  # cumulative average over the calibration batches
         model.backbone.train()
         for seed in range(2):
-            model.backbone(torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(seed)))
+            model.backbone(torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(seed)))
         for bn in norms:
             bn.momentum = 0.1
         for name, p in model.named_parameters():
             if any(layer in name for layer in _SCORE_LAYERS):
-                p.mul_(50.0)
+                p.mul_(spread)
 
 
 def _builder(
