@@ -10,9 +10,11 @@ also when the forward raises.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -177,7 +179,7 @@ class Tracer:
         self.owned = owned_tensors(model)
         self.param_nodes: dict[int, TensorNode] = {}
         self.nodes: dict[int, TensorNode] = {}
-        self.alive: list[torch.Tensor] = []
+        self.watched: dict[int, weakref.ref] = {}  # a freed tensor's id may be reused: forget its node then
         self.roles: dict[tuple[int, int], str] = {}
         self.module_paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.stack: list[nn.Module] = []
@@ -225,8 +227,15 @@ class Tracer:
     def bind(self, t: torch.Tensor, node: TensorNode) -> None:
         if id(t) in self.owned:
             return
-        self.nodes[id(t)] = node
-        self.alive.append(t)
+        key = id(t)
+        self.nodes[key] = node
+        if key not in self.watched:
+            self.watched[key] = weakref.ref(t, partial(self.forget, key))
+
+    def forget(self, key: int, _: weakref.ref) -> None:
+        """A traced tensor was freed: drop its node, so intermediate activations are not kept alive."""
+        self.nodes.pop(key, None)
+        self.watched.pop(key, None)
 
     # ---- ops ---------------------------------------------------------------------------
     def apply(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -393,6 +402,7 @@ def trace(
             if node is not None:
                 for space in node.spaces:
                     tracer.graph.freeze(space, f"ignored by the user ({path})")
+    tracer.watched.clear()  # the nodes are no longer looked up: stop following the tensors
     return Trace(
         graph=tracer.graph,
         owned=tracer.owned,
