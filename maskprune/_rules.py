@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._trace import TensorNode, Tracer, iter_tensors
+from ._trace import TensorNode, TracedSize, Tracer, iter_tensors
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
 
@@ -326,10 +326,32 @@ def shape_from_other(call: OpCall) -> None:
         reshape(call)
 
 
-@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")
+@rule("new_tensor")
 def new_from(call: OpCall) -> None:
     """Only the dtype and device of the input are read; the result is a constant."""
     call.claim_all(call.args[0])
+
+
+@rule("zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones", "new_empty", "new_full")
+def factory(call: OpCall) -> None:
+    """A dimension sized by a size read from a tensor (``torch.zeros(n, x.shape[1])``) shares its channels.
+
+    Other dimensions have a size written in the code: frozen. For ``new_*`` only the dtype and
+    device of the tensor are read.
+    """
+    args = call.args
+    if call.name.startswith("new_"):
+        call.claim_all(args[0])
+        args = args[1:]
+    sizes = call.kwargs.get("size", args[0] if args and isinstance(args[0], (tuple, list)) else args)
+    out = call.outputs[0] if call.outputs else None
+    if out is None or len(sizes) < out.dim():
+        return
+    spaces: list[int | None] = []
+    for d, n in enumerate(list(sizes)[: out.dim()]):
+        traced = isinstance(n, TracedSize) and n == out.shape[d]
+        spaces.append(n.space if traced else None)
+    call.set_out(out, spaces)
 
 
 # ---- shapes ------------------------------------------------------------------------------------

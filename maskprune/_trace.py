@@ -68,6 +68,26 @@ class LayerNormSite:
     eps: float
 
 
+class TracedSize(int):
+    """An ``int`` read from a tensor's shape during the trace, that remembers the channel space it measured.
+
+    ``torch.zeros(len(rois), maps.shape[1])`` then shares ``maps``' channels in its second
+    dimension (a plain int could not say where it came from). Arithmetic gives plain ints.
+
+    Example:
+        >>> n = TracedSize.of(17, space=4); (n, n.space, type(n + 1).__name__)
+        (17, 4, 'int')
+    """
+
+    space: int
+
+    @classmethod
+    def of(cls, value: int, space: int) -> TracedSize:
+        size = cls(value)
+        size.space = space
+        return size
+
+
 @dataclass
 class LeafCall:
     """One call of a leaf module during the first trace pass: its input and output tensors' channel spaces."""
@@ -248,10 +268,22 @@ class Tracer:
         out = func(*args, **kwargs)
         if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
             self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
+            out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
         if self.ops_in_call:
             self.ops_in_call[-1].append(name)
         call = self.rules.OpCall(self, name, inplace, args, kwargs, out)
         self.rules.run_rule(call)
+        return out
+
+    def traced_size(self, t: torch.Tensor, out: Any, rest: tuple) -> Any:
+        """Sizes read from a tensor remember the channel space they measured (see :class:`TracedSize`)."""
+        node = self.nodes.get(id(t)) or self.param_nodes.get(id(t))
+        if node is None:
+            return out
+        if isinstance(out, torch.Size) and len(out) == len(node.spaces):
+            return torch.Size([TracedSize.of(n, space) for n, space in zip(out, node.spaces, strict=True)])
+        if type(out) is int and rest and isinstance(rest[0], int) and node.spaces:
+            return TracedSize.of(out, node.spaces[rest[0] % len(node.spaces)])
         return out
 
     def note_size_read(self, t: torch.Tensor, name: str, rest: tuple) -> None:

@@ -630,3 +630,37 @@ def test_verify_reports_nan_as_different() -> None:
 
     result = maskprune.verify(Nan(), nn.Identity(), torch.ones(3))
     assert not result
+
+
+# ---- sizes read from tensors: a tensor built with them shares their channels --------------------
+class SizedBuffer(nn.Module):
+    """Builds a buffer from sizes read off an activation, as Keypoint R-CNN's heatmap decoding does."""
+
+    def __init__(self, to_output: bool) -> None:
+        super().__init__()
+        self.to_output = to_output
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.b(self.a(x).relu())
+        n, k = maps.shape[0], maps.shape[1]
+        buffer = torch.zeros(n, k, 1, 1)  # its dim 1 has the size of maps' channels, whatever they become
+        buffer[:, :, 0, 0] = maps.amax(dim=(2, 3))
+        return buffer.flatten(1) if self.to_output else self.head(maps + buffer)
+
+
+def test_a_buffer_sized_by_channels_reaching_the_output_freezes_them() -> None:
+    model, x = SizedBuffer(to_output=True), torch.randn(2, 3, 6, 6)
+    mask = Mask(model, x).make()
+    assert found(mask) == {G(8, "a.weight[0]", "a.bias[0]", "b.weight[1]")}
+    assert "b.weight[0]" in mask._layout.frozen["reaches a model output"]
+
+
+def test_a_buffer_sized_by_channels_is_pruned_with_them() -> None:
+    model, x = SizedBuffer(to_output=False), torch.randn(2, 3, 6, 6)
+    mask = Mask(model, x).make()
+    assert G(6, "b.weight[0]", "b.bias[0]", "head.weight[1]") in found(mask)
+    prune_every_group(mask)
+    assert_soft_equals_hard(mask, model, x, [torch.randn(3, 3, 6, 6)])

@@ -15,8 +15,6 @@ from maskprune import Mask
 
 # name -> reason; the target is none.
 EXCLUDED: dict[str, str] = {
-    "keypointrcnn_resnet50_fpn": "export changes the keypoint count (17 -> 9): the heatmap-to-keypoint path is not "
-    "traced as coupled to the output; verification catches it (ExportError), the trace must learn it",
     "fcos_resnet50_fpn": "at random init many boxes score exactly the same (top 8 all 0.8144), so which survive "
     "top-k is decided by rounding: labels differ after NMS although every module matches",
 }
