@@ -191,33 +191,32 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     all_comp, all_member = np.concatenate(comp_list), np.concatenate(member_list)
     order = np.lexsort((all_member, all_comp))
     all_comp, all_member = all_comp[order], all_member[order]
-    bounds = np.flatnonzero(np.diff(all_comp)) + 1
-    comps_sorted = all_comp[np.concatenate(([0], bounds))]
-    signatures: dict[tuple[int, ...], list[int]] = {}
-    for comp, members in zip(comps_sorted, np.split(all_member, bounds), strict=True):
-        signatures.setdefault(tuple(members.tolist()), []).append(int(comp))
+    starts = np.flatnonzero(np.diff(all_comp, prepend=-1))
+    counts = np.diff(np.append(starts, len(all_comp)))
+    comps_sorted = all_comp[starts]
+    # each component's members as one padded row; equal rows (same tensors) form one group
+    rows = np.full((len(starts), int(counts.max())), -1, dtype=np.int64)
+    rows[np.repeat(np.arange(len(starts)), counts), np.arange(len(all_comp)) - np.repeat(starts, counts)] = all_member
+    signatures, inverse = np.unique(rows, axis=0, return_inverse=True)
+    by_signature = np.argsort(inverse.ravel(), kind="stable")
+    sizes = np.bincount(inverse.ravel(), minlength=len(signatures))
 
-    # order groups by their first member, units by their first position in that member
-    entries = sorted(signatures.items(), key=lambda kv: kv[0])
+    # groups ordered by their members (np.unique sorts rows), units by their first position in the first member
     component_unit = np.full(res.n_components, -1, dtype=np.int64)
     groups: list[tuple[int, int, list[Member]]] = []
     start = 0
-    for signature, comps in entries:
+    for row, comps in zip(signatures, np.split(comps_sorted[by_signature], np.cumsum(sizes)[:-1]), strict=True):
         if len(comps) < 2:
             continue  # a group keeps at least one channel: a single channel can never go
+        signature = row[row >= 0].tolist()
         anchor = raw[signature[0]][4]
-        comp_set = np.asarray(comps, dtype=np.int64)
-        first_pos = {}
         uniq, first = np.unique(anchor, return_index=True)
-        lookup = dict(zip(uniq.tolist(), first.tolist(), strict=True))
-        for c in comps:
-            first_pos[c] = lookup[c]
-        ordered = sorted(comps, key=first_pos.__getitem__)
-        component_unit[np.asarray(ordered, dtype=np.int64)] = np.arange(start, start + len(ordered))
+        ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]
+        component_unit[ordered] = np.arange(start, start + len(ordered))
         members = []
         for i in signature:
             key, owned, dim, role, c = raw[i]
-            positions = np.flatnonzero(np.isin(c, comp_set))
+            positions = np.flatnonzero(np.isin(c, ordered))
             members.append(
                 Member(owned.qualname, dim, role, owned.tensor, positions, component_unit[c[positions]] - start)
             )
