@@ -105,18 +105,28 @@ def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
     return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
 
 
-def verify(masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rtol: float = 1e-5) -> VerifyResult:
+def verify(
+    masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rtol: float = 1e-5, within: str | None = None
+) -> VerifyResult:
     """Run both models in eval mode on ``inputs`` and compare every output.
 
     When they differ, the result names the first module (in call order) whose
     output differs, comparing the masked output on its kept channels.
+
+    ``within="backbone"`` compares instead the output of every module inside that
+    submodule (the masked ones on their kept channels): the exactness of one part
+    of a model whose outputs pass through discrete steps (top-k, NMS), where a
+    rounding difference between two near-equal scores may pick another box.
 
     Example:
         >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()   # doctest: +SKIP
         >>> mask.do_mask(); pruned = mask.generate_pruned_model()          # doctest: +SKIP
         >>> maskprune.verify(model, pruned, x).max_rel < 1e-5              # doctest: +SKIP
         True
+        >>> maskprune.verify(detector, pruned, images, within="backbone")  # doctest: +SKIP
     """
+    if within is not None:
+        return _verify_within(masked_model, pruned_model, inputs, rtol, within)
     soft = outputs(masked_model, inputs)
     try:
         result = compare(soft, outputs(pruned_model, inputs), rtol)
@@ -159,6 +169,46 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
     return outputs, None
 
 
+def _kept(lookup: Callable | None, name: str, soft: torch.Tensor) -> torch.Tensor:
+    """The masked module's output on the channels the pruned module kept."""
+    keeps = lookup(name, soft.dim()) if lookup else None
+    for dim, keep in enumerate(keeps or ()):
+        if keep is not None:
+            soft = soft.index_select(dim, keep.to(soft.device))
+    return soft
+
+
+def _verify_within(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, within: str) -> VerifyResult:
+    names = dict(masked.named_modules())
+    if within not in names or not within:
+        raise ValueError(f"verify(within={within!r}): not a submodule of the masked model; e.g. {next(iter(names))!r}")
+    lookup = keep_lookup(masked)
+    soft, _ = _record(masked, inputs)
+    hard, raised = _record(pruned, inputs)
+    inside = [n for n in soft if n == within or n.startswith(within + ".")]
+    if raised:
+        return VerifyResult(
+            float("inf"), float("inf"), rtol, first_divergence=raised, problem="the pruned model raised"
+        )
+    result = VerifyResult(0.0, 0.0, rtol)
+    for name in inside:
+        s, h = _kept(lookup, name, soft[name]), hard.get(name)
+        if h is None or s.shape != h.shape:
+            got = "no output" if h is None else f"output shape {tuple(h.shape)}"
+            return VerifyResult(
+                float("inf"), float("inf"), rtol, first_divergence=name, problem=f"{got}, expected {tuple(s.shape)}"
+            )
+        one = compare([s], [h], rtol)
+        if one.problem:
+            return VerifyResult(float("inf"), float("inf"), rtol, first_divergence=name, problem=one.problem)
+        result.max_abs, result.scale = max(result.max_abs, one.max_abs), max(result.scale, one.scale)
+        if one.max_rel > result.max_rel:
+            result.max_rel = one.max_rel
+            if not one.ok and result.first_divergence is None:
+                result.first_divergence = f"{name} (relative difference {one.max_rel:.3g})"
+    return result
+
+
 def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float) -> str | None:
     lookup = keep_lookup(masked)
     soft, _ = _record(masked, inputs)
@@ -167,11 +217,7 @@ def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: f
         h = hard.get(name)
         if h is None:
             continue
-        keeps = lookup(name, s.dim()) if lookup else None
-        if keeps:
-            for dim, keep in enumerate(keeps):
-                if keep is not None:
-                    s = s.index_select(dim, keep.to(s.device))
+        s = _kept(lookup, name, s)
         if s.shape != h.shape:
             if lookup:
                 return f"{name} (output shape {tuple(h.shape)}, expected {tuple(s.shape)})"

@@ -472,6 +472,41 @@ def test_verify_names_the_first_diverging_module(tiny_cnn) -> None:
     assert maskprune.verify(a, copy.deepcopy(a), torch.randn(2, 3, 16, 16)).max_rel == 0
 
 
+class _TopKScorer(nn.Module):
+    """Features, then a discrete step (top-k positions): its output is an integer tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.score = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features(x)).flatten(1).topk(5).indices
+
+
+def test_verify_within_a_submodule_compares_every_module_on_kept_channels() -> None:
+    torch.manual_seed(0)
+    model, x = _TopKScorer().eval(), torch.randn(2, 3, 8, 8)
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    pruned = mask.generate_pruned_model()
+    assert pruned.features[0].out_channels == 4 and pruned.features[3].out_channels == 4
+    result = maskprune.verify(model, pruned, x, within="features")
+    assert result.ok and result.scale > 0 and result.max_rel <= RTOL
+
+    broken = copy.deepcopy(pruned)
+    with torch.no_grad():
+        broken.features[3].weight[0] += 0.5
+    result = maskprune.verify(model, broken, x, within="features")
+    assert not result and result.first_divergence.startswith("features.3 ")
+    assert maskprune.verify(model, broken, x, within="features.0").ok  # before the change
+
+    with pytest.raises(ValueError, match=r"verify\(within='head'\): not a submodule of the masked model"):
+        maskprune.verify(model, pruned, x, within="head")
+
+
 # ---- train-only branches --------------------------------------------------------------------------------
 def test_googlenet_aux_branches_are_pruned_and_train() -> None:
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).eval()

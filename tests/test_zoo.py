@@ -14,10 +14,7 @@ import maskprune
 from maskprune import Mask
 
 # name -> reason; the target is none.
-EXCLUDED: dict[str, str] = {
-    "fcos_resnet50_fpn": "at random init many boxes score exactly the same (top 8 all 0.8144), so which survive "
-    "top-k is decided by rounding: labels differ after NMS although every module matches",
-}
+EXCLUDED: dict[str, str] = {}
 
 CASES = [
     pytest.param(case, id=case.name, marks=[pytest.mark.xdist_group("heavy")] if case.heavy else [])
@@ -37,6 +34,13 @@ def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm
     result = maskprune.verify(model, pruned, fresh)
     assert result.ok, f"{case.name}: {result}"
     assert result.scale > 0, "outputs are all zero: the comparison would prove nothing"
+
+    if case.float32_part is not None:  # what the float64 comparison above proved holds in float32 too
+        model.float(), pruned.float()
+        images = [image.float() for image in case.inputs(2, False)[0]]
+        part = maskprune.verify(model, pruned, (images,), within=case.float32_part)
+        assert part.ok and part.scale > 0, f"{case.name} in float32, every module of {case.float32_part}: {part}"
+        model.to(case.dtype), pruned.to(case.dtype)
 
     for module in pruned.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks

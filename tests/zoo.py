@@ -27,6 +27,11 @@ class ZooCase:
     inputs: Callable[[int, bool], Any]  # (batch, other_size) -> example inputs
     loss: Callable[[nn.Module, Any], torch.Tensor]
     other_size: bool = True  # whether the model accepts another spatial size
+    # Detectors end in top-k and NMS, which turn a 1e-7 rounding difference between two near-equal
+    # scores of an untrained head into a different box. They are compared end to end in float64 (where
+    # rounding is 1e-16), and their feature extractor, where the pruned channels are, in float32 too.
+    dtype: torch.dtype = torch.float32
+    float32_part: str | None = None
 
     @property
     def heavy(self) -> bool:
@@ -125,14 +130,14 @@ _DETECTION_SIZE = {"ssd300_vgg16": 300, "ssdlite320_mobilenet_v3_large": 320}
 def _detection_inputs(batch: int, other_size: bool) -> tuple[list[torch.Tensor]]:
     size = (160, 192) if other_size else (160, 160)
     generator = torch.Generator().manual_seed(batch)
-    return ([torch.rand(3, *size, generator=generator) for _ in range(batch)],)
+    return ([torch.rand(3, *size, generator=generator, dtype=torch.float64) for _ in range(batch)],)
 
 
 def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     targets = []
     for image in images:
         h, w = image.shape[-2:]
-        boxes = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 150.0, 140.0]]) * min(h, w) / 160
+        boxes = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 150.0, 140.0]], dtype=image.dtype) * min(h, w) / 160
         labels = torch.tensor([1, 1]) if name.startswith("keypointrcnn") else torch.tensor([1, 2])
         target = {"boxes": boxes, "labels": labels}
         if name.startswith("maskrcnn"):
@@ -141,7 +146,7 @@ def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, 
             masks[1, 30:140, 40:150] = 1
             target["masks"] = masks
         if name.startswith("keypointrcnn"):
-            kp = torch.cat([torch.linspace(20, 120, 17)[:, None].expand(17, 2), torch.ones(17, 1)], dim=1)
+            kp = torch.cat([torch.linspace(20, 120, 17)[:, None].expand(17, 2), torch.ones(17, 1)], dim=1)  # float32 whatever the images
             target["keypoints"] = kp.expand(2, 17, 3).clone()
         targets.append(target)
     return targets
@@ -171,8 +176,9 @@ def detection_cases() -> list[ZooCase]:
         # SSD300's softmax scores are spread already; x50 saturates them to exact 1.0 ties
         spread = 1.0 if name == "ssd300_vgg16" else 50.0
         post = partial(_realistic_detector, size=size, spread=spread)
-        build = _builder(models.get_model, name, post=post, **kwargs)
-        cases.append(ZooCase(name, build, _detection_inputs, _detection_loss_for(name)))
+        build = _builder(models.get_model, name, post=post, dtype=torch.float64, **kwargs)
+        loss = _detection_loss_for(name)
+        cases.append(ZooCase(name, build, _detection_inputs, loss, dtype=torch.float64, float32_part="backbone"))
     return cases
 
 
@@ -203,7 +209,11 @@ def _realistic_detector(model: nn.Module, size: int, spread: float) -> None:
 
 
 def _builder(
-    factory: Callable[..., nn.Module], name: str, post: Callable[[nn.Module], None] | None = None, **kwargs: Any
+    factory: Callable[..., nn.Module],
+    name: str,
+    post: Callable[[nn.Module], None] | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
 ) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -211,7 +221,7 @@ def _builder(
         _randomize_zero_parameters(model)
         if post is not None:
             post(model)
-        return model.eval()
+        return model.to(dtype).eval()
 
     return build
 
