@@ -14,6 +14,7 @@ from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
+from ._report import GroupSparsity, Sparsity
 from ._verify import VerifyResult, verify
 from ._version import __version__
 from .errors import ExportError, MaskpruneError, NothingToPruneError, NotMadeError, TraceError
@@ -25,12 +26,14 @@ __all__ = [
     "Algorithm",
     "ExportError",
     "Group",
+    "GroupSparsity",
     "LayerRule",
     "Mask",
     "MaskpruneError",
     "Member",
     "NotMadeError",
     "NothingToPruneError",
+    "Sparsity",
     "TraceError",
     "VerifyResult",
     "__version__",

@@ -79,7 +79,9 @@ class Pruner:
                 continue  # declined by the criterion: left as it is
             part = slice(g.start, g.start + g.size)
             keep[part] = alloc.choose(scores[g.index], candidates[part], int(kept))
-            requested[g.index] = float(ratio)
+            # frozen: channels removed at earlier steps stay removed, whatever smaller ratio this step asks
+            already = 1.0 - candidates[part].sum() / g.size
+            requested[g.index] = max(float(ratio), float(already))
         return Decision(keep, requested)
 
     def advance(self) -> None:

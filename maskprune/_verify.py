@@ -68,6 +68,33 @@ def _eval(model: nn.Module):
             m.training = mode
 
 
+def _precision_flags() -> list[object]:
+    """The backends whose float32 work may run in reduced precision (TF32 on GPUs, bf16 in oneDNN)."""
+    cuda, cudnn, mkldnn = torch.backends.cuda, torch.backends.cudnn, torch.backends.mkldnn
+    candidates = [cuda.matmul, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
+    candidates += [getattr(mkldnn, name, None) for name in ("matmul", "conv", "rnn")]
+    return [backend for backend in candidates if hasattr(backend, "fp32_precision")]
+
+
+@contextmanager
+def full_float32():
+    """float32 computed as float32 inside the block: TF32 and oneDNN's bf16 shortcuts off, restored after.
+
+    TF32 (on by default for cuDNN convolutions on Ampere and later GPUs) rounds the inputs of every
+    product to 10 bits, so two exact computations of one result differ by 1e-4: a verification in
+    float32 must not compare TF32 results. Uses PyTorch's ``fp32_precision`` settings (2.9 and later).
+    """
+    backends = _precision_flags()
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+
+
 def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e-5) -> VerifyResult:
     """Max |soft - hard| over all floating outputs, relative to max |hard|; integer outputs must be equal."""
 
@@ -111,7 +138,8 @@ def verify(
     """Run both models in eval mode on ``inputs`` and compare every output.
 
     When they differ, the result names the first module (in call order) whose
-    output differs, comparing the masked output on its kept channels.
+    output differs, comparing the masked output on its kept channels. Both run in
+    full float32 (TF32 off, see :func:`full_float32`); the settings are restored.
 
     ``within="backbone"`` compares instead the output of every module inside that
     submodule (the masked ones on their kept channels): the exactness of one part
@@ -125,16 +153,17 @@ def verify(
         True
         >>> maskprune.verify(detector, pruned, images, within="backbone")  # doctest: +SKIP
     """
-    if within is not None:
-        return _verify_within(masked_model, pruned_model, inputs, rtol, within)
-    soft = outputs(masked_model, inputs)
-    try:
-        result = compare(soft, outputs(pruned_model, inputs), rtol)
-    except Exception as error:  # noqa: BLE001 - a pruned model that crashes differs
-        result = crashed(error, rtol)
-    if not result.ok:
-        result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol)
-    return result
+    with full_float32():
+        if within is not None:
+            return _verify_within(masked_model, pruned_model, inputs, rtol, within)
+        soft = outputs(masked_model, inputs)
+        try:
+            result = compare(soft, outputs(pruned_model, inputs), rtol)
+        except Exception as error:  # noqa: BLE001 - a pruned model that crashes differs
+            result = crashed(error, rtol)
+        if not result.ok:
+            result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol)
+        return result
 
 
 def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/data.sh  # the Fashion-MNIST example's end-to-end tests read the real data
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/ruff check maskprune algorithms tests examples benchmarks
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${WORKERS:-$(nproc)}" --dist loadgroup "$@"

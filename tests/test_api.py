@@ -507,6 +507,34 @@ def test_verify_within_a_submodule_compares_every_module_on_kept_channels() -> N
         maskprune.verify(model, pruned, x, within="head")
 
 
+class _PrecisionSpy(nn.Module):
+    """Records the float32 precision settings its forward runs under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.seen: list[tuple[str, str]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backends = torch.backends
+        self.seen.append((backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision))
+        return self.conv(x)
+
+
+def test_verify_compares_full_float32_and_restores_the_settings() -> None:
+    """TF32 would make two exact float32 computations differ by 1e-4: verify turns it off, then back on."""
+    backends = torch.backends
+    saved = backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision
+    backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+    try:
+        model = _PrecisionSpy()
+        assert maskprune.verify(model, copy.deepcopy(model), torch.randn(1, 3, 2, 2)).ok
+        assert model.seen == [("ieee", "ieee")]
+        assert (backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+    finally:
+        backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = saved
+
+
 # ---- train-only branches --------------------------------------------------------------------------------
 def test_googlenet_aux_branches_are_pruned_and_train() -> None:
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).eval()

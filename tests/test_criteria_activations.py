@@ -14,6 +14,7 @@ from maskprune.algorithms import APoZ, Taylor, ThiNet
 from maskprune.algorithms.thinet import greedy_order
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from maskprune import Group, Mask
 from maskprune.testing import TINY_MODELS
@@ -216,6 +217,41 @@ def test_apoz_do_mask_removes_the_channels_with_most_zeros() -> None:
     assert group_of(mask, "conv1").pruned == [3]  # the channel that is always zero
     pruned = mask.generate_pruned_model()
     assert pruned.conv1.out_channels == 3
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor calls that read values on the host (each one a device synchronisation on a GPU)."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [lambda data: APoZ(data), lambda data: Taylor()], ids=["apoz", "taylor"])
+def test_statistics_read_nothing_on_the_host_per_batch(make) -> None:
+    """Statistics accumulate on the model's device: the host reads of a do_mask() do not grow with the batches."""
+    reads = []
+    for n_batches in (2, 7):
+        torch.manual_seed(0)
+        model = Calibrated().eval()
+        batches = [torch.randn(2, 3, 6, 6) for _ in range(n_batches)]
+        algorithm = make(batches)
+        mask = Mask(model, batches[0], algorithm=algorithm, ratio=0.5).make()
+        with HostReads() as counter:
+            if isinstance(algorithm, Taylor):  # the user's own training steps feed Taylor's statistics
+                for x in batches:
+                    model(x).sum().backward()
+            mask.do_mask()
+        reads.append(counter.count)
+        assert any(g.kept < g.size for g in mask.groups)
+    assert reads[0] == reads[1], f"host reads with 2 and 7 batches: {reads}"
 
 
 class Calibrated(nn.Module):

@@ -227,6 +227,16 @@ def test_iterative_flops_target_moves_along_the_ramp() -> None:
         assert abs(removed - ramp_ratio(0.6, step, 3, "cubic")) <= 0.01
 
 
+def test_frozen_flops_ramp_reports_what_earlier_steps_removed() -> None:
+    """Late steps of a cubic ramp ask for little more: groups keep what earlier steps removed, and say so."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    mask = Mask(model, torch.randn(1, 3, 32, 32), algorithm=L1Norm(), target_flops=0.5, steps=8, ramp="cubic").make()
+    for _ in range(8):
+        mask.do_mask()
+        for group in mask.sparsity().groups:
+            assert group.requested > group.achieved - 1 / group.channels, str(group)
+
+
 def test_unreachable_flops_target_warns_and_goes_as_far_as_allowed() -> None:
     model, x = convnet()
     mask = Mask(model, x, algorithm=L1Norm(), target_flops=0.99, max_ratio=0.5).make()

@@ -137,7 +137,8 @@ def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, 
     targets = []
     for image in images:
         h, w = image.shape[-2:]
-        boxes = torch.tensor([[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 150.0, 140.0]], dtype=image.dtype) * min(h, w) / 160
+        corners = [[10.0, 12.0, 90.0, 100.0], [40.0, 30.0, 150.0, 140.0]]
+        boxes = torch.tensor(corners, dtype=image.dtype) * min(h, w) / 160
         labels = torch.tensor([1, 1]) if name.startswith("keypointrcnn") else torch.tensor([1, 2])
         target = {"boxes": boxes, "labels": labels}
         if name.startswith("maskrcnn"):
@@ -146,8 +147,8 @@ def _detection_targets(name: str, images: list[torch.Tensor]) -> list[dict[str, 
             masks[1, 30:140, 40:150] = 1
             target["masks"] = masks
         if name.startswith("keypointrcnn"):
-            kp = torch.cat([torch.linspace(20, 120, 17)[:, None].expand(17, 2), torch.ones(17, 1)], dim=1)  # float32 whatever the images
-            target["keypoints"] = kp.expand(2, 17, 3).clone()
+            kp = torch.cat([torch.linspace(20, 120, 17)[:, None].expand(17, 2), torch.ones(17, 1)], dim=1)
+            target["keypoints"] = kp.expand(2, 17, 3).clone()  # float32 whatever the images
         targets.append(target)
     return targets
 
