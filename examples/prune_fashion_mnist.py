@@ -260,8 +260,7 @@ def prune(
             optimizer.zero_grad(set_to_none=True)
         mask.do_mask()
         calls = 1
-        if args.semantics == "soft":
-            mask.semantics = "frozen"
+        mask.semantics = "frozen"  # (a no-op when frozen) soft filters end with the selection made
         after_pruning = evaluate(model, data.test_loader())
         recalibrated = recalibrated_accuracy(model, data, seed=args.seed)
         log(
@@ -287,14 +286,12 @@ def prune(
             pruning = calls < args.steps if args.schedule == "iterative" else changed
             if not pruning:
                 log(f"step {step}: pruning done after {calls} do_mask() calls; fine-tuning what is left")
-                if args.semantics == "soft":
-                    mask.semantics = "frozen"  # keep the last selection; removed filters stop training
+                mask.semantics = "frozen"  # keep the last selection; removed filters stop training
     if pruning:  # a budget too short for the layer schedule: finish it without training
         while mask.do_mask():
             calls += 1
         calls += 1
-        if args.semantics == "soft":
-            mask.semantics = "frozen"
+        mask.semantics = "frozen"
 
     model.eval()
     pruned = mask.generate_pruned_model()  # raises ExportError if it does not compute what the masked model does

@@ -207,34 +207,32 @@ def _kept(lookup: Callable | None, name: str, soft: torch.Tensor) -> torch.Tenso
     return soft
 
 
+def _differs(rtol: float, module: str, problem: str) -> VerifyResult:
+    return VerifyResult(float("inf"), float("inf"), rtol, first_divergence=module, problem=problem)
+
+
 def _verify_within(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, within: str) -> VerifyResult:
-    names = dict(masked.named_modules())
-    if within not in names or not within:
-        raise ValueError(f"verify(within={within!r}): not a submodule of the masked model; e.g. {next(iter(names))!r}")
+    if not within or within not in dict(masked.named_modules()):
+        children = ", ".join(repr(name) for name, _ in masked.named_children())
+        raise ValueError(f"verify(within={within!r}): not a submodule of the masked model (its children: {children})")
     lookup = keep_lookup(masked)
     soft, _ = _record(masked, inputs)
     hard, raised = _record(pruned, inputs)
-    inside = [n for n in soft if n == within or n.startswith(within + ".")]
     if raised:
-        return VerifyResult(
-            float("inf"), float("inf"), rtol, first_divergence=raised, problem="the pruned model raised"
-        )
+        return _differs(rtol, raised, "the pruned model raised")
     result = VerifyResult(0.0, 0.0, rtol)
-    for name in inside:
+    for name in (n for n in soft if n == within or n.startswith(within + ".")):
         s, h = _kept(lookup, name, soft[name]), hard.get(name)
         if h is None or s.shape != h.shape:
             got = "no output" if h is None else f"output shape {tuple(h.shape)}"
-            return VerifyResult(
-                float("inf"), float("inf"), rtol, first_divergence=name, problem=f"{got}, expected {tuple(s.shape)}"
-            )
+            return _differs(rtol, name, f"{got}, expected {tuple(s.shape)}")
         one = compare([s], [h], rtol)
         if one.problem:
-            return VerifyResult(float("inf"), float("inf"), rtol, first_divergence=name, problem=one.problem)
-        result.max_abs, result.scale = max(result.max_abs, one.max_abs), max(result.scale, one.scale)
-        if one.max_rel > result.max_rel:
-            result.max_rel = one.max_rel
-            if not one.ok and result.first_divergence is None:
-                result.first_divergence = f"{name} (relative difference {one.max_rel:.3g})"
+            return _differs(rtol, name, one.problem)
+        result.max_abs, result.max_rel = max(result.max_abs, one.max_abs), max(result.max_rel, one.max_rel)
+        result.scale = max(result.scale, one.scale)
+        if not one.ok and result.first_divergence is None:
+            result.first_divergence = f"{name} (relative difference {one.max_rel:.3g})"
     return result
 
 

@@ -36,12 +36,13 @@ class ZooCase:
     @property
     def heavy(self) -> bool:
         """Several GB while traced: run these one at a time (one xdist worker)."""
-        return self.name in _HEAVY or self.name.startswith("mvit") or self.name == "s3d"
+        return self.name in _HEAVY
 
 
 # The detectors (about 2 GB each, in float64) share the two workers with everything else: run one at a
 # time they kept one worker busy for most of the suite while the other idled.
 _HEAVY = {"regnet_y_128gf", "regnet_y_32gf", "vit_h_14", "vit_l_16", "vit_l_32", "efficientnet_v2_l", "convnext_large"}
+_HEAVY |= {"mvit_v1_b", "mvit_v2_s", "s3d"}  # 16x224x224 clips
 
 
 def _images(channels: int, size: int, other: int) -> Callable[[int, bool], torch.Tensor]:
