@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._export import Plan, apply_plan
-from ._probe import FastMetaNorms, meta_copy, to_meta
+from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import call_model
 
 
@@ -36,8 +36,9 @@ class FlopsProbe:
         True
     """
 
-    def __init__(self, model: nn.Module, inputs: Any) -> None:
-        self.model = meta_copy(model).eval()
+    def __init__(self, model: nn.Module, inputs: Any, shadow: nn.Module | None = None) -> None:
+        """``shadow``: a meta copy of ``model`` to use instead of making one."""
+        self.model = (shadow if shadow is not None else meta_copy(model)).eval()
         self.inputs = to_meta(inputs)
         self._dense: FlopCount | None = None
 
@@ -47,7 +48,7 @@ class FlopsProbe:
             return self._dense
         log = apply_plan(self.model, plan) if plan else None
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMetaNorms():
+            with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(linear=False):
                 call_model(self.model, self.inputs)
         finally:
             if log is not None:

@@ -192,23 +192,22 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     order = np.lexsort((all_member, all_comp))
     all_comp, all_member = all_comp[order], all_member[order]
     starts = np.flatnonzero(np.diff(all_comp, prepend=-1))
-    counts = np.diff(np.append(starts, len(all_comp)))
     comps_sorted = all_comp[starts]
-    # each component's members as one padded row; equal rows (same tensors) form one group
-    rows = np.full((len(starts), int(counts.max())), -1, dtype=np.int64)
-    rows[np.repeat(np.arange(len(starts)), counts), np.arange(len(all_comp)) - np.repeat(starts, counts)] = all_member
-    signatures, inverse = np.unique(rows, axis=0, return_inverse=True)
-    by_signature = np.argsort(inverse.ravel(), kind="stable")
-    sizes = np.bincount(inverse.ravel(), minlength=len(signatures))
+    # each component's members (sorted); components with the same members (same tensors) form one group
+    members_flat = all_member.tolist()
+    bounds = np.append(starts, len(all_comp)).tolist()
+    by_members: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(starts)):
+        by_members.setdefault(tuple(members_flat[bounds[i] : bounds[i + 1]]), []).append(i)
 
-    # groups ordered by their members (np.unique sorts rows), units by their first position in the first member
+    # groups ordered by their members, units by their first position in the first member
     component_unit = np.full(res.n_components, -1, dtype=np.int64)
     groups: list[tuple[int, int, list[Member]]] = []
     start = 0
-    for row, comps in zip(signatures, np.split(comps_sorted[by_signature], np.cumsum(sizes)[:-1]), strict=True):
+    for signature in sorted(by_members):
+        comps = comps_sorted[by_members[signature]]
         if len(comps) < 2:
             continue  # a group keeps at least one channel: a single channel can never go
-        signature = row[row >= 0].tolist()
         anchor = raw[signature[0]][4]
         uniq, first = np.unique(anchor, return_index=True)
         ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]

@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._graph import ChannelGraph
+from ._meta import FastMeta, has_meta_tensors, meta_copy, to_meta
 from .errors import TraceError
 
 MODEL_INPUT = "model input"
@@ -115,6 +116,7 @@ class Trace:
     size_reads: set[int]
     leaf_calls: list[LeafCall] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    shadow: nn.Module | None = None  # the meta copy that was traced, if any (shapes only: reused by the probes)
 
 
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -394,14 +396,42 @@ def trace(
     inputs: Any,
     leaf_rules: Mapping[type, Any],
     frozen_modules: Mapping[str, nn.Module],
+    on_meta: bool = True,
 ) -> Trace:
     """Trace ``model`` on ``inputs`` in its current mode, then in the other mode if parameters were unreached.
+
+    The trace runs on a weightless meta-device copy of the model (shapes only, no arithmetic) and
+    is expressed in the model's own tensors and modules; a model whose forward reads tensor values
+    (``.item()``, ``nonzero``, top-k and NMS, data-dependent branches) makes that copy fail, and is
+    traced by running the model itself, as is a model that is already on the meta device
+    (``on_meta=False`` always runs the model itself).
 
     Example:
         >>> t = trace(torch.nn.Linear(4, 3), torch.randn(2, 4), {}, {})
         >>> sorted(o.qualname for o in t.owned.values())
         ['bias', 'weight']
     """
+    if on_meta and not has_meta_tensors(model):
+        try:
+            shadow = meta_copy(model)
+            shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
+            with FastMeta():
+                shadow_trace = _trace_model(shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True)
+        except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
+            pass
+        else:
+            return _on_model(shadow_trace, model, shadow)
+    return _trace_model(model, inputs, leaf_rules, frozen_modules, strict=False)
+
+
+def _trace_model(
+    model: nn.Module,
+    inputs: Any,
+    leaf_rules: Mapping[type, Any],
+    frozen_modules: Mapping[str, nn.Module],
+    strict: bool,
+) -> Trace:
+    """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached."""
     tracer = Tracer(model, leaf_rules)
     notes: list[str] = []
     modes = [model.training]
@@ -422,6 +452,8 @@ def trace(
                 tracer.run(inputs)
                 modes.append(other)
             except Exception as error:  # noqa: BLE001 - a best-effort second pass
+                if strict:
+                    raise
                 mode = "train" if other else "eval"
                 notes.append(f"the {mode}-mode trace failed ({type(error).__name__}: {error})")
                 for key in set(tracer.param_nodes) - reached_before:  # half-traced: keep them whole
@@ -448,6 +480,23 @@ def trace(
         size_reads=tracer.size_reads,
         leaf_calls=tracer.leaf_calls,
         notes=notes,
+    )
+
+
+def _on_model(shadow_trace: Trace, model: nn.Module, shadow: nn.Module) -> Trace:
+    """The trace of ``shadow`` (a meta copy of ``model``) in ``model``'s own tensors and modules."""
+    owned = owned_tensors(model)
+    key_of_name = {o.names[0]: key for key, o in owned.items()}
+    keys = {key: key_of_name[o.names[0]] for key, o in shadow_trace.owned.items()}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return dataclasses.replace(
+        shadow_trace,
+        owned=owned,
+        param_nodes={keys[key]: node for key, node in shadow_trace.param_nodes.items()},
+        roles={(keys[key], dim): role for (key, dim), role in shadow_trace.roles.items()},
+        layer_norms=[dataclasses.replace(s, module=modules[s.path]) for s in shadow_trace.layer_norms],
+        leaf_calls=[dataclasses.replace(c, module=modules[c.path]) for c in shadow_trace.leaf_calls],
+        shadow=shadow,
     )
 
 

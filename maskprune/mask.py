@@ -157,7 +157,7 @@ class Mask:
         self._use_layout(layout)
         suspects = groups_of_spaces(layout, res, tr.size_reads)
         fixed, note = fixed_size_groups(
-            self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects
+            self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects, tr.shadow
         )
         if note:
             tr.notes.append(note)
@@ -317,7 +317,7 @@ class Mask:
         if self._probe is None:
             self._runtime.uninstall()
             try:
-                self._probe = FlopsProbe(self.model, self.example_inputs)
+                self._probe = FlopsProbe(self.model, self.example_inputs, self._trace.shadow)
             finally:
                 self._runtime.install()
         return self._probe

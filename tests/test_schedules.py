@@ -366,11 +366,11 @@ def test_no_warning_for_a_reachable_target() -> None:
 
 
 def test_fast_meta_batch_norm_checks_shapes_like_torch() -> None:
-    from maskprune._probe import FastMetaNorms
+    from maskprune._meta import FastMeta
 
     x = torch.empty(2, 8, 4, 4, device="meta")
     bn = nn.BatchNorm2d(8).to("meta")
-    with FastMetaNorms():
+    with FastMeta():
         assert bn(x).shape == x.shape
         with pytest.raises(RuntimeError, match="weight should contain 6 elements not 8|running_mean should contain 6"):
             bn(torch.empty(2, 6, 4, 4, device="meta"))

@@ -1,0 +1,212 @@
+"""Weightless copies of a model on the meta device, for shape-only runs.
+
+Tracing, the trial export (:mod:`maskprune._probe`) and FLOPs counting only
+need shapes. A meta copy holds no data, so running it costs Python overhead
+only, never arithmetic: a ResNet-50 trace takes milliseconds instead of a
+real forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
+
+    Example:
+        >>> meta_copy(torch.nn.Linear(4, 3)).weight.device
+        device(type='meta')
+    """
+    memo: dict[int, Any] = {}
+    tensors = itertools.chain(
+        model.parameters(),
+        model.buffers(),
+        (v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)),
+    )
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return _copy_module(model, memo)
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy`` of a module tree, with the module attributes copied directly (the generic path is slow)."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if getattr(cls, "__deepcopy__", None) is not None or isinstance(module, torch.jit.ScriptModule):
+        return copy.deepcopy(module, memo)  # a module that copies itself its own way
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {name: None if m is None else _copy_module(m, memo) for name, m in value.items()}
+        elif key in ("_parameters", "_buffers"):
+            state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def to_meta(inputs: Any) -> Any:
+    """The same nested inputs with every tensor on the meta device."""
+    if isinstance(inputs, torch.Tensor):
+        return torch.empty_like(inputs, device="meta") if inputs.is_floating_point() else inputs.to("meta")
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
+        return type(inputs)(*(to_meta(v) for v in inputs))
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_meta(v) for v in inputs)
+    if isinstance(inputs, dict):
+        return type(inputs)((k, to_meta(v)) for k, v in inputs.items())
+    return inputs
+
+
+def has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+class FastMeta(TorchFunctionMode):
+    """Shape-only kernels for the slowest meta ops: the same shape checks, none of the Python decompositions.
+
+    Meta kernels of activations, norms and ``linear`` are Python decompositions (0.5 to 3 ms a call), so
+    a weightless forward would spend most of its time there. Only shapes matter here: an activation
+    returns an empty tensor like its input (the input itself when in place), a norm or ``linear`` checks
+    its parameters' shapes as the real kernel does and returns an empty tensor of the output's shape.
+    Everything else, and every call on real tensors, runs as usual. ``linear=False`` leaves ``linear`` to
+    its kernel, for a FLOPs counter that must see its matrix product.
+
+    Example:
+        >>> with FastMeta():
+        ...     torch.nn.functional.gelu(torch.empty(2, 8, device="meta")).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, linear: bool = True) -> None:
+        super().__init__()
+        self.fast = _FAST if linear else {f: k for f, k in _FAST.items() if f is not F.linear}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fast = self.fast.get(func)
+        if fast is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+            return func(*args, **kwargs)
+        return fast(*args, **kwargs)
+
+
+def _activation(inplace_at: int | None) -> Any:
+    """An activation whose ``inplace`` flag is positional argument ``inplace_at`` (None: never in place)."""
+
+    def run(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        inplace = False
+        if inplace_at is not None:
+            inplace = kwargs.get("inplace", args[inplace_at - 1] if len(args) >= inplace_at else False)
+        return input if inplace else torch.empty_like(input)
+
+    return run
+
+
+def _check_numel(name: str, t: torch.Tensor | None, expected: int) -> None:
+    if t is not None and t.numel() != expected:
+        raise RuntimeError(f"{name} should contain {expected} elements not {t.numel()}")
+
+
+def _channels(input: torch.Tensor) -> int:
+    return input.shape[1] if input.dim() > 1 else 0
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+) -> torch.Tensor:
+    channels = _channels(input)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_numel(name, t, channels)
+    if training and input.numel() == channels:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    return torch.empty_like(input)
+
+
+def _instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+) -> torch.Tensor:
+    channels = _channels(input)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_numel(name, t, channels)
+    return torch.empty_like(input)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+    channels = _channels(input)
+    if num_groups <= 0 or channels % num_groups:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, "
+            f"but got input of shape {tuple(input.shape)} and num_groups={num_groups}"
+        )
+    _check_numel("weight", weight, channels)
+    _check_numel("bias", bias, channels)
+    return torch.empty_like(input)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=None) -> torch.Tensor:
+    if isinstance(normalized_shape, int):
+        raise TypeError("layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int")
+    shape = tuple(normalized_shape)
+    if len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*, {', '.join(map(str, shape))}], "
+            f"but got input of size{list(input.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, "
+                f"but got {name} of shape {list(t.shape)} and normalized_shape = {list(shape)}"
+            )
+    return torch.empty_like(input)
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
+    return _layer_norm(input, normalized_shape, weight)
+
+
+def _linear(input, weight, bias=None) -> torch.Tensor:
+    if weight.dim() != 2 or input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({input.numel() // max(input.shape[-1], 1)}x{input.shape[-1]} "
+            f"and {'x'.join(map(str, weight.shape[::-1]))})"
+        )
+    if bias is not None and bias.numel() not in (1, weight.shape[0]):
+        raise RuntimeError(f"bias should contain {weight.shape[0]} elements not {bias.numel()}")
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+# activation -> position of its ``inplace`` argument (None: it has none)
+_ACTIVATIONS = {
+    F.relu: 1, F.relu6: 1, F.selu: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1,
+    F.leaky_relu: 2, F.elu: 2, F.celu: 2, F.hardtanh: 3,
+    F.gelu: None, F.softplus: None, F.sigmoid: None, F.tanh: None, torch.sigmoid: None, torch.tanh: None,
+    torch.relu: None,
+}  # fmt: skip
+_FAST: dict[Any, Any] = {f: _activation(at) for f, at in _ACTIVATIONS.items()}
+_FAST.update(
+    {
+        F.batch_norm: _batch_norm,
+        F.instance_norm: _instance_norm,
+        F.group_norm: _group_norm,
+        F.layer_norm: _layer_norm,
+        F.linear: _linear,
+    }
+)
+if hasattr(F, "rms_norm"):
+    _FAST[F.rms_norm] = _rms_norm

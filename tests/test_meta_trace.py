@@ -1,0 +1,169 @@
+"""Tracing on a weightless meta-device copy: the same groups as a real trace, a real trace when values are read,
+nothing touched on the user's model, and shape-only kernels that check shapes as torch's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maskprune import Mask
+from maskprune._groups import build_layout
+from maskprune._layers import leaf_rules
+from maskprune._meta import FastMeta
+from maskprune._trace import Trace, trace
+from maskprune.testing import TINY_MODELS
+
+
+def _layout(tr: Trace) -> tuple[Any, ...]:
+    """The groups of a trace as plain values: members by name, dimension, role, positions and units."""
+    layout = build_layout(tr, tr.graph.resolve())
+    groups = [
+        (start, size, [(m.name, m.dim, m.role, m.positions.tolist(), np.asarray(m.units).tolist()) for m in members])
+        for start, size, members in layout.groups
+    ]
+    frozen = {reason: sorted(names) for reason, names in layout.frozen.items()}
+    return groups, frozen, sorted(tr.unknown_ops.items()), tr.modes, tr.unreached
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_meta_trace_finds_the_groups_of_a_real_trace(name: str) -> None:
+    model, inputs = TINY_MODELS[name]()
+    on_meta = trace(model, inputs, leaf_rules(), {})
+    real = trace(model, inputs, leaf_rules(), {}, on_meta=False)
+    assert on_meta.shadow is not None and real.shadow is None
+    assert _layout(on_meta) == _layout(real)
+    owned = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    assert set(on_meta.param_nodes) <= owned  # expressed in the model's own tensors
+    assert all(site.module is model.get_submodule(site.path) for site in on_meta.layer_norms)
+    assert all(call.module is model.get_submodule(call.path) for call in on_meta.leaf_calls)
+
+
+class ReadsValues(nn.Module):
+    """A forward that branches on a tensor value and selects rows by a boolean mask (no meta kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        if x.mean() > -1e9:  # always true, but only a real tensor can say so
+            y = y * 2
+        out = self.head(y)
+        return out[out > -1e9].reshape(out.shape)  # boolean indexing: an output size only values decide
+
+
+def test_a_forward_that_reads_values_is_traced_for_real() -> None:
+    model, x = ReadsValues().eval(), torch.randn(2, 3, 6, 6)
+    tr = trace(model, x, leaf_rules(), {})
+    assert tr.shadow is None
+    assert _layout(tr) == _layout(trace(model, x, leaf_rules(), {}, on_meta=False))
+    mask = Mask(model, x).make()
+    assert [g.size for g in mask.groups] == [8]
+    mask.groups[0].prune([0, 3, 5])
+    assert mask.generate_pruned_model().conv.out_channels == 5
+
+
+def test_a_meta_trace_leaves_the_model_untouched() -> None:
+    model, x = TINY_MODELS["batch_norm2d"]()
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    rng = torch.get_rng_state()
+    tr = trace(model, x, leaf_rules(), {})
+    assert tr.shadow is not None
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats, batch counter
+    assert [id(p) for p in model.parameters()] == params and not any(p.is_meta for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_tensor_attributes_and_ties_follow_the_copy() -> None:
+    class WithAttributes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.mid = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.embed.weight  # tied
+            self.offset = torch.zeros(8)  # a plain tensor attribute, neither parameter nor buffer
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(F.relu(self.mid(self.embed(ids) + self.offset)))
+
+    model, ids = WithAttributes(), torch.randint(0, 10, (2, 5))
+    on_meta = trace(model, ids, leaf_rules(), {})
+    assert on_meta.shadow is not None
+    assert on_meta.shadow.out.weight is on_meta.shadow.embed.weight
+    assert _layout(on_meta) == _layout(trace(model, ids, leaf_rules(), {}, on_meta=False))
+
+
+# ---- shape-only kernels against torch's ----------------------------------------------------------
+def _t(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape)
+
+
+FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
+    "relu": (F.relu, (_t(2, 4, 3, 3),)),
+    "relu_inplace": (lambda x: F.relu(x, inplace=True), (_t(2, 4, 3, 3),)),
+    "hardtanh_inplace_positional": (lambda x: F.hardtanh(x, -1.0, 1.0, True), (_t(2, 4),)),
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.2), (_t(2, 4),)),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), (_t(2, 4),)),
+    "sigmoid": (torch.sigmoid, (_t(2, 4),)),
+    "batch_norm": (lambda x, w: F.batch_norm(x, w, w, w, w), (_t(2, 4, 3, 3), _t(4))),
+    "batch_norm_wrong_size": (lambda x, w: F.batch_norm(x, w, w, w, w), (_t(2, 4, 3, 3), _t(5))),
+    "batch_norm_train_one_value": (lambda x, w: F.batch_norm(x, w, w, training=True), (_t(1, 4, 1, 1), _t(4))),
+    "instance_norm": (lambda x, w: F.instance_norm(x, weight=w, bias=w), (_t(2, 4, 3, 3), _t(4))),
+    "instance_norm_wrong_size": (lambda x, w: F.instance_norm(x, weight=w), (_t(2, 4, 3, 3), _t(3))),
+    "group_norm": (lambda x, w: F.group_norm(x, 2, w, w), (_t(2, 4, 3, 3), _t(4))),
+    "group_norm_indivisible": (lambda x, w: F.group_norm(x, 3, w, w), (_t(2, 4, 3, 3), _t(4))),
+    "group_norm_wrong_weight": (lambda x, w: F.group_norm(x, 2, w), (_t(2, 4, 3, 3), _t(6))),
+    "layer_norm": (lambda x, w: F.layer_norm(x, (6,), w, w), (_t(2, 5, 6), _t(6))),
+    "layer_norm_int_shape": (lambda x, w: F.layer_norm(x, 6, w), (_t(2, 5, 6), _t(6))),
+    "layer_norm_wrong_input": (lambda x, w: F.layer_norm(x, (6,), w), (_t(2, 5, 7), _t(6))),
+    "layer_norm_wrong_weight": (lambda x, w: F.layer_norm(x, (6,), w), (_t(2, 5, 6), _t(5))),
+    "rms_norm": (lambda x, w: F.rms_norm(x, (6,), w), (_t(2, 5, 6), _t(6))),
+    "rms_norm_wrong_weight": (lambda x, w: F.rms_norm(x, (6,), w), (_t(2, 5, 6), _t(4))),
+    "linear": (F.linear, (_t(2, 5, 6), _t(3, 6), _t(3))),
+    "linear_no_bias": (F.linear, (_t(7, 6), _t(3, 6))),
+    "linear_wrong_input": (F.linear, (_t(2, 5, 4), _t(3, 6), _t(3))),
+    "linear_wrong_bias": (F.linear, (_t(2, 6), _t(3, 6), _t(4))),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_CASES))
+def test_fast_meta_kernels_match_torch(name: str) -> None:
+    op, args = FAST_CASES[name]
+    try:
+        expected: Any = op(*[a.clone() for a in args]).shape
+    except (RuntimeError, ValueError, TypeError) as error:
+        expected = type(error)
+    meta_args = [a.to("meta") for a in args]
+    with FastMeta():
+        if isinstance(expected, torch.Size):
+            out = op(*meta_args)
+            assert out.is_meta and out.shape == expected
+            if "inplace" in name:
+                assert out is meta_args[0]
+        else:
+            with pytest.raises(expected):
+                op(*meta_args)
+
+
+def test_fast_meta_leaves_linear_to_flop_counters() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.empty(4, 6, device="meta"), torch.empty(3, 6, device="meta")
+    with FlopCounterMode(display=False) as counter, FastMeta(linear=False):
+        F.linear(x, w)
+    assert counter.get_total_flops() == 2 * 4 * 6 * 3
