@@ -8,6 +8,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ._layers import update_module
+from ._meta import copy_modules
 from ._trace import owned_tensors
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
@@ -60,12 +62,34 @@ def apply_plan(model: nn.Module, plan: Plan) -> UndoLog:
     return log
 
 
+def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
+    """A deep copy of ``model`` with ``plan`` applied: pruned tensors are sliced from the original, not copied whole.
+
+    Example:
+        >>> small = sliced_copy(torch.nn.Linear(4, 3), {("", "weight"): [(0, np.array([0, 2]))]})
+        >>> tuple(small.weight.shape), small.out_features
+        ((2, 4), 2)
+    """
+    memo: dict[int, Any] = {}
+    sliced: list[tuple[str, str]] = []
+    for owned in owned_tensors(model).values():
+        dims = next((plan[name] for name in owned.names if name in plan), None)
+        memo[id(owned.tensor)] = _slice(owned.tensor, dims) if dims else copy.deepcopy(owned.tensor, memo)
+        if dims:
+            sliced += owned.names
+    pruned = copy_modules(model, memo)
+    changed = {id(m): m for m in (pruned.get_submodule(path) for path, _ in sliced)}
+    for module in changed.values():
+        update_module(module)
+    return pruned
+
+
 def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """The kept positions of ``tensor`` along each pruned dimension, as a new tensor (``dims`` is not empty)."""
     with torch.no_grad():
         data = tensor.detach()
         for dim, keep in dims:
             data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
-        data = data.clone()
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data

@@ -182,15 +182,15 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
 
     if not raw:
         return GroupLayout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen)
-    comp_list, member_list = [], []
-    for i, (_, _, _, _, comps) in enumerate(raw):
-        live = comps[res.comp_reason[comps] < 0]
-        u = np.unique(live)
-        comp_list.append(u)
-        member_list.append(np.full(len(u), i, dtype=np.int64))
-    all_comp, all_member = np.concatenate(comp_list), np.concatenate(member_list)
+    all_comp = np.concatenate([comps for *_, comps in raw])
+    all_member = np.repeat(np.arange(len(raw)), [len(comps) for *_, comps in raw])
+    live = res.comp_reason[all_comp] < 0
+    all_comp, all_member = all_comp[live], all_member[live]
     order = np.lexsort((all_member, all_comp))
     all_comp, all_member = all_comp[order], all_member[order]
+    distinct = np.ones(len(all_comp), dtype=bool)  # a member touching a component several times counts once
+    distinct[1:] = (all_comp[1:] != all_comp[:-1]) | (all_member[1:] != all_member[:-1])
+    all_comp, all_member = all_comp[distinct], all_member[distinct]
     starts = np.flatnonzero(np.diff(all_comp, prepend=-1))
     comps_sorted = all_comp[starts]
     # each component's members (sorted); components with the same members (same tensors) form one group
@@ -202,7 +202,7 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
 
     # groups ordered by their members, units by their first position in the first member
     component_unit = np.full(res.n_components, -1, dtype=np.int64)
-    groups: list[tuple[int, int, list[Member]]] = []
+    spans: list[tuple[int, int, tuple[int, ...]]] = []  # (start, size, signature)
     start = 0
     for signature in sorted(by_members):
         comps = comps_sorted[by_members[signature]]
@@ -212,15 +212,33 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
         uniq, first = np.unique(anchor, return_index=True)
         ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]
         component_unit[ordered] = np.arange(start, start + len(ordered))
+        spans.append((start, len(ordered), signature))
+        start += len(ordered)
+
+    # each member's positions, split by the group their unit falls in (one pass per member)
+    group_starts = np.asarray([span[0] for span in spans], dtype=np.int64)
+    positions_of: dict[tuple[int, int], np.ndarray] = {}  # (member, group) -> positions
+    for i, (_, _, _, _, c) in enumerate(raw):
+        units = component_unit[c]
+        positions = np.flatnonzero(units >= 0)
+        if not len(positions):
+            continue
+        group = np.searchsorted(group_starts, units[positions], side="right") - 1
+        order = np.argsort(group, kind="stable")
+        group, positions = group[order], positions[order]
+        cuts = np.flatnonzero(np.diff(group, prepend=-1))
+        for g, chunk in zip(group[cuts].tolist(), np.split(positions, cuts[1:]), strict=True):
+            positions_of[i, g] = chunk
+    groups: list[tuple[int, int, list[Member]]] = []
+    for g, (start_g, size, signature) in enumerate(spans):
         members = []
         for i in signature:
-            key, owned, dim, role, c = raw[i]
-            positions = np.flatnonzero(np.isin(c, ordered))
+            _, owned, dim, role, c = raw[i]
+            positions = positions_of[i, g]
             members.append(
-                Member(owned.qualname, dim, role, owned.tensor, positions, component_unit[c[positions]] - start)
+                Member(owned.qualname, dim, role, owned.tensor, positions, component_unit[c[positions]] - start_g)
             )
-        groups.append((start, len(ordered), members))
-        start += len(ordered)
+        groups.append((start_g, size, members))
     return GroupLayout(groups, start, component_unit, frozen)
 
 

@@ -36,11 +36,14 @@ def meta_copy(model: nn.Module) -> nn.Module:
             continue
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return _copy_module(model, memo)
+    return copy_modules(model, memo)
 
 
-def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy`` of a module tree, with the module attributes copied directly (the generic path is slow)."""
+def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, with the module attributes copied directly (the generic path is slow).
+
+    ``memo`` must map every parameter and buffer (by ``id``) to its copy; other attributes are deep-copied.
+    """
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
@@ -51,7 +54,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     state = {}
     for key, value in module.__dict__.items():
         if key == "_modules":
-            state[key] = {name: None if m is None else _copy_module(m, memo) for name, m in value.items()}
+            state[key] = {name: None if m is None else copy_modules(m, memo) for name, m in value.items()}
         elif key in ("_parameters", "_buffers"):
             state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
         else:

@@ -177,6 +177,11 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+def _rule_context() -> Any:
+    """Rules and hooks read shapes without ``__torch_function__``: no mode below the recorder sees them."""
+    return torch._C.DisableTorchFunction()
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
@@ -264,17 +269,17 @@ class Tracer:
         name, inplace = self.rules.op_name(func)
         if name == "iter":
             out = list(func(*args, **kwargs))
-            call = self.rules.OpCall(self, "unbind", False, (args[0], 0), {}, out)
-            self.rules.run_rule(call)
+            with _rule_context():
+                self.rules.run_rule(self.rules.OpCall(self, "unbind", False, (args[0], 0), {}, out))
             return iter(out)
         out = func(*args, **kwargs)
-        if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
-            self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
-            out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
-        if self.ops_in_call:
-            self.ops_in_call[-1].append(name)
-        call = self.rules.OpCall(self, name, inplace, args, kwargs, out)
-        self.rules.run_rule(call)
+        with _rule_context():
+            if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
+                self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
+                out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
+            if self.ops_in_call:
+                self.ops_in_call[-1].append(name)
+            self.rules.run_rule(self.rules.OpCall(self, name, inplace, args, kwargs, out))
         return out
 
     def traced_size(self, t: torch.Tensor, out: Any, rest: tuple) -> Any:
@@ -309,6 +314,10 @@ class Tracer:
             self.leaf_depth += 1
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        with _rule_context():  # the shapes this hook reads are not the model's
+            self._after_module(module, args, output)
+
+    def _after_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         if type(module) in self.leaf_rules:
             self.leaf_depth -= 1
             if self.leaf_depth == 0:

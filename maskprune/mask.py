@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import weakref
@@ -16,7 +15,7 @@ from torch import nn
 from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
-from ._export import Plan, apply_plan
+from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, GroupLayout, build_layout, format_names, groups_of_spaces, unit_index
 from ._layers import leaf_rules
@@ -285,9 +284,7 @@ class Mask:
         plan = self._plan()
         if inplace:
             return self._export_inplace(plan, inputs, verify, rtol)
-        pruned = self._plain_copy()
-        if plan:
-            apply_plan(pruned, plan)
+        pruned = self._plain_copy(plan)
         if verify:
             result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
             if not result:
@@ -366,11 +363,11 @@ class Mask:
             keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
         return keeps
 
-    def _plain_copy(self) -> nn.Module:
-        """A deep copy of the model without maskprune's hooks."""
+    def _plain_copy(self, plan: Plan) -> nn.Module:
+        """A deep copy of the model sliced by ``plan``, without maskprune's hooks."""
         self._runtime.uninstall()
         try:
-            plain = copy.deepcopy(self.model)
+            plain = sliced_copy(self.model, plan)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
