@@ -86,10 +86,16 @@ def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
 
 def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
     """The kept positions of ``tensor`` along each pruned dimension, as a new tensor (``dims`` is not empty)."""
-    with torch.no_grad():
-        data = tensor.detach()
+    if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
+        shape = list(tensor.shape)
         for dim, keep in dims:
-            data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+            shape[dim] = len(keep)
+        data = torch.empty(shape, dtype=tensor.dtype, device="meta")
+    else:
+        with torch.no_grad():
+            data = tensor.detach()
+            for dim, keep in dims:
+                data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data

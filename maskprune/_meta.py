@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import types
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -58,9 +60,23 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         elif key in ("_parameters", "_buffers"):
             state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
         else:
-            state[key] = copy.deepcopy(value, memo)
+            state[key] = _copy_value(value, memo)
     new.__dict__.update(state)
     return new
+
+
+_ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
+
+
+def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(value, memo)``, short-cut for what most module attributes are: numbers, names, empty hooks."""
+    if isinstance(value, _ATOMS):
+        return value
+    if type(value) is tuple and all(isinstance(item, _ATOMS) for item in value):
+        return value
+    if type(value) in (dict, OrderedDict, set, list) and not value:
+        return type(value)()
+    return copy.deepcopy(value, memo)
 
 
 def to_meta(inputs: Any) -> Any:
@@ -105,7 +121,54 @@ class FastMeta(TorchFunctionMode):
         fast = self.fast.get(func)
         if fast is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
             return func(*args, **kwargs)
-        return fast(*args, **kwargs)
+        out = fast(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` on the meta device (whose own is a slow Python decomposition)."""
+    if x.is_contiguous():
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty_like(x)
+
+
+def _elementwise(inplace: bool) -> Any:
+    """``a + b``, ``a * b``, ``a - b`` and their in-place forms, for floating tensors of one dtype and plain numbers.
+
+    Anything else (integer or mixed dtypes, complex numbers, ``out=``) returns NotImplemented: the real kernel runs.
+    """
+
+    def run(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        if "out" in kwargs or not _plain_operand(a) or not _plain_operand(b):
+            return NotImplemented
+        tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+        if any(t.dtype != tensors[0].dtype or not t.is_floating_point() for t in tensors):
+            return NotImplemented
+        shape = tensors[0].shape if len(tensors) == 1 else _broadcast(tensors[0].shape, tensors[1].shape)
+        if inplace:
+            if shape != a.shape:
+                raise RuntimeError(f"output with shape {list(a.shape)} doesn't match the broadcast shape {list(shape)}")
+            return a
+        same = next((t for t in tensors if t.shape == shape), None)
+        return _like(same) if same is not None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+    return run
+
+
+def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size:
+    if a == b:
+        return a
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and x != 1 and y != 1 for x, y in zip(a, b, strict=True)):
+        raise RuntimeError(f"The size of tensor a ({list(a)}) must match the size of tensor b ({list(b)})")
+    return torch.Size(y if x == 1 else x for x, y in zip(a, b, strict=True))
+
+
+def _plain_operand(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_meta and (type(x) is torch.Tensor or isinstance(x, nn.Parameter))
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _activation(inplace_at: int | None) -> Any:
@@ -115,7 +178,7 @@ def _activation(inplace_at: int | None) -> Any:
         inplace = False
         if inplace_at is not None:
             inplace = kwargs.get("inplace", args[inplace_at - 1] if len(args) >= inplace_at else False)
-        return input if inplace else torch.empty_like(input)
+        return input if inplace else _like(input)
 
     return run
 
@@ -137,7 +200,7 @@ def _batch_norm(
         _check_numel(name, t, channels)
     if training and input.numel() == channels:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
-    return torch.empty_like(input)
+    return _like(input)
 
 
 def _instance_norm(
@@ -146,7 +209,7 @@ def _instance_norm(
     channels = _channels(input)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_numel(name, t, channels)
-    return torch.empty_like(input)
+    return _like(input)
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
@@ -158,7 +221,7 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Te
         )
     _check_numel("weight", weight, channels)
     _check_numel("bias", bias, channels)
-    return torch.empty_like(input)
+    return _like(input)
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=None) -> torch.Tensor:
@@ -176,7 +239,7 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=None) -> to
                 f"Expected {name} to be of same shape as normalized_shape, "
                 f"but got {name} of shape {list(t.shape)} and normalized_shape = {list(shape)}"
             )
-    return torch.empty_like(input)
+    return _like(input)
 
 
 def _rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
@@ -211,5 +274,12 @@ _FAST.update(
         F.linear: _linear,
     }
 )
+_BINARY = ("add", "mul", "sub")
+_FAST.update({getattr(torch, name): _elementwise(False) for name in _BINARY})
+_FAST.update({getattr(torch.Tensor, name): _elementwise(False) for name in _BINARY})
+_FAST.update({getattr(torch.Tensor, f"__{name}__"): _elementwise(False) for name in _BINARY})
+_FAST.update({getattr(torch.Tensor, f"__r{name}__"): _elementwise(False) for name in ("add", "mul")})
+_FAST.update({getattr(torch.Tensor, f"{name}_"): _elementwise(True) for name in _BINARY})
+_FAST.update({getattr(torch.Tensor, f"__i{name}__"): _elementwise(True) for name in _BINARY})
 if hasattr(F, "rms_norm"):
     _FAST[F.rms_norm] = _rms_norm

@@ -138,6 +138,16 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "linear_no_bias": (F.linear, (_t(7, 6), _t(3, 6))),
     "linear_wrong_input": (F.linear, (_t(2, 5, 4), _t(3, 6), _t(3))),
     "linear_wrong_bias": (F.linear, (_t(2, 6), _t(3, 6), _t(4))),
+    "add_broadcast": (lambda a, b: a + b, (_t(2, 4, 3, 3), _t(1, 4, 1, 1))),
+    "add_left_broadcast": (lambda a, b: torch.add(a, b, alpha=2), (_t(4, 1, 1), _t(2, 4, 3, 3))),
+    "add_mismatch": (lambda a, b: a + b, (_t(2, 4, 3, 3), _t(1, 5, 1, 1))),
+    "mul_scalar": (lambda a: 2 * a, (_t(2, 4),)),
+    "sub_scalar": (lambda a: a - 1, (_t(2, 4),)),
+    "add_inplace": (lambda a, b: a.add_(b), (_t(2, 4, 3, 3), _t(4, 1, 1))),
+    "iadd_inplace_wrong_shape": (lambda a, b: a.__iadd__(b), (_t(4, 1, 1), _t(2, 4, 3, 3))),
+    "mul_integers": (lambda a, b: a * b, (torch.arange(6).view(2, 3), torch.arange(3))),
+    "mul_mixed_dtypes": (lambda a, b: a * b, (_t(2, 3), torch.arange(3))),
+    "sub_double_float": (lambda a, b: a - b, (_t(2, 3).double(), _t(3))),
 }
 
 
@@ -145,14 +155,15 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
 def test_fast_meta_kernels_match_torch(name: str) -> None:
     op, args = FAST_CASES[name]
     try:
-        expected: Any = op(*[a.clone() for a in args]).shape
+        real = op(*[a.clone() for a in args])
+        expected: Any = (real.shape, real.dtype)
     except (RuntimeError, ValueError, TypeError) as error:
         expected = type(error)
     meta_args = [a.to("meta") for a in args]
-    with FastMeta():
-        if isinstance(expected, torch.Size):
+    with torch.no_grad(), FastMeta():
+        if isinstance(expected, tuple):
             out = op(*meta_args)
-            assert out.is_meta and out.shape == expected
+            assert out.is_meta and (out.shape, out.dtype) == expected
             if "inplace" in name:
                 assert out is meta_args[0]
         else:
