@@ -30,11 +30,14 @@ from .errors import SpecError
 WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "model.pt"}
 
 
-def save_pruned(pruned: nn.Module, path: str | os.PathLike, *, weights: str = "safetensors") -> Path:
+def save_pruned(
+    pruned: nn.Module, path: str | os.PathLike, *, weights: str = "safetensors", info: dict | None = None
+) -> Path:
     """Write ``pruned`` (from :meth:`Mask.generate_pruned_model` or :func:`load_pruned`) to the folder ``path``.
 
     ``weights="safetensors"`` (default) or ``"torch"`` (a plain state dict). Tied parameters are stored
-    once and re-tied on load. Returns the folder.
+    once and re-tied on load. ``info``: JSON metadata kept in the spec (the CLI records the model there).
+    Returns the folder.
 
     Example:
         >>> save_pruned(mask.generate_pruned_model(), "out")        # doctest: +SKIP
@@ -47,7 +50,7 @@ def save_pruned(pruned: nn.Module, path: str | os.PathLike, *, weights: str = "s
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     state, aliases = _unique_state(pruned)
-    spec.info = {**spec.info, "tied": aliases}
+    spec.info = {**spec.info, **(info or {}), "tied": aliases}
     folder.mkdir(parents=True, exist_ok=True)
     if weights == "safetensors":
         safetensors.torch.save_file(state, str(folder / WEIGHT_FILES[weights]), metadata={"format": "pt"})
