@@ -133,6 +133,13 @@ def _verify(mask: Mask, pruned: torch.nn.Module, shape: Sequence[int]) -> Verify
     return verify(mask.model, pruned, torch.randn(batch, dtype=mask.example_inputs.dtype))
 
 
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskprune", description="Structural pruning by soft masks and exact export.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages, only results and errors")
@@ -143,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("inspect", help="print the dependency groups and what is frozen")
     sub.add_argument("model", help=model_help)
     sub.add_argument(
-        "--input-shape", type=parse_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
+        "--input-shape", type=_input_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
     )
     sub.add_argument("--groups", action="store_true", help="print every group's members")
     sub.set_defaults(run=inspect)
@@ -151,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("prune", help="prune one shot, export, verify and save to --out")
     sub.add_argument("model", help=model_help)
     sub.add_argument(
-        "--input-shape", type=parse_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
+        "--input-shape", type=_input_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
     )
     sub.add_argument("--out", required=True, help="folder to write spec.json and model.safetensors to")
     _pruning_options(sub)
@@ -160,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("report", help="before/after table (and --plot) of a saved folder or of pruning a model")
     sub.add_argument("target", help=f"a folder written by `maskprune prune`, or a model: {model_help}")
     sub.add_argument("--model", help="the original model of a folder that does not record it")
-    sub.add_argument("--input-shape", type=parse_shape, help="example input (default: the saved one, or 1,3,224,224)")
+    sub.add_argument("--input-shape", type=_input_shape, help="example input (default: the saved one, or 1,3,224,224)")
     sub.add_argument("--plot", help="write kept vs total channels per layer to this PNG")
     sub.add_argument("--repeats", type=int, default=10, help="forward passes timed per model (median)")
     _pruning_options(sub)
