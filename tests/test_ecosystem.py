@@ -16,6 +16,7 @@ from torch import nn
 
 import maskprune
 from maskprune import Mask
+from maskprune.testing import randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,13 +28,7 @@ def exported(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(original, pruned, input), once per process: random weights with non-trivial batch norms."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.running_var.uniform_(0.5, 1.5)
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0, 0.2)
+        model = randomize_norms(torchvision.models.get_model(name, weights=None).eval())
         size = MODELS[name]
         x = torch.randn(2, 3, size, size)
         original = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
@@ -62,9 +57,7 @@ def test_exported_model_is_plain_and_carries_only_a_string_spec(name: str, lefto
     assert [type(m) for m in pruned.modules()] == [type(m) for m in model.modules()]
     assert leftover_hooks(pruned) == []
     assert isinstance(pruned.maskprune_spec, str)
-    assert (
-        maskprune.PruneSpec.of(pruned).architecture == f"{type(model).__module__}.{type(model).__qualname__}"
-    )
+    assert maskprune.PruneSpec.of(pruned).architecture == f"{type(model).__module__}.{type(model).__qualname__}"
     assert maskprune.count_parameters(pruned) < maskprune.count_parameters(model)
 
 

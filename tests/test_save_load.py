@@ -19,7 +19,7 @@ from torch import nn
 
 import maskprune
 from maskprune import Mask, PruneSpec, SpecError, TensorCut
-from maskprune.testing import TINY_MODELS
+from maskprune.testing import TINY_MODELS, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,22 +27,10 @@ ZOO = {"resnet18": 32, "mobilenet_v2": 32, "mobilenet_v3_small": 32}
 TINY = ["tied_parameters", "multihead_attention", "squeeze_excitation", "cat"]
 
 
-def nontrivial_norms(model: nn.Module) -> nn.Module:
-    """Random batch-norm statistics and affine parameters, so that outputs are not near zero at random init."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.2)
-    return model
-
-
 def build(case: str) -> tuple[nn.Module, object]:
     """A fresh model and example inputs; the same ``case`` string rebuilds the architecture in another process."""
     if case in ZOO:
-        model = nontrivial_norms(torchvision.models.get_model(case, weights=None).eval())
+        model = randomize_norms(torchvision.models.get_model(case, weights=None).eval())
         return model, torch.randn(2, 3, ZOO[case], ZOO[case])
     return TINY_MODELS[case]()
 
