@@ -98,7 +98,7 @@ def report(args: argparse.Namespace) -> None:
         pruned = mask.generate_pruned_model()
     sparsity = mask.sparsity()
     if target.is_dir():
-        sparsity = dataclasses.replace(sparsity, requested=f"the spec saved in {target}")
+        sparsity = dataclasses.replace(sparsity, requested=f"the spec saved in {target.name}")
     inputs = mask.example_inputs
     mask.remove()
     log.info("measuring latency (%d runs each, median)", args.repeats)
