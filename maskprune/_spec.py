@@ -71,7 +71,7 @@ class PruneSpec:
         tensors = []
         for (path, attr), dims in sorted(plan.items()):
             tensor = getattr(model.get_submodule(path), attr)
-            kept = tuple((int(dim), tuple(int(i) for i in keep)) for dim, keep in dims)
+            kept = tuple((int(dim), tuple(map(int, keep))) for dim, keep in dims)
             tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
         return cls(architecture=architecture_of(model), tensors=tensors)
 
@@ -135,8 +135,8 @@ class PruneSpec:
                 TensorCut(
                     str(t["module"]),
                     str(t["attr"]),
-                    tuple(int(n) for n in t["shape"]),
-                    tuple((int(d), tuple(int(i) for i in keep)) for d, keep in t["kept"]),
+                    tuple(map(int, t["shape"])),
+                    tuple((int(d), tuple(map(int, keep))) for d, keep in t["kept"]),
                 )
                 for t in data["tensors"]
             ]

@@ -101,7 +101,16 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         names = [name for name in names if name in state]
         for alias in names[1:]:
             aliases[alias] = names[0]
-    unique = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items() if name not in aliases}
+    unique: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in state.items():
+        if name in aliases:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:  # a view of another tensor: store a copy
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        unique[name] = tensor
     return unique, aliases
 
 
