@@ -73,7 +73,23 @@ class PruneSpec:
             tensor = getattr(model.get_submodule(path), attr)
             kept = tuple((int(dim), tuple(map(int, keep))) for dim, keep in dims)
             tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
-        return cls(architecture=architecture_of(model), tensors=tensors)
+        spec = cls(architecture=architecture_of(model), tensors=tensors)
+        earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
+        return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
+
+    def then(self, later: PruneSpec) -> PruneSpec:
+        """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
+        cuts = {(t.module, t.attr): t for t in self.tensors}
+        for cut in later.tensors:
+            key, first = (cut.module, cut.attr), cuts.get((cut.module, cut.attr))
+            if first is None:
+                cuts[key] = cut
+                continue
+            kept = dict(first.kept)
+            for dim, keep in cut.kept:
+                kept[dim] = tuple(kept[dim][i] for i in keep) if dim in kept else keep
+            cuts[key] = TensorCut(cut.module, cut.attr, first.shape, tuple(sorted(kept.items())))
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], self.heads, self.info)
 
     @classmethod
     def of(cls, pruned: nn.Module) -> PruneSpec:

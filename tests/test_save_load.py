@@ -155,6 +155,22 @@ def test_tied_weights_are_stored_once_and_tied_again_on_load(tmp_path: Path) -> 
     assert (tmp_path / "again" / "spec.json").read_text() == (tmp_path / "spec.json").read_text()
 
 
+def test_pruning_a_pruned_model_saves_one_spec_of_the_original(tmp_path: Path, tiny_cnn) -> None:
+    x, model = torch.randn(2, 3, 16, 16), tiny_cnn()
+    twin = copy.deepcopy(model)
+    _, once = prune(model, x, Random(seed=1))
+    _, twice = prune(once, x, Random(seed=2))
+    assert twice.conv1.out_channels == 2
+    maskprune.save_pruned(twice, tmp_path)
+    loaded = maskprune.load_pruned(tiny_cnn(), tmp_path)  # the first original's shapes
+    assert torch.equal(output(loaded, x), output(twice, x))
+    conv1 = next(t for t in PruneSpec.of(twice).tensors if t.name == "conv1.weight")
+    assert conv1.shape == (8, 3, 3, 3)
+    replayed = Mask(twin, x).make().apply_spec(twice).generate_pruned_model()  # the composed kept positions
+    for name, tensor in twice.state_dict().items():
+        assert torch.equal(replayed.state_dict()[name], tensor), name
+
+
 # ---- apply_spec -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["tiny_cnn", "residual_add", "cat", "tied_parameters", "multihead_attention"])
 def test_apply_spec_replays_the_decision_on_a_new_mask(case: str, tiny_cnn, tmp_path: Path) -> None:
