@@ -103,6 +103,12 @@ def test_report_on_a_model_prunes_to_a_flops_target_quietly() -> None:
     assert removed and 49.0 <= float(removed[1]) <= 51.0
 
 
+def test_a_users_own_model_by_module_and_factory(capsys) -> None:
+    assert cli.main(["--quiet", "inspect", "maskprune.testing:TinyShared", "--input-shape", "2,3,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Mask(TinyShared, no algorithm, ratio=0.5): 1 groups, 8/8 channels kept")
+
+
 def test_a_bad_model_is_an_error_message_and_status_1() -> None:
     run = maskprune_command("inspect", "torchvision:resnet")
     assert run.returncode == 1
