@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._spec import PruneSpec, SpecError, check_fits
+from ._spec import PruneSpec, check_fits
+from .errors import SpecError
 
 if TYPE_CHECKING:
     from .mask import Mask

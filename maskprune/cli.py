@@ -29,6 +29,7 @@ from .serialization import load_pruned, save_pruned
 from .summary import compare, layer_channels, plot_channels
 
 log = logging.getLogger("maskprune")
+DEFAULT_SHAPE = (1, 3, 224, 224)
 
 # criteria that score from the weights alone (APoZ, ThiNet and Taylor need data or training)
 ALGORITHMS = {
@@ -67,7 +68,7 @@ def inspect(args: argparse.Namespace) -> None:
 def prune(args: argparse.Namespace) -> None:
     """One-shot (or ``--steps``) pruning, export, verification on a fresh batch, save."""
     model = build_model(args.model)
-    mask = _pruned_mask(model, args)
+    mask = _pruned_mask(model, args, args.input_shape)
     log.info("exporting (verified against the masked model)")
     pruned = mask.generate_pruned_model()
     check = _verify(mask, pruned, args.input_shape)
@@ -82,20 +83,7 @@ def prune(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     """Channels per group, parameters, FLOPs and latency before and after; optionally the per-layer plot."""
     target = Path(args.target)
-    if target.is_dir():
-        spec = as_spec(target)
-        name = args.model or spec.info.get("model")
-        if not name:
-            raise ValueError(f"{target} does not record its model: give --model torchvision:NAME (or module:factory)")
-        shape = args.input_shape or tuple(spec.info.get("input_shape", ())) or (1, 3, 224, 224)
-        original = build_model(name)
-        mask = Mask(original, input_shape=shape).make().apply_spec(spec)
-        pruned = load_pruned(build_model(name), target)
-    else:
-        name, shape = args.target, args.input_shape or (1, 3, 224, 224)
-        original = build_model(name)
-        mask = _pruned_mask(original, args, shape)
-        pruned = mask.generate_pruned_model()
+    name, original, mask, pruned = _saved(target, args) if target.is_dir() else _fresh(args)
     sparsity = mask.sparsity()
     if target.is_dir():
         sparsity = dataclasses.replace(sparsity, requested=f"the spec saved in {target.name}")
@@ -111,10 +99,29 @@ def report(args: argparse.Namespace) -> None:
         print(f"plot written to {args.plot}")
 
 
-def _pruned_mask(model: torch.nn.Module, args: argparse.Namespace, shape: Sequence[int] | None = None) -> Mask:
+def _saved(folder: Path, args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.nn.Module]:
+    """A saved folder: the original rebuilt and masked by the spec, and the saved model loaded."""
+    spec = as_spec(folder)
+    name = args.model or spec.info.get("model")
+    if not name:
+        raise ValueError(f"{folder} does not record its model: give --model torchvision:NAME (or module:factory)")
+    shape = args.input_shape or tuple(spec.info.get("input_shape", ())) or DEFAULT_SHAPE
+    original = build_model(name)
+    mask = Mask(original, input_shape=shape).make().apply_spec(spec)
+    return name, original, mask, load_pruned(build_model(name), folder)
+
+
+def _fresh(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.nn.Module]:
+    """A model name: pruned here by the pruning options, not saved."""
+    original = build_model(args.target)
+    mask = _pruned_mask(original, args, args.input_shape or DEFAULT_SHAPE)
+    return args.target, original, mask, mask.generate_pruned_model()
+
+
+def _pruned_mask(model: torch.nn.Module, args: argparse.Namespace, shape: Sequence[int]) -> Mask:
     mask = Mask(
         model,
-        input_shape=shape or args.input_shape,
+        input_shape=shape,
         algorithm=ALGORITHMS[args.algorithm](),
         ratio=args.ratio,
         target_flops=args.target_flops,
@@ -143,23 +150,21 @@ def _input_shape(text: str) -> tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskprune", description="Structural pruning by soft masks and exact export.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages, only results and errors")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example inputs and random criteria")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed: the random weights of the models and the example inputs"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_help = "torchvision:NAME, timm:NAME (timm installed) or module.path:factory"
 
     sub = commands.add_parser("inspect", help="print the dependency groups and what is frozen")
     sub.add_argument("model", help=model_help)
-    sub.add_argument(
-        "--input-shape", type=_input_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
-    )
+    sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
     sub.add_argument("--groups", action="store_true", help="print every group's members")
     sub.set_defaults(run=inspect)
 
     sub = commands.add_parser("prune", help="prune one shot, export, verify and save to --out")
     sub.add_argument("model", help=model_help)
-    sub.add_argument(
-        "--input-shape", type=_input_shape, default=(1, 3, 224, 224), help="example input, e.g. 1,3,224,224"
-    )
+    sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
     sub.add_argument("--out", required=True, help="folder to write spec.json and model.safetensors to")
     _pruning_options(sub)
     sub.set_defaults(run=prune)
