@@ -69,9 +69,10 @@ class PruneSpec:
     def from_plan(cls, model: nn.Module, plan: Plan) -> PruneSpec:
         """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
         tensors = []
+        modules = dict(model.named_modules(remove_duplicate=False))
         for (path, attr), dims in sorted(plan.items()):
-            tensor = getattr(model.get_submodule(path), attr)
-            kept = tuple((int(dim), tuple(map(int, keep))) for dim, keep in dims)
+            tensor = getattr(modules[path], attr)
+            kept = tuple((int(dim), tuple(np.asarray(keep).tolist())) for dim, keep in dims)
             tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
         spec = cls(architecture=architecture_of(model), tensors=tensors)
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
@@ -122,7 +123,7 @@ class PruneSpec:
                         "module": t.module,
                         "attr": t.attr,
                         "shape": list(t.shape),
-                        "kept": [[d, list(k)] for d, k in t.kept],
+                        "kept": t.kept,
                     }
                     for t in self.tensors
                 ],
