@@ -15,6 +15,7 @@ from maskprune.algorithms import L1Norm, Random
 
 import maskprune
 from maskprune import Mask
+from maskprune.summary import compare
 
 ALGORITHMS = {"l1": L1Norm, "random": Random}
 
@@ -34,7 +35,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None).eval()
     x = torch.randn(1, 3, args.size, args.size)
-    before = maskprune.count_parameters(model), maskprune.count_flops(model, x)
 
     start = time.perf_counter()
     mask = Mask(model, x, algorithm=ALGORITHMS[args.algorithm](), ratio=args.ratio).make()
@@ -48,19 +48,11 @@ def main() -> None:
     pruned = mask.generate_pruned_model()  # raises if the export differs from the masked model
     exported = time.perf_counter() - start
     check = maskprune.verify(model, pruned, torch.randn(2, 3, args.size, args.size))
+    kept, total = mask.sparsity().channels
+    mask.remove()
 
-    channels = sum(g.size for g in mask.groups), sum(g.kept for g in mask.groups)
-    after = maskprune.count_parameters(pruned), maskprune.count_flops(pruned, x)
     print(f"\n{args.model}, {args.algorithm}, ratio {args.ratio}: make {traced:.2f} s, export {exported:.2f} s")
-    print(f"| {'':24} | {'before':>14} | {'after':>14} | {'after/before':>12} |")
-    print(f"|{'-' * 26}|{'-' * 16}|{'-' * 16}|{'-' * 14}|")
-    for label, b, a in (
-        ("prunable channels", channels[0], channels[1]),
-        ("parameters", before[0], after[0]),
-        ("GFLOPs (batch 1)", before[1] / 1e9, after[1] / 1e9),
-    ):
-        fmt = "{:>14,.3f}" if isinstance(b, float) else "{:>14,}"
-        print(f"| {label:24} | {fmt.format(b)} | {fmt.format(a)} | {a / b:>12.3f} |")
+    print(compare(model, pruned, x, channels=(total, kept)))
     print(f"\nsoft vs hard on a fresh batch of 2: {check}")
 
 

@@ -15,11 +15,13 @@ from ._algorithm import Algorithm
 from ._groups import Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
 from ._report import GroupSparsity, Sparsity
+from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
 from ._version import __version__
-from .errors import ExportError, MaskpruneError, NothingToPruneError, NotMadeError, TraceError
+from .errors import ExportError, MaskpruneError, NothingToPruneError, NotMadeError, SpecError, TraceError
 from .mask import Mask
 from .measure import count_flops, count_parameters
+from .serialization import load_pruned, save_pruned
 
 __all__ = [
     "ActivationSite",
@@ -33,14 +35,19 @@ __all__ = [
     "Member",
     "NotMadeError",
     "NothingToPruneError",
+    "PruneSpec",
     "Sparsity",
+    "SpecError",
+    "TensorCut",
     "TraceError",
     "VerifyResult",
     "__version__",
     "count_flops",
     "count_parameters",
+    "load_pruned",
     "masked_norm",
     "register",
+    "save_pruned",
     "unregister",
     "verify",
     "watch",

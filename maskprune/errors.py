@@ -19,3 +19,7 @@ class NotMadeError(MaskpruneError, RuntimeError):
 
 class ExportError(MaskpruneError, RuntimeError):
     """The exported model does not compute what the masked model computes."""
+
+
+class SpecError(MaskpruneError, ValueError):
+    """A pruning spec is malformed or does not fit the model it is applied to (the module is named)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,8 +23,10 @@ from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
 from ._pruning import Pruner
+from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
+from ._spec import PruneSpec, as_spec
 from ._trace import Trace, iter_tensors, trace
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
@@ -282,14 +285,32 @@ class Mask:
                     self.semantics = "soft"
         self._runtime.apply()
         plan = self._plan()
+        spec = PruneSpec.from_plan(self.model, plan)  # the exported model carries it, for save_pruned()
         if inplace:
-            return self._export_inplace(plan, inputs, verify, rtol)
+            pruned = self._export_inplace(plan, inputs, verify, rtol)
+            spec.attach(pruned)
+            return pruned
         pruned = self._plain_copy(plan)
         if verify:
             result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
             if not result:
                 raise ExportError(f"the exported model differs from the masked model: {result}")
+        spec.attach(pruned)
         return pruned
+
+    def apply_spec(self, spec: PruneSpec | str | os.PathLike | nn.Module) -> Mask:
+        """Replay a saved pruning decision: mask exactly what ``spec`` removed. Returns self.
+
+        ``spec`` is a :class:`PruneSpec`, a folder written by :func:`maskprune.save_pruned`, or a pruned
+        model. Raises :class:`SpecError` when the spec does not fit this mask's groups.
+
+        Example:
+            >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
+            >>> pruned = mask.apply_spec("resnet18-pruned").generate_pruned_model()              # doctest: +SKIP
+        """
+        self._require_made("apply_spec()")
+        self._set_keep(0, keep_flags_of(self, as_spec(spec)))
+        return self
 
     def remove(self) -> None:
         """Take every hook and mask buffer off; the model keeps its current (zeroed) weights."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TINY_MODELS", "TinyModelFactory"]
+__all__ = ["TINY_MODELS", "TinyModelFactory", "randomize_norms"]
 
 TinyModelFactory = Callable[[], tuple[nn.Module, Any]]
 
@@ -557,8 +557,13 @@ class TinyUnsupported(nn.Module):
 
 
 # ---- registry ----------------------------------------------------------------------------------
-def _randomize_norms(model: nn.Module) -> None:
-    """Give norm layers non-trivial affine tensors and running statistics."""
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Give norm layers non-trivial affine tensors and running statistics (a random-init zoo model's outputs
+    can be nearly zero otherwise, which proves nothing when comparing two models). Returns the model.
+
+    Example:
+        >>> model = randomize_norms(torchvision.models.mobilenet_v3_small())   # doctest: +SKIP
+    """
     with torch.no_grad():
         for module in model.modules():
             is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
@@ -571,6 +576,7 @@ def _randomize_norms(model: nn.Module) -> None:
                     tensor.copy_(torch.rand_like(tensor) + 0.5)
                 else:
                     tensor.copy_(torch.randn_like(tensor) * 0.5)
+    return model
 
 
 def _seeded(build: Callable[[], tuple[nn.Module, Any]]) -> TinyModelFactory:
@@ -578,7 +584,7 @@ def _seeded(build: Callable[[], tuple[nn.Module, Any]]) -> TinyModelFactory:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model, inputs = build()
-            _randomize_norms(model)
+            randomize_norms(model)
         return model, inputs
 
     return factory

@@ -1,0 +1,82 @@
+"""``mask.apply_spec(spec)``: the keep flags that make a mask's export remove exactly what a spec removed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._spec import PruneSpec, check_fits
+from .errors import SpecError
+
+if TYPE_CHECKING:
+    from .mask import Mask
+
+
+def keep_flags_of(mask: Mask, spec: PruneSpec) -> np.ndarray:
+    """One flag per unit of ``mask`` (plus the always-kept frozen slot) reproducing ``spec``'s kept positions."""
+    check_fits(spec, mask.model)
+    tr, n_units = mask._trace, mask._layout.n_units
+    cuts = {(t.module, t.attr): dict(t.kept) for t in spec.tensors}
+    want = np.full(n_units + 1, -1, dtype=np.int8)  # -1: no tensor said yet
+    said_by = np.zeros(n_units + 1, dtype=np.int64)
+    sources: list[str] = []
+    found: set[tuple[str, str]] = set()
+    for key, node in tr.param_nodes.items():
+        owned = tr.owned[key]
+        cut = next(((n, cuts[n]) for n in owned.names if n in cuts), None)
+        if cut is not None:
+            found.add(cut[0])
+        for dim, space in enumerate(node.spaces):
+            units = mask._units(space)
+            wanted = np.ones(len(units), dtype=bool)
+            if cut is not None and dim in cut[1]:
+                wanted[:] = False
+                wanted[list(cut[1][dim])] = True
+            where = f"{owned.qualname}[dim {dim}]"
+            frozen = (units == n_units) & ~wanted
+            if frozen.any():
+                raise SpecError(
+                    f"the spec removes {int(frozen.sum())} positions of {where}, which this mask never prunes "
+                    "(frozen or ignored: see print(mask))"
+                )
+            _merge(want, said_by, sources, units[units < n_units], wanted[units < n_units], where, mask)
+    missing = [f"{m}.{a}" if m else a for m, a in cuts if (m, a) not in found]
+    if missing:
+        raise SpecError(f"the spec prunes {missing[0]!r}, which the mask's trace never reached")
+    keep = want != 0
+    for group in mask.groups:
+        if not keep[group.start : group.start + group.size].any():
+            raise SpecError(f"the spec removes every channel of group {group.index} ({group.members[0].name})")
+    plan = mask._plan(keep)
+    for cut in spec.tensors:
+        got = [(d, list(k)) for d, k in plan.get((cut.module, cut.attr), [])]
+        if got != [(d, list(k)) for d, k in cut.kept]:
+            raise SpecError(f"the mask's groups cannot express the spec's kept positions of {cut.name}")
+    return keep
+
+
+def _merge(
+    want: np.ndarray,
+    said_by: np.ndarray,
+    sources: list[str],
+    units: np.ndarray,
+    wanted: np.ndarray,
+    where: str,
+    mask: Mask,
+) -> None:
+    """Record what ``where`` wants of its units; two tensors (or positions) disagreeing on one channel is an error."""
+    before, prior = want[units], said_by[units]
+    clash = (before >= 0) & (before != wanted)
+    want[units] = wanted
+    clash |= want[units] != wanted  # two positions of this very dimension share a channel
+    if clash.any():
+        first = np.flatnonzero(clash)[0]
+        group = next(g for g in mask.groups if g.start <= units[first] < g.start + g.size)
+        other = sources[prior[first]] if before[first] >= 0 else where
+        raise SpecError(
+            f"the spec keeps a channel of group {group.index} in {where} and removes it in {other} (or the reverse): "
+            "the mask's groups tie these channels together, so they are kept or removed as one"
+        )
+    sources.append(where)
+    said_by[units] = len(sources) - 1

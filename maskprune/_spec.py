@@ -1,0 +1,216 @@
+"""The pruning spec: which positions of which tensors an export kept, and their original shapes.
+
+A spec is the structure of a pruned model without its weights: small, JSON, versioned. The exported
+model carries its own as a plain string attribute (no hook, no buffer: ``torch.jit.script`` keeps it as
+a ``str`` constant), which :func:`maskprune.save_pruned` writes next to the weights.
+
+Example:
+    >>> spec = PruneSpec.of(pruned)                                  # doctest: +SKIP
+    >>> [(t.name, t.shape, [(d, len(k)) for d, k in t.kept]) for t in spec.tensors][:1]    # doctest: +SKIP
+    [('conv1.weight', (64, 3, 7, 7), [(0, 32)])]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ._export import Plan
+from .errors import SpecError
+
+FORMAT = "maskprune-pruned"
+FORMAT_VERSION = 1
+SPEC_ATTRIBUTE = "maskprune_spec"
+SPEC_FILE = "spec.json"
+
+
+@dataclass(frozen=True)
+class TensorCut:
+    """One parameter or buffer (by its first name): original shape and the kept positions of each pruned dim."""
+
+    module: str
+    attr: str
+    shape: tuple[int, ...]
+    kept: tuple[tuple[int, tuple[int, ...]], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.attr}" if self.module else self.attr
+
+    @property
+    def pruned_shape(self) -> tuple[int, ...]:
+        shape = list(self.shape)
+        for dim, keep in self.kept:
+            shape[dim] = len(keep)
+        return tuple(shape)
+
+
+@dataclass
+class PruneSpec:
+    """What an export removed, replayable on a fresh copy of the original architecture.
+
+    ``heads`` is reserved for attention-head pruning (always empty in format version 1); ``info`` holds
+    free JSON metadata (the CLI records the model name and input shape there).
+    """
+
+    architecture: str
+    tensors: list[TensorCut]
+    heads: list[Any] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_plan(cls, model: nn.Module, plan: Plan) -> PruneSpec:
+        """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
+        tensors = []
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for (path, attr), dims in sorted(plan.items()):
+            tensor = getattr(modules[path], attr)
+            kept = tuple((int(dim), tuple(np.asarray(keep).tolist())) for dim, keep in dims)
+            tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
+        spec = cls(architecture=architecture_of(model), tensors=tensors)
+        earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
+        return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
+
+    def then(self, later: PruneSpec) -> PruneSpec:
+        """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
+        cuts = {(t.module, t.attr): t for t in self.tensors}
+        for cut in later.tensors:
+            key, first = (cut.module, cut.attr), cuts.get((cut.module, cut.attr))
+            if first is None:
+                cuts[key] = cut
+                continue
+            kept = dict(first.kept)
+            for dim, keep in cut.kept:
+                kept[dim] = tuple(kept[dim][i] for i in keep) if dim in kept else keep
+            cuts[key] = TensorCut(cut.module, cut.attr, first.shape, tuple(sorted(kept.items())))
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], self.heads, self.info)
+
+    @classmethod
+    def of(cls, pruned: nn.Module) -> PruneSpec:
+        """The spec an exported (or loaded) model carries."""
+        text = getattr(pruned, SPEC_ATTRIBUTE, None)
+        if not isinstance(text, str):
+            raise SpecError(
+                f"this {type(pruned).__name__} carries no pruning spec: pass a model returned by "
+                "Mask.generate_pruned_model() or maskprune.load_pruned()"
+            )
+        return cls.from_json(text)
+
+    def attach(self, pruned: nn.Module) -> None:
+        """Record this spec on ``pruned`` (a plain ``str`` attribute)."""
+        setattr(pruned, SPEC_ATTRIBUTE, self.to_json())
+
+    def plan(self) -> Plan:
+        return {
+            (t.module, t.attr): [(dim, np.asarray(keep, dtype=np.int64)) for dim, keep in t.kept] for t in self.tensors
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": self.version,
+                "architecture": self.architecture,
+                "tensors": [
+                    {
+                        "module": t.module,
+                        "attr": t.attr,
+                        "shape": list(t.shape),
+                        "kept": t.kept,
+                    }
+                    for t in self.tensors
+                ],
+                "heads": self.heads,
+                "info": self.info,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PruneSpec:
+        """Parse and check a spec; unknown formats and versions fail with what this maskprune reads."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"the pruning spec is not valid JSON: {error}") from error
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SpecError(f"not a maskprune pruning spec (expected a JSON object with format {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise SpecError(
+                f"unknown pruning spec format version {data.get('version')!r}: this maskprune reads version "
+                f"{FORMAT_VERSION} (upgrade maskprune to load newer files)"
+            )
+        try:
+            tensors = [
+                TensorCut(
+                    str(t["module"]),
+                    str(t["attr"]),
+                    tuple(map(int, t["shape"])),
+                    tuple((int(d), tuple(map(int, keep))) for d, keep in t["kept"]),
+                )
+                for t in data["tensors"]
+            ]
+            return cls(str(data["architecture"]), tensors, list(data.get("heads", [])), dict(data.get("info", {})))
+        except (KeyError, TypeError, ValueError) as error:
+            raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
+
+
+def architecture_of(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_fits(spec: PruneSpec, model: nn.Module) -> None:
+    """Raise :class:`SpecError` naming the module when ``model`` is not the architecture ``spec`` was made on."""
+    if spec.architecture != architecture_of(model):
+        raise SpecError(f"the spec was saved from a {spec.architecture}, got a {architecture_of(model)}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for cut in spec.tensors:
+        module = modules.get(cut.module)
+        if module is None:
+            raise SpecError(f"module {cut.module!r} named by the spec is not in the {type(model).__name__} given")
+        tensor = module._parameters.get(cut.attr, module._buffers.get(cut.attr))
+        if tensor is None:
+            raise SpecError(
+                f"module {cut.module!r} ({type(module).__name__}) has no parameter or buffer {cut.attr!r}; "
+                f"the spec expects one of shape {cut.shape}"
+            )
+        if tuple(tensor.shape) != cut.shape:
+            raise SpecError(
+                f"module {cut.module!r}: {cut.attr} has shape {tuple(tensor.shape)}, the spec expects the original "
+                f"shape {cut.shape} (build the model with the arguments it was pruned from)"
+            )
+        for dim, keep in cut.kept:
+            if not 0 <= dim < len(cut.shape):
+                raise SpecError(f"module {cut.module!r}: {cut.attr} has no dimension {dim} (shape {cut.shape})")
+            size = cut.shape[dim]
+            if not keep or list(keep) != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= size:
+                raise SpecError(
+                    f"module {cut.module!r}: the kept positions of {cut.attr}[dim {dim}] must be increasing, "
+                    f"distinct and in [0, {size}), got {len(keep)} positions"
+                )
+
+
+def as_spec(source: PruneSpec | str | os.PathLike | nn.Module) -> PruneSpec:
+    """A spec given as itself, a saved folder (or its ``spec.json``), or a model that carries one."""
+    if isinstance(source, PruneSpec):
+        return source
+    if isinstance(source, nn.Module):
+        return PruneSpec.of(source)
+    if isinstance(source, (str, os.PathLike)):
+        file = Path(source)
+        if file.is_dir():
+            file = file / SPEC_FILE
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no pruning spec at {file} (a folder written by maskprune.save_pruned holds {SPEC_FILE})"
+            )
+        return PruneSpec.from_json(file.read_text())
+    raise TypeError(f"a spec is a PruneSpec, a saved folder or a pruned model, got {type(source).__name__}")

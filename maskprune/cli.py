@@ -1,0 +1,192 @@
+"""The ``maskprune`` command line: inspect a model's groups, prune and save it, report what pruning changed.
+
+Example:
+    maskprune inspect torchvision:resnet18 --input-shape 1,3,64,64
+    maskprune prune torchvision:resnet18 --algorithm fpgm --ratio 0.3 --out resnet18-fpgm
+    maskprune report resnet18-fpgm --plot channels.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import maskprune.algorithms as criteria
+
+from ._models import build_model, parse_shape
+from ._spec import as_spec
+from ._verify import VerifyResult, verify
+from .errors import MaskpruneError
+from .mask import Mask
+from .serialization import load_pruned, save_pruned
+from .summary import compare, layer_channels, plot_channels
+
+log = logging.getLogger("maskprune")
+DEFAULT_SHAPE = (1, 3, 224, 224)
+
+# criteria that score from the weights alone (APoZ, ThiNet and Taylor need data or training)
+ALGORITHMS = {
+    "l1": criteria.L1Norm,
+    "l2": criteria.L2Norm,
+    "fpgm": criteria.FPGM,
+    "bnscale": criteria.BNScale,
+    "random": criteria.Random,
+    "uniform": criteria.Uniform,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 a maskprune or input error, 2 bad arguments)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+    try:
+        args.run(args)
+    except (MaskpruneError, ValueError, FileNotFoundError, ImportError) as error:
+        log.error("error: %s", error)
+        return 1
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> None:
+    """Print the groups, their sizes, what is frozen and why."""
+    model = build_model(args.model)
+    mask = Mask(model, input_shape=args.input_shape).make()
+    print(mask)
+    if args.groups:
+        for group in mask.groups:
+            print(f"\n{group}")
+
+
+def prune(args: argparse.Namespace) -> None:
+    """One-shot (or ``--steps``) pruning, export, verification on a fresh batch, save."""
+    model = build_model(args.model)
+    mask = _pruned_mask(model, args, args.input_shape)
+    log.info("exporting (verified against the masked model)")
+    pruned = mask.generate_pruned_model()
+    check = _verify(mask, pruned, args.input_shape)
+    log.info("soft vs hard on a fresh batch: %s", check)
+    if not check:
+        raise MaskpruneError(f"the exported model differs from the masked model on a fresh batch: {check}")
+    folder = save_pruned(pruned, args.out, info={"model": args.model, "input_shape": list(args.input_shape)})
+    kept, total = mask.sparsity().channels
+    print(f"saved {args.model} ({kept}/{total} channels kept) to {folder}")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Channels per group, parameters, FLOPs and latency before and after; optionally the per-layer plot."""
+    target = Path(args.target)
+    name, original, mask, pruned = _saved(target, args) if target.is_dir() else _fresh(args)
+    sparsity = mask.sparsity()
+    if target.is_dir():
+        sparsity = dataclasses.replace(sparsity, requested=f"the spec saved in {target.name}")
+    inputs = mask.example_inputs
+    mask.remove()
+    log.info("measuring latency (%d runs each, median)", args.repeats)
+    kept, total = sparsity.channels
+    comparison = compare(original, pruned, inputs, channels=(total, kept), repeats=args.repeats)
+    print(sparsity)
+    print(f"\n{name}, input {tuple(inputs.shape)}:\n{comparison}")
+    if args.plot:
+        plot_channels(layer_channels(original, pruned), args.plot, f"{name}: {sparsity.requested}")
+        print(f"plot written to {args.plot}")
+
+
+def _saved(folder: Path, args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.nn.Module]:
+    """A saved folder: the original rebuilt and masked by the spec, and the saved model loaded."""
+    spec = as_spec(folder)
+    name = args.model or spec.info.get("model")
+    if not name:
+        raise ValueError(f"{folder} does not record its model: give --model torchvision:NAME (or module:factory)")
+    shape = args.input_shape or tuple(spec.info.get("input_shape", ())) or DEFAULT_SHAPE
+    original = build_model(name)
+    mask = Mask(original, input_shape=shape).make().apply_spec(spec)
+    return name, original, mask, load_pruned(build_model(name), folder)
+
+
+def _fresh(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.nn.Module]:
+    """A model name: pruned here by the pruning options, not saved."""
+    original = build_model(args.target)
+    mask = _pruned_mask(original, args, args.input_shape or DEFAULT_SHAPE)
+    return args.target, original, mask, mask.generate_pruned_model()
+
+
+def _pruned_mask(model: torch.nn.Module, args: argparse.Namespace, shape: Sequence[int]) -> Mask:
+    mask = Mask(
+        model,
+        input_shape=shape,
+        algorithm=ALGORITHMS[args.algorithm](),
+        ratio=args.ratio,
+        target_flops=args.target_flops,
+        allocation=args.allocation,
+        steps=args.steps,
+    )
+    log.info("tracing %s", type(model).__name__)
+    mask.make()
+    for _ in tqdm(range(args.steps), desc="pruning", unit="step", disable=args.quiet):
+        mask.do_mask()
+    return mask
+
+
+def _verify(mask: Mask, pruned: torch.nn.Module, shape: Sequence[int]) -> VerifyResult:
+    batch = (max(2, shape[0]), *shape[1:])
+    return verify(mask.model, pruned, torch.randn(batch, dtype=mask.example_inputs.dtype))
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskprune", description="Structural pruning by soft masks and exact export.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages, only results and errors")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed: the random weights of the models and the example inputs"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "torchvision:NAME, timm:NAME (timm installed) or module.path:factory"
+
+    sub = commands.add_parser("inspect", help="print the dependency groups and what is frozen")
+    sub.add_argument("model", help=model_help)
+    sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
+    sub.add_argument("--groups", action="store_true", help="print every group's members")
+    sub.set_defaults(run=inspect)
+
+    sub = commands.add_parser("prune", help="prune one shot, export, verify and save to --out")
+    sub.add_argument("model", help=model_help)
+    sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
+    sub.add_argument("--out", required=True, help="folder to write spec.json and model.safetensors to")
+    _pruning_options(sub)
+    sub.set_defaults(run=prune)
+
+    sub = commands.add_parser("report", help="before/after table (and --plot) of a saved folder or of pruning a model")
+    sub.add_argument("target", help=f"a folder written by `maskprune prune`, or a model: {model_help}")
+    sub.add_argument("--model", help="the original model of a folder that does not record it")
+    sub.add_argument("--input-shape", type=_input_shape, help="example input (default: the saved one, or 1,3,224,224)")
+    sub.add_argument("--plot", help="write kept vs total channels per layer to this PNG")
+    sub.add_argument("--repeats", type=int, default=10, help="forward passes timed per model (median)")
+    _pruning_options(sub)
+    sub.set_defaults(run=report)
+    return parser
+
+
+def _pruning_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="l1", help="criterion (default l1)")
+    sub.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
+    sub.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove instead of --ratio")
+    sub.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="per group or ranked")
+    sub.add_argument("--steps", type=int, default=1, help="do_mask() steps to reach the target (default 1)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The ``maskprune`` command line, run as real commands in subprocesses: output, files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision
+
+import maskprune
+from maskprune import cli
+
+SHAPE = "1,3,32,32"
+
+
+def maskprune_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "maskprune", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "maskprune"
+    run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for command in ("inspect", "prune", "report"):
+        assert command in run.stdout
+
+
+def test_inspect_prints_groups_and_frozen_channels() -> None:
+    run = maskprune_command("inspect", "torchvision:resnet18", "--input-shape", SHAPE, "--groups")
+    assert run.returncode == 0, run.stderr
+    assert "Mask(ResNet, no algorithm, ratio=0.5): 12 groups, 2880/2880 channels kept" in run.stdout
+    assert re.search(r"^\s+0\s+64/64\s+conv1\.weight\[0\]", run.stdout, re.MULTILINE)
+    assert "Frozen (never pruned):" in run.stdout and "fc.weight[0]" in run.stdout
+    assert "Group 11" in run.stdout  # --groups: every group's member table
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    folder = tmp_path_factory.mktemp("cli") / "resnet18-fpgm"
+    run = maskprune_command(
+        "prune",
+        "torchvision:resnet18",
+        "--algorithm",
+        "fpgm",
+        "--ratio",
+        "0.3",
+        "--input-shape",
+        SHAPE,
+        "--out",
+        str(folder),
+    )
+    return folder, run
+
+
+def test_prune_exports_verifies_and_saves(pruned_folder: tuple[Path, subprocess.CompletedProcess]) -> None:
+    folder, run = pruned_folder
+    assert run.returncode == 0, run.stderr
+    assert f"saved torchvision:resnet18 (2022/2880 channels kept) to {folder}" in run.stdout
+    assert "pruning: 100%" in run.stderr  # tqdm
+    assert "soft vs hard on a fresh batch: equal" in run.stderr  # logging
+    info = json.loads((folder / "spec.json").read_text())["info"]
+    assert info["model"] == "torchvision:resnet18" and info["input_shape"] == [1, 3, 32, 32]
+    loaded = maskprune.load_pruned(torchvision.models.resnet18(), folder)
+    assert loaded.layer1[0].conv1.out_channels == 45  # 30% of 64 removed
+
+
+def test_report_of_a_folder_prints_the_table_and_draws_the_plot(
+    pruned_folder: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    folder, _ = pruned_folder
+    plot = tmp_path / "channels.png"
+    run = maskprune_command("report", str(folder), "--plot", str(plot), "--repeats", "2")
+    assert run.returncode == 0, run.stderr
+    loaded = maskprune.load_pruned(torchvision.models.resnet18(), folder)
+    before, after = maskprune.count_parameters(torchvision.models.resnet18()), maskprune.count_parameters(loaded)
+    row = re.search(r"\| parameters\s+\|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) \|", run.stdout)
+    assert row, run.stdout
+    assert (int(row[1].replace(",", "")), int(row[2].replace(",", ""))) == (before, after)
+    assert float(row[3]) == pytest.approx(after / before, abs=1e-3)
+    assert re.search(r"\| latency \(ms\)\s+\|\s+[\d.]+ \|\s+[\d.]+ \|", run.stdout)
+    assert re.search(r"^\s+11\s+359/512\s+-\s+0\.299", run.stdout, re.MULTILINE)  # channels per group
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_report_on_a_model_prunes_to_a_flops_target_quietly() -> None:
+    run = maskprune_command(
+        "--quiet", "report", "torchvision:resnet18", "--input-shape", SHAPE, "--target-flops", "0.5", "--repeats", "1"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # no progress bar, no message
+    removed = re.search(r"^FLOPs:.*\(([\d.]+)% removed\)", run.stdout, re.MULTILINE)
+    assert removed and 49.0 <= float(removed[1]) <= 51.0
+
+
+def test_a_users_own_model_by_module_and_factory(capsys) -> None:
+    assert cli.main(["--quiet", "inspect", "maskprune.testing:TinyShared", "--input-shape", "2,3,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Mask(TinyShared, no algorithm, ratio=0.5): 1 groups, 8/8 channels kept")
+
+
+def test_a_bad_model_is_an_error_message_and_status_1() -> None:
+    run = maskprune_command("inspect", "torchvision:resnet")
+    assert run.returncode == 1
+    assert "error: torchvision has no model 'resnet'; valid names:" in run.stderr and "resnet18" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("resnet18", "a model is torchvision:NAME, timm:NAME or module.path:factory, got 'resnet18'"),
+        ("no_such_package:build", "cannot import 'no_such_package'"),
+        ("maskprune.testing:nothing", "'maskprune.testing' has no callable 'nothing'"),
+        ("maskprune.testing:TINY_MODELS", "'maskprune.testing' has no callable 'TINY_MODELS'"),
+        ("timm:resnet18", "'timm:resnet18' needs timm, which is not installed (pip install timm)"),
+    ],
+)
+def test_model_names_that_do_not_resolve(model: str, message: str, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    assert cli.main(["--quiet", "inspect", model]) == 1
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "torchvision:resnet18", "--input-shape", "1,3,x"], "an input shape is positive integers"),
+        (["prune", "torchvision:resnet18"], "the following arguments are required: --out"),
+        (["prune", "torchvision:resnet18", "--out", "x", "--algorithm", "taylor"], "invalid choice: 'taylor'"),
+    ],
+)
+def test_bad_arguments_exit_with_usage(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
