@@ -7,15 +7,15 @@ that computes their statistics over kept channels. No hook reads a tensor value
 on the host.
 
 A parameter with removed channels is zeroed there in place (through ``.data``, so
-autograd's saved tensors are not invalidated) whenever something may have written
-to it since it was last zeroed: its version counter or storage changed (host
-metadata, no synchronisation). So a training step costs one multiplication per
-masked parameter (after the optimizer step when the optimizer is tracked, else in
-the model's forward pre-hook), and forwards without weight updates (evaluation,
-gradient accumulation) cost nothing. A removed channel reaches no output, so its
-gradient is zero by construction and standard optimizers leave its zero weights
-and zero states alone; the optimizer hooks zero gradients and states at the first
-step after each mask change, and weights after every step.
+autograd's saved tensors are not invalidated) by a forward pre-hook on the model.
+With a tracked optimizer, its post-step hook zeroes every masked parameter after
+each step, and the pre-hook then zeroes only parameters that something else wrote
+to since (their version counter or storage changed: host metadata, no
+synchronisation), so a training step costs one multiplication per masked
+parameter and forwards without weight updates cost none. A removed channel
+reaches no output, so its gradient is zero by construction and standard
+optimizers leave its zero weights and states alone; the optimizer hooks zero
+gradients and states at the first step after each mask change.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class MaskRuntime:
         """Weights the step wrote to are zeroed again; at the first step after a mask change, optimizer states too."""
         if not self.enforce:
             return
-        self.apply(only_stale=True)
+        self.apply()  # every weight: fused optimizers write without bumping version counters
         if not self.changed_since_step:
             return
         with torch.no_grad():
@@ -209,7 +209,9 @@ class MaskRuntime:
         self.handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self.apply(only_stale=True)
+        # with a tracked optimizer, its steps re-zero what they write: only other writes remain to be caught
+        self.apply(only_stale=bool(self.optimizer_handles))
+
     @staticmethod
     def _norm_hook(norm: NormMask):
         site = norm.site
