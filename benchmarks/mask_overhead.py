@@ -15,7 +15,10 @@ The anchors mask half of each layer's output channels (no dependency groups: the
 masking costs in PyTorch). The variants take turns, in a rotating order, for ``--rounds`` rounds of
 ``--steps`` steps; each round gives one ratio per variant (its median step / the unmasked median step
 of the same round), and the table shows the median over the rounds, so that changes in the machine's
-load weigh on all variants alike.
+load weigh on all variants alike. On CPU the clock is the process's CPU time (``time.process_time``),
+with one torch thread by default: time the process waits while other processes use the cores is not
+counted, which makes the ratios far steadier on a shared machine than elapsed time; ``--clock wall`` gives
+elapsed time. On CUDA the clock is elapsed time around ``torch.cuda.synchronize()``.
 
 Usage:
     .venv/bin/python benchmarks/mask_overhead.py                       # CPU: ResNet-50 and ViT-S, small batches
@@ -163,16 +166,22 @@ def step(runner: Runner, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | No
     runner.optimizer.step()
 
 
-def timed_steps(runner: Runner, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None, steps: int) -> list[float]:
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def timed_steps(
+    runner: Runner, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None, steps: int, clock: str
+) -> list[float]:
+    now = CLOCKS[clock]
     times = []
     for _ in range(steps):
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = now()
         step(runner, x, y, amp)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return times
 
 
@@ -185,11 +194,11 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, tuple[float, float
     y = torch.randint(0, CLASSES, (args.batch,), device=device)
     runners = [make_runner(variant, base, x) for variant in args.variants]
     for runner in runners:  # warm-up: allocator, lazy optimizer state, first-call work
-        timed_steps(runner, x, y, args.amp, args.warmup)
+        timed_steps(runner, x, y, args.amp, args.warmup, args.clock)
     for round_index in range(args.rounds):
         shift = round_index % len(runners)
         for runner in runners[shift:] + runners[:shift]:
-            runner.times.append(timed_steps(runner, x, y, args.amp, args.steps))
+            runner.times.append(timed_steps(runner, x, y, args.amp, args.steps, args.clock))
         print(f"... {name}: round {round_index + 1}/{args.rounds}", file=sys.stderr, flush=True)
     baseline = runners[0]
     results = {}
@@ -210,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype of the forward")
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     parser.add_argument("--image-size", type=int, default=None, help="default: 96 on CPU, 224 on CUDA")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds of interleaved measurements")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of interleaved measurements")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default=None, help="cpu: process CPU time (default on CPU), wall: elapsed"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see benchmarks/README.md)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"a subset of {list(VARIANTS)}")
@@ -223,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants = ["unmasked"] + [v for v in args.variants if v != "unmasked"]
+    args.clock = args.clock or ("wall" if cuda else "cpu")
     args.batch = args.batch or (64 if cuda else 8)
     args.image_size = args.image_size or (224 if cuda else 96)
     torch.set_num_threads(args.threads)
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {args.device} ({device_name}), threads {torch.get_num_threads()}, "
         f"batch {args.batch}, {args.image_size}x{args.image_size}, amp {args.amp}, "
-        f"{args.rounds} rounds x {args.steps} steps, ratio {RATIO}"
+        f"{args.rounds} rounds x {args.steps} steps, {args.clock} clock, ratio {RATIO}"
     )
     for name in args.models:
         results = measure(name, args)

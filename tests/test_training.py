@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 import maskprune
 from maskprune import Mask
+from maskprune.callbacks import PruningCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -422,3 +423,61 @@ def test_a_masked_models_checkpoint_loads_into_an_unmasked_copy() -> None:
     # removed channels are stored as zeros (weights, BN affine parameters), so the plain copy computes the same
     assert torch.allclose(plain(x), model(x), rtol=1e-6, atol=1e-7)
     assert torch.allclose(plain(x), mask.generate_pruned_model()(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- a Lightning-style callback --------------------------------------------------------------------------------
+class FakeTrainer:
+    """What the callback reads of a Lightning trainer: its optimizers and the count of optimizer steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizers = [optimizer]
+        self.global_step = 0
+
+
+def fit(callback: PruningCallback, trainer: FakeTrainer, model: nn.Module, steps: range, accumulate: int) -> None:
+    """A Lightning-like loop: ``accumulate`` batches per optimizer step, the hooks where Lightning calls them."""
+    optimizer = trainer.optimizers[0]
+    callback.on_train_start(trainer, model)
+    data = batches(32)
+    for index in steps:
+        F.cross_entropy(model(data[index][0]), data[index][1]).backward()
+        if (index + 1) % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+            trainer.global_step += 1
+        callback.on_train_batch_end(trainer, model, None, data[index], index)
+
+
+def test_callback_prunes_every_n_optimizer_steps_and_resumes(tmp_path) -> None:
+    model, x = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mask = Mask(model, x, algorithm=Random(seed=1), ratio=0.5, steps=3).make()
+    callback = PruningCallback(mask, every=2, start=1)
+    trainer = FakeTrainer(optimizer)
+    fit(callback, trainer, model, range(12), accumulate=2)  # optimizer steps 1..6: do_mask() at 3 and 5
+    assert callback.last_step == 5 and mask._pruner.step == 2
+    assert mask._runtime.optimizer_handles  # the optimizer is tracked
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "callback": callback.state_dict()}, path)
+    fit(callback, trainer, model, range(12, 16), accumulate=2)  # step 7 then do_mask() at 7
+    expected = [g.keep.tolist() for g in mask.groups]
+
+    state = torch.load(path, weights_only=True)
+    other, _ = net(seed=3)
+    other.load_state_dict(state["model"])
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
+    resumed = PruningCallback(Mask(other, x, algorithm=Random(seed=1), ratio=0.5, steps=3).make(), every=2, start=1)
+    resumed.load_state_dict(state["callback"])
+    other_trainer = FakeTrainer(other_optimizer)
+    other_trainer.global_step = 6
+    fit(resumed, other_trainer, other, range(12, 16), accumulate=2)
+    assert resumed.last_step == 7 and [g.keep.tolist() for g in resumed.mask.groups] == expected
+
+
+def test_callback_rejects_bad_options() -> None:
+    model, x = net()
+    mask = Mask(model, x, algorithm=L1Norm()).make()
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        PruningCallback(mask, every=0)
+    with pytest.raises(TypeError, match="maskprune.Mask"):
+        PruningCallback(model, every=2)
