@@ -91,7 +91,7 @@ class MaskRuntime:
         self.norms: list[NormMask] = []
         self.handles: list[RemovableHandle] = []
         self.active: list[MaskedTensor] = []
-        self.changed_since_step = True  # masks changed since the last tracked optimizer step
+        self.stepped: set[int] = set()  # ids of the tracked optimizers that stepped since the masks last changed
 
     def add_dim(self, tensor: torch.Tensor, dim: int, units: np.ndarray, producer: bool) -> None:
         device = tensor.device
@@ -116,7 +116,7 @@ class MaskRuntime:
                 n.values.copy_(self.keep[n.index])
                 n.active = not keep_host[n.units].all()
         self._collect_active()
-        self.changed_since_step = True
+        self.stepped.clear()
 
     def _collect_active(self) -> None:
         """One entry per parameter with removed channels, holding the masks of all its pruned dimensions."""
@@ -157,8 +157,8 @@ class MaskRuntime:
         self.optimizer_handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        """At the first step after a mask change: gradients of removed positions computed before it are zeroed."""
-        if not self.enforce or not self.changed_since_step:
+        """At an optimizer's first step after a mask change: gradients of removed positions are zeroed."""
+        if not self.enforce or id(optimizer) in self.stepped:
             return
         with torch.no_grad():
             for entry in self.active:
@@ -167,11 +167,11 @@ class MaskRuntime:
                         entry.tensor.grad.mul_(mask)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        """Weights the step wrote to are zeroed again; at the first step after a mask change, optimizer states too."""
+        """Every masked weight is zeroed again; at an optimizer's first step after a mask change, its states too."""
         if not self.enforce:
             return
         self.apply()  # every weight: fused optimizers write without bumping version counters
-        if not self.changed_since_step:
+        if id(optimizer) in self.stepped:
             return
         with torch.no_grad():
             for entry in self.active:
@@ -179,7 +179,7 @@ class MaskRuntime:
                     if isinstance(value, torch.Tensor) and value.shape == entry.tensor.shape:
                         for mask in entry.masks:
                             value.mul_(mask)
-        self.changed_since_step = False
+        self.stepped.add(id(optimizer))
 
     def unhook_optimizers(self) -> None:
         for handle in self.optimizer_handles:

@@ -171,6 +171,39 @@ def test_tracked_steps_rezero_weights_that_a_loss_term_moves(implementation: str
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
 
 
+def test_every_tracked_optimizer_has_its_states_masked_after_a_mask_change() -> None:
+    model, x = net()
+    convs = [p for name, p in model.named_parameters() if name.startswith(("conv", "bn"))]
+    rest = [p for name, p in model.named_parameters() if not name.startswith(("conv", "bn"))]
+    optimizers = [torch.optim.SGD(convs, lr=0.1, momentum=0.9), torch.optim.Adam(rest, lr=1e-2)]
+
+    def step(bx: torch.Tensor, by: torch.Tensor) -> None:
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        F.cross_entropy(model(bx), by).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    data = batches(5)
+    for bx, by in data[:2]:
+        step(bx, by)  # momentum and Adam moments are non-zero everywhere now
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    for optimizer in optimizers:
+        mask.track_optimizer(optimizer)
+    mask.do_mask()
+    for bx, by in data[2:]:
+        step(bx, by)
+    for g in mask.groups:
+        for m in g.members:
+            idx = torch.as_tensor(m.positions[~g.keep[m.units]])
+            states = [s for opt in optimizers for s in opt.state.get(m.tensor, {}).values()]
+            assert states, m.name
+            for state in states:
+                if isinstance(state, torch.Tensor) and state.shape == m.tensor.shape:
+                    assert state.index_select(m.dim, idx).abs().max() == 0, m.name
+    assert removed_values(mask).abs().max() == 0
+
+
 @pytest.mark.parametrize("implementation", list(OPTIMIZERS))
 def test_untracked_optimizer_steps_are_rezeroed_before_the_forward(implementation: str) -> None:
     model, x = net()
