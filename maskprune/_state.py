@@ -16,7 +16,18 @@ if TYPE_CHECKING:
     from .mask import Mask
 
 FORMAT = 1
-KEYS = ("format", "group_sizes", "keep", "semantics", "step", "cursor", "layer_counts", "requested", "algorithm")
+KEYS = (
+    "format",
+    "group_sizes",
+    "keep",
+    "semantics",
+    "step",
+    "cursor",
+    "layer_counts",
+    "requested",
+    "algorithm_type",
+    "algorithm",
+)
 
 
 def mask_state(mask: Mask) -> dict[str, Any]:
@@ -32,6 +43,7 @@ def mask_state(mask: Mask) -> dict[str, Any]:
         "cursor": pruner.cursor,
         "layer_counts": None if counts is None else [torch.as_tensor(part) for part in counts],
         "requested": {int(k): float(v) for k, v in mask._requested.items()},
+        "algorithm_type": _algorithm_type(mask),
         "algorithm": mask.algorithm.state_dict() if mask.algorithm is not None else {},
     }
 
@@ -55,6 +67,11 @@ def load_mask_state(mask: Mask, state: Any) -> None:
     keep = state["keep"].numpy().astype(bool) if isinstance(state["keep"], torch.Tensor) else None
     if keep is None or keep.shape != mask._keep.shape:
         raise ValueError(f"the state's keep flags do not fit: expected a bool tensor of shape {mask._keep.shape}")
+    if state["algorithm_type"] != _algorithm_type(mask):
+        raise ValueError(
+            f"the state was saved with the criterion {state['algorithm_type']}, this Mask has {_algorithm_type(mask)}: "
+            "give the Mask the same criterion"
+        )
     if mask.algorithm is not None:
         mask.algorithm.load_state_dict(state["algorithm"])
     pruner = mask._pruner
@@ -68,3 +85,7 @@ def load_mask_state(mask: Mask, state: Any) -> None:
     mask._runtime.refresh(keep)
     if mask.settings.semantics == "frozen":
         mask._runtime.apply()
+
+
+def _algorithm_type(mask: Mask) -> str:
+    return type(mask.algorithm).__name__ if mask.algorithm is not None else "None"

@@ -409,6 +409,10 @@ def test_load_state_dict_rejects_a_state_of_another_model_and_changes_nothing() 
     weights = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="same architecture"):
         other_mask.load_state_dict(state)
+    taylor_mask = Mask(net()[0], x, algorithm=Taylor(), ratio=0.5).make()
+    with pytest.raises(ValueError, match="saved with the criterion L1Norm, this Mask has Taylor"):
+        taylor_mask.load_state_dict(state)
+    assert all(g.kept == g.size for g in taylor_mask.groups)
     with pytest.raises(ValueError, match="missing"):
         other_mask.load_state_dict({"keep": state["keep"]})
     with pytest.raises(TypeError, match="dict"):
