@@ -13,9 +13,12 @@ each step, and the pre-hook then zeroes only parameters that something else wrot
 to since (their version counter or storage changed: host metadata, no
 synchronisation), so a training step costs one multiplication per masked
 parameter and forwards without weight updates cost none. A removed channel
-reaches no output, so its gradient is zero by construction and standard
+usually carries zeros, so its weights get a zero gradient and standard
 optimizers leave its zero weights and states alone; the optimizer hooks zero
-gradients and states at the first step after each mask change.
+gradients and states at the first step after each mask change. Where a removed
+position does get a gradient (a loss term on the weights, a consumer column
+reading a channel that carries a constant), the re-zeroing after every step
+still holds the weights at zero; only its optimizer state may then drift.
 """
 
 from __future__ import annotations

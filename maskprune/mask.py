@@ -240,12 +240,12 @@ class Mask:
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> Mask:
         """Keep removed channels exactly zero through ``optimizer.step()`` (frozen semantics).
 
-        A removed channel reaches no output, so its gradient is zero by construction and
+        A removed channel usually carries zeros, so its weights get a zero gradient and
         standard optimizers leave its zero weights and states alone. To hold whatever the
-        optimizer or the loss does, weights the step wrote to are zeroed again after every
-        step, and at the first step after each mask change the gradients (before it) and
-        every optimizer state of the parameter's shape (momentum, Adam's moments; after it)
-        are zeroed there too, so a removed channel never moves. Returns self.
+        optimizer or the loss does, every masked weight is zeroed again after every step,
+        and at the optimizer's first step after each mask change the gradients (before it)
+        and every optimizer state of the parameter's shape (momentum, Adam's moments; after
+        it) are zeroed there too, so a removed channel never moves. Returns self.
 
         Example:
             >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # doctest: +SKIP
