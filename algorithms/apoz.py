@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from maskprune import ActivationSite, Algorithm, Group, Mask, watch
+from maskprune.distributed import all_reduce_sum, is_distributed
 
 from ._calibration import BatchInputs, check_batches, check_inputs, evaluating, run_batches
 
@@ -71,7 +72,8 @@ class APoZ(Algorithm):
     after any functional activation; where no consumer is a module, at the last module
     output that carries the channels. Such groups are listed in :attr:`fallback` and named in
     one warning per ``do_mask()``. With ``eps=None`` they are declined instead (left as
-    they are) and listed in :attr:`declined`.
+    they are) and listed in :attr:`declined`. Under ``torch.distributed`` every rank runs its
+    own ``data`` and the counts are summed over the ranks before scoring.
 
     Args:
         data: calibration batches: a DataLoader, a list, any iterable that can be iterated again
@@ -151,6 +153,8 @@ class APoZ(Algorithm):
 
         with evaluating(mask.model), watch(mask.model, watched, count):
             run_batches(mask.model, self.data, inputs=self.inputs, max_batches=self.max_batches, desc="APoZ")
+        if is_distributed():
+            _sum_over_ranks(list(counters.values()))
         for group, plan in plans.items():
             total, covered = np.zeros(group.size), np.zeros(group.size)
             for site in plan.sites:
@@ -211,6 +215,19 @@ class APoZ(Algorithm):
 
     def __repr__(self) -> str:
         return f"APoZ(max_batches={self.max_batches}, eps={self.eps})"
+
+
+def _sum_over_ranks(counters: list[_Counter]) -> None:
+    """Every rank's zero counts and element counts added up (each rank ran its own calibration batches)."""
+    (reached,) = all_reduce_sum([torch.tensor([float(c.hits is not None) for c in counters])])
+    ranks = torch.distributed.get_world_size()
+    if bool((reached.gt(0) & reached.lt(ranks)).any()):
+        raise RuntimeError("APoZ: the calibration batches reached some activations on some ranks only")
+    live = [c for c in counters if c.hits is not None]
+    elements = torch.tensor([float(c.elements) for c in live], dtype=torch.float64)
+    *hits, elements = all_reduce_sum([*(c.hits for c in live), elements])
+    for counter, total, count in zip(live, hits, elements.tolist(), strict=True):
+        counter.hits, counter.elements = total, int(count)
 
 
 def _key(site: ActivationSite, eps: float | None) -> tuple:

@@ -20,6 +20,15 @@ class _Seeded(Algorithm):
     def score(self, group: Group) -> torch.Tensor:
         return torch.rand(group.size, generator=self._generator, dtype=torch.float64)
 
+    def state_dict(self) -> dict:
+        """The seed and the position in the random stream."""
+        return {"seed": self.seed, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"the state is of {type(self).__name__}(seed={state.get('seed')}), not seed={self.seed}")
+        self._generator.set_state(state["generator"])
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed})"
 

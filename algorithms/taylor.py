@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from maskprune import ActivationSite, Algorithm, Group, Mask, watch
+from maskprune.distributed import all_reduce_sum, is_distributed
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Taylor(Algorithm):
 
     Train as usual (forward and ``loss.backward()`` on a few mini-batches), then call
     ``do_mask()``. Zero the optimizer momentum of removed channels (``mask.track_optimizer``).
+    Under ``torch.distributed`` the sums and mini-batch counts of every rank are added up
+    before scoring (in :meth:`prepare`), so every rank scores with the same statistics.
+    :meth:`state_dict` holds the sums accumulated since the last ``do_mask()``.
 
     Attributes:
         fallback: ``{group index: producer modules}`` for groups without a BatchNorm.
@@ -91,6 +95,7 @@ class Taylor(Algorithm):
         self._mask: Mask | None = None
         self._stack: ExitStack | None = None
         self._tallies: dict[Group, list[_Tally]] = {}
+        self._summed: dict[int, tuple[torch.Tensor, int]] = {}  # id(tally) -> sums over the ranks
 
     def attach(self, mask: Mask) -> None:
         """Hook the BatchNorm outputs (or producer outputs) of every group of ``mask``."""
@@ -146,6 +151,18 @@ class Taylor(Algorithm):
             self._stack.close()
         self._mask, self._stack, self._tallies = None, None, {}
 
+    def prepare(self, mask: Mask, groups: list[Group]) -> None:
+        """Under ``torch.distributed``: add up every rank's sums and mini-batch counts (one all-reduce)."""
+        self._summed = {}
+        if not is_distributed():
+            return
+        tallies = [t for g in groups for t in self._tallies.get(g, [])]
+        totals = [t.total if t.total is not None else torch.zeros(t.size) for t in tallies]
+        counts = torch.tensor([float(t.batches) for t in tallies], dtype=torch.float64)
+        *sums, batches = all_reduce_sum([*totals, counts])
+        for tally, total, n in zip(tallies, sums, batches.tolist(), strict=True):
+            self._summed[id(tally)] = (total, int(n))
+
     def score(self, group: Group) -> np.ndarray | None:
         """Mean over mini-batches of ``s**2`` per channel, averaged over the group's sites; None when declined."""
         if group.index in self.declined:
@@ -155,13 +172,14 @@ class Taylor(Algorithm):
             raise RuntimeError(
                 "Taylor is not attached to this group's Mask: pass it as Mask(..., algorithm=Taylor()) before make()"
             )
-        seen = [t for t in tallies if t.batches]
+        sums = [self._summed.get(id(t), (t.total, t.batches)) for t in tallies]
+        seen = [(total, n) for total, n in sums if n]
         if not seen:
             raise ValueError(
                 f"Taylor has seen no gradient for group {group.index} since the last do_mask(): run forward and "
                 "backward (loss.backward()) on training batches, with gradients enabled, before do_mask()"
             )
-        means = [(t.total / t.batches).double().cpu().numpy() for t in seen]
+        means = [(total / n).double().cpu().numpy() for total, n in seen]
         return np.mean(means, axis=0)
 
     def finish(self, mask: Mask) -> None:
@@ -169,6 +187,24 @@ class Taylor(Algorithm):
         for tallies in self._tallies.values():
             for tally in tallies:
                 tally.reset()
+        self._summed = {}
+
+    def state_dict(self) -> dict:
+        """Per group index, per site: the sum of ``s**2`` (or None) and the mini-batches seen since ``do_mask()``."""
+        return {"sums": {g.index: [[t.total, t.batches] for t in tallies] for g, tallies in self._tallies.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back :meth:`state_dict`'s sums (after ``make()``, which attaches the criterion to the groups)."""
+        sums = state.get("sums", {})
+        mine = {g.index: tallies for g, tallies in self._tallies.items()}
+        if set(sums) != set(mine) or any(len(sums[i]) != len(mine[i]) for i in mine):
+            raise ValueError(
+                "the Taylor state does not fit this Mask's groups: load it into a Mask made on the same architecture"
+            )
+        for index, tallies in mine.items():
+            for tally, (total, batches) in zip(tallies, sums[index], strict=True):
+                tally.total = None if total is None else total.clone()  # moves to the device at the next batch
+                tally.batches = int(batches)
 
     def __repr__(self) -> str:
         return "Taylor()"

@@ -48,6 +48,16 @@ class Algorithm(ABC):
     def finish(self, mask: Mask) -> None:  # noqa: B027 - optional hook
         """Called at the end of each :meth:`Mask.do_mask` (reset accumulated statistics here)."""
 
+    def state_dict(self) -> dict:
+        """What the criterion carries between ``do_mask()`` calls (statistics, random state), for checkpoints.
+
+        Tensors, numbers, strings, lists and dicts only, so that ``torch.load(weights_only=True)`` reads it.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
+        """Take back what :meth:`state_dict` gave (called by :meth:`Mask.load_state_dict` after ``make()``)."""
+
     def group_weights(self, sizes: np.ndarray) -> np.ndarray | None:
         """Relative removal ratio per group (channel-weighted mean 1), or None for the same ratio everywhere.
 

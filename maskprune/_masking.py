@@ -2,11 +2,23 @@
 
 One flat 0/1 buffer holds every group's channels (each group's mask is a view of
 it). Each prunable parameter dimension gets a small derived mask, refreshed
-when masks change, never per step. A single forward pre-hook on the model
-multiplies the parameters that have removed channels in place (through
-``.data``, so autograd's saved tensors are not invalidated), and layer norms over
-pruned channels get a hook that computes their statistics over kept channels.
-No hook reads a tensor value on the host.
+when masks change, never per step. Layer norms over pruned channels get a hook
+that computes their statistics over kept channels. No hook reads a tensor value
+on the host.
+
+A parameter with removed channels is zeroed there in place (through ``.data``, so
+autograd's saved tensors are not invalidated) by a forward pre-hook on the model.
+With a tracked optimizer, its post-step hook zeroes every masked parameter after
+each step, and the pre-hook then zeroes only parameters that something else wrote
+to since (their version counter or storage changed: host metadata, no
+synchronisation), so a training step costs one multiplication per masked
+parameter and forwards without weight updates cost none. A removed channel
+usually carries zeros, so its weights get a zero gradient and standard
+optimizers leave its zero weights and states alone; the optimizer hooks zero
+gradients and states at the first step after each mask change. Where a removed
+position does get a gradient (a loss term on the weights, a consumer column
+reading a channel that carries a constant), the re-zeroing after every step
+still holds the weights at zero; only its optimizer state may then drift.
 """
 
 from __future__ import annotations
@@ -36,6 +48,25 @@ class DimMask:
     active: bool = False
 
 
+@dataclass(eq=False)
+class MaskedTensor:
+    """A parameter with removed channels: its masks, and its (version, storage) right after it was last zeroed."""
+
+    tensor: torch.Tensor
+    masks: list[torch.Tensor]
+    stamp: tuple[int, int] | None = None
+
+    def stale(self) -> bool:
+        """Whether something may have written to the tensor since it was last zeroed (host metadata only)."""
+        return self.stamp != (self.tensor._version, self.tensor.data_ptr())
+
+    def zero(self) -> None:
+        data = self.tensor.data
+        for mask in self.masks:
+            data.mul_(mask)
+        self.stamp = (self.tensor._version, self.tensor.data_ptr())
+
+
 @dataclass
 class NormMask:
     site: LayerNormSite
@@ -48,9 +79,10 @@ class NormMask:
 class MaskRuntime:
     """Mask buffers and hooks of one model.
 
-    ``enforce`` (frozen semantics) re-zeroes the removed channels before every
-    forward and masks layer-norm statistics; without it (soft-filter semantics)
-    the hooks stay off and removed weights train until the next ``do_mask()``.
+    ``enforce`` (frozen semantics) re-zeroes the removed channels before a forward
+    when the parameters changed, and masks layer-norm statistics; without it
+    (soft-filter semantics) the hooks stay off and removed weights train until the
+    next ``do_mask()``.
     """
 
     def __init__(self, model: nn.Module, n_units: int, device: torch.device):
@@ -61,7 +93,8 @@ class MaskRuntime:
         self.dims: list[DimMask] = []
         self.norms: list[NormMask] = []
         self.handles: list[RemovableHandle] = []
-        self.active: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.active: list[MaskedTensor] = []
+        self.stepped: set[int] = set()  # ids of the tracked optimizers that stepped since the masks last changed
 
     def add_dim(self, tensor: torch.Tensor, dim: int, units: np.ndarray, producer: bool) -> None:
         device = tensor.device
@@ -85,16 +118,32 @@ class MaskRuntime:
             for n in self.norms:
                 n.values.copy_(self.keep[n.index])
                 n.active = not keep_host[n.units].all()
-        self.active = [(d.tensor, d.shaped) for d in self.dims if d.active]
+        self._collect_active()
+        self.stepped.clear()
 
-    def apply(self) -> None:
-        """Zero the removed channels of every parameter, in place."""
+    def _collect_active(self) -> None:
+        """One entry per parameter with removed channels, holding the masks of all its pruned dimensions."""
+        by_tensor: dict[int, MaskedTensor] = {}
+        for d in self.dims:
+            if d.active:
+                entry = by_tensor.setdefault(id(d.tensor), MaskedTensor(d.tensor, []))
+                entry.masks.append(d.shaped)
+        self.active = list(by_tensor.values())
+
+    def apply(self, only_stale: bool = False) -> None:
+        """Zero the removed channels of every parameter in place (``only_stale``: of those written to since)."""
         with torch.no_grad():
-            for tensor, shaped in self.active:
-                if shaped.device != tensor.device:
-                    self._follow_device(tensor.device)
-                    return self.apply()
-                tensor.data.mul_(shaped)
+            if torch.compiler.is_compiling():  # a compiled graph re-applies its masks by value, every call
+                for entry in self.active:
+                    for mask in entry.masks:
+                        entry.tensor.data.mul_(mask)
+                return
+            for entry in self.active:
+                if entry.masks[0].device != entry.tensor.device:
+                    self._follow_device(entry.tensor.device)
+                    return self.apply(only_stale)
+                if not only_stale or entry.stale():
+                    entry.zero()
 
     def apply_producers(self) -> None:
         """Zero only the filters that compute removed channels (soft-filter semantics, as SFP and FPGM do)."""
@@ -102,6 +151,8 @@ class MaskRuntime:
             for d in self.dims:
                 if d.active and d.producer:
                     d.tensor.data.mul_(d.shaped.to(d.tensor.device))
+        for entry in self.active:
+            entry.stamp = None
 
     def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Frozen semantics through optimizer steps: removed positions get no gradient, no momentum, stay zero."""
@@ -109,22 +160,29 @@ class MaskRuntime:
         self.optimizer_handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if not self.enforce:
+        """At an optimizer's first step after a mask change: gradients of removed positions are zeroed."""
+        if not self.enforce or id(optimizer) in self.stepped:
             return
         with torch.no_grad():
-            for tensor, shaped in self.active:
-                if tensor.grad is not None:
-                    tensor.grad.mul_(shaped)
+            for entry in self.active:
+                if entry.tensor.grad is not None:
+                    for mask in entry.masks:
+                        entry.tensor.grad.mul_(mask)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """Every masked weight is zeroed again; at an optimizer's first step after a mask change, its states too."""
         if not self.enforce:
             return
-        self.apply()
+        self.apply()  # every weight: fused optimizers write without bumping version counters
+        if id(optimizer) in self.stepped:
+            return
         with torch.no_grad():
-            for tensor, shaped in self.active:
-                for value in optimizer.state.get(tensor, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
-                        value.mul_(shaped)
+            for entry in self.active:
+                for value in optimizer.state.get(entry.tensor, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == entry.tensor.shape:
+                        for mask in entry.masks:
+                            value.mul_(mask)
+        self.stepped.add(id(optimizer))
 
     def unhook_optimizers(self) -> None:
         for handle in self.optimizer_handles:
@@ -139,7 +197,7 @@ class MaskRuntime:
             d.shaped = d.values.view(d.shaped.shape)
         for n in self.norms:
             n.index, n.values = n.index.to(device), n.values.to(device)
-        self.active = [(d.tensor, d.shaped) for d in self.dims if d.active]
+        self._collect_active()
 
     def install(self) -> None:
         if not self.enforce:
@@ -154,7 +212,8 @@ class MaskRuntime:
         self.handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self.apply()
+        # with a tracked optimizer, its steps re-zero what they write: only other writes remain to be caught
+        self.apply(only_stale=bool(self.optimizer_handles))
 
     @staticmethod
     def _norm_hook(norm: NormMask):

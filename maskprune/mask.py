@@ -27,7 +27,9 @@ from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
 from ._spec import PruneSpec, as_spec
+from ._state import load_mask_state, mask_state
 from ._trace import Trace, iter_tensors, trace
+from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
 
@@ -212,7 +214,9 @@ class Mask:
         moves one step of the ramp. ``pre_layer=True``: each call prunes the next group and
         returns True while groups remain (False once every group was visited). With soft
         semantics every call re-selects from all channels. Atomic: a criterion that fails
-        on one group changes nothing.
+        on one group changes nothing. Under ``torch.distributed`` call it on every rank at the
+        same step: criteria sum their statistics over the ranks and every rank takes the keep
+        flags rank 0 decided.
         """
         self._require_made("do_mask()")
         if self.algorithm is None:
@@ -221,6 +225,7 @@ class Mask:
         if pruner.finished():
             return False
         decision = pruner.decide()
+        decision.keep = broadcast_flags(decision.keep)
         pruner.advance()
         changed = not np.array_equal(decision.keep, self._keep)
         self._requested.update(decision.requested)
@@ -237,9 +242,12 @@ class Mask:
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> Mask:
         """Keep removed channels exactly zero through ``optimizer.step()`` (frozen semantics).
 
-        Before each step the gradients of removed positions are zeroed; after it the
-        weights and every optimizer state of the parameter's shape (momentum, Adam's
-        moments) are zeroed there, so a removed channel never moves. Returns self.
+        A removed channel usually carries zeros, so its weights get a zero gradient and
+        standard optimizers leave its zero weights and states alone. To hold whatever the
+        optimizer or the loss does, every masked weight is zeroed again after every step,
+        and at the optimizer's first step after each mask change the gradients (before it)
+        and every optimizer state of the parameter's shape (momentum, Adam's moments; after
+        it) are zeroed there too, so a removed channel never moves. Returns self.
 
         Example:
             >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # doctest: +SKIP
@@ -250,6 +258,28 @@ class Mask:
             raise TypeError(f"track_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self._runtime.hook_optimizer(optimizer)
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks, the schedule's position, the ratios asked so far and the criterion's state (statistics,
+        random stream), readable with ``torch.load(weights_only=True)``. The model's weights are not in it.
+
+        Example:
+            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+        """
+        self._require_made("state_dict()")
+        return mask_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (on a Mask made on the same architecture and example inputs).
+
+        Example:
+            >>> ckpt = torch.load("ckpt.pt", weights_only=True)                 # doctest: +SKIP
+            >>> model.load_state_dict(ckpt["model"])                            # doctest: +SKIP
+            >>> mask = Mask(model, x, algorithm=Taylor(), steps=4).make()       # doctest: +SKIP
+            >>> mask.load_state_dict(ckpt["mask"])                              # doctest: +SKIP
+        """
+        self._require_made("load_state_dict()")
+        load_mask_state(self, state)
 
     def sparsity(self) -> Sparsity:
         """Requested versus achieved ratio, parameters and FLOPs per group and for the model.
