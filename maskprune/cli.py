@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MaskpruneError, ValueError, FileNotFoundError, ImportError) as error:
         log.error("error: %s", error)
         return 1
+    except BrokenPipeError:  # the reader went away (`maskprune inspect ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     return 0
 
 

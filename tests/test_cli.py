@@ -45,6 +45,19 @@ def test_inspect_prints_groups_and_frozen_channels() -> None:
     assert "Group 11" in run.stdout  # --groups: every group's member table
 
 
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """``maskprune inspect ... | head -1``: the closed pipe ends the command quietly, with status 0."""
+    command = [sys.executable, "-m", "maskprune", "inspect", "torchvision:resnet18", "--input-shape", SHAPE, "--groups"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as process:
+        first = process.stdout.readline()
+        process.stdout.close()  # like `head -1`: stop reading after the first line
+        stderr = process.stderr.read().decode()
+        status = process.wait(timeout=300)
+    assert first.startswith(b"Mask(ResNet")
+    assert status == 0 and "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 @pytest.fixture(scope="module")
 def pruned_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     folder = tmp_path_factory.mktemp("cli") / "resnet18-fpgm"
