@@ -194,11 +194,12 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     starts = np.flatnonzero(np.diff(all_comp, prepend=-1))
     comps_sorted = all_comp[starts]
     # each component's members (sorted); components with the same members (same tensors) form one group
-    members_flat = all_member.tolist()
-    bounds = np.append(starts, len(all_comp)).tolist()
-    by_members: dict[tuple[int, ...], list[int]] = {}
+    members_bytes = all_member.astype(np.int32).tobytes()  # byte slices: cheap keys for many components
+    bounds = (np.append(starts, len(all_comp)) * 4).tolist()
+    by_bytes: dict[bytes, list[int]] = {}
     for i in range(len(starts)):
-        by_members.setdefault(tuple(members_flat[bounds[i] : bounds[i + 1]]), []).append(i)
+        by_bytes.setdefault(members_bytes[bounds[i] : bounds[i + 1]], []).append(i)
+    by_members = {tuple(np.frombuffer(key, dtype=np.int32).tolist()): comps for key, comps in by_bytes.items()}
 
     # groups ordered by their members, units by their first position in the first member
     component_unit = np.full(res.n_components, -1, dtype=np.int64)

@@ -121,17 +121,31 @@ class Trace:
 
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in nested tuples, lists, dicts, namedtuples and dataclasses, in order."""
+    found: list[torch.Tensor] = []
+    _collect_tensors(obj, found)
+    return iter(found)
+
+
+_NO_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _collect_tensors(obj: Any, found: list[torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
-        yield obj
+        found.append(obj)
+    elif isinstance(obj, _NO_TENSORS):
+        return
     elif isinstance(obj, (list, tuple)):
         for item in obj:
-            yield from iter_tensors(item)
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif not isinstance(item, _NO_TENSORS):
+                _collect_tensors(item, found)
     elif isinstance(obj, Mapping):
         for item in obj.values():
-            yield from iter_tensors(item)
+            _collect_tensors(item, found)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, f.name))
+            _collect_tensors(getattr(obj, f.name), found)
 
 
 def owned_tensors(model: nn.Module) -> dict[int, OwnedTensor]:
