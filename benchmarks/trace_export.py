@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import os
 import platform
 import statistics
@@ -101,7 +102,12 @@ class Row:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()``'s result and the wall-clock seconds it took."""
+    """``fn()``'s result and the wall-clock seconds it took.
+
+    The garbage of earlier runs (model copies, dependency graphs) is collected first, so that a full
+    collection of it does not land inside whichever run comes next.
+    """
+    gc.collect()
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
