@@ -66,9 +66,10 @@ def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
     """A deep copy of ``model`` with ``plan`` applied: pruned tensors are sliced from the original, not copied whole.
 
     Example:
-        >>> small = sliced_copy(torch.nn.Linear(4, 3), {("", "weight"): [(0, np.array([0, 2]))]})
-        >>> tuple(small.weight.shape), small.out_features
-        ((2, 4), 2)
+        >>> keep = [(0, np.array([0, 2]))]
+        >>> small = sliced_copy(torch.nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep})
+        >>> tuple(small.weight.shape), tuple(small.bias.shape), small.out_features
+        ((2, 4), (2,), 2)
     """
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
