@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import gzip
 import os
-import statistics
 import sys
 import time
 import zlib
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from maskprune import summary
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the idx files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -506,31 +507,18 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-@torch.inference_mode()
 def measure_latency(model: nn.Module, batch_size: int = 1, *, repeats: int = 30, warmup: int = 5) -> float:
     """Median seconds of one forward pass in eval mode on ``batch_size`` 1x28x28 images, after ``warmup`` passes.
 
     Measured on the CPU (a CPU copy of a model on another device), on the threads torch is set to use
-    (``torch.set_num_threads``). The mode is restored.
+    (``torch.set_num_threads``), by :func:`maskprune.summary.measure_latency`. The mode is restored.
 
     Example:
         >>> seconds = measure_latency(model, batch_size=64)                      # doctest: +SKIP
     """
     if model_device(model).type != "cpu":
         model = copy.deepcopy(model).cpu()
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch_size, 1, 28, 28)
-    times = []
-    try:
-        for index in range(warmup + repeats):
-            start = time.perf_counter()
-            model(x)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return statistics.median(times)
+    return summary.measure_latency(model, torch.randn(batch_size, 1, 28, 28), repeats=repeats, warmup=warmup)
 
 
 def checkpoint_path(

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._layers import update_module
 from ._meta import copy_modules
-from ._trace import owned_tensors
+from ._trace import OwnedTensor, owned_tensors
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
 
@@ -44,7 +44,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> UndoLog:
     changed: dict[int, nn.Module] = {}
     try:
         for owned in owned_tensors(model).values():
-            dims = next((plan[name] for name in owned.names if name in plan), None)
+            dims = _planned_dims(owned, plan)
             if not dims:
                 continue
             new = _slice(owned.tensor, dims)
@@ -74,7 +74,7 @@ def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
     for owned in owned_tensors(model).values():
-        dims = next((plan[name] for name in owned.names if name in plan), None)
+        dims = _planned_dims(owned, plan)
         memo[id(owned.tensor)] = _slice(owned.tensor, dims) if dims else copy.deepcopy(owned.tensor, memo)
         if dims:
             sliced += owned.names
@@ -83,6 +83,11 @@ def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
     for module in changed.values():
         update_module(module)
     return pruned
+
+
+def _planned_dims(owned: OwnedTensor, plan: Plan) -> list[tuple[int, np.ndarray]] | None:
+    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses."""
+    return next((plan[name] for name in owned.names if name in plan), None)
 
 
 def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:

@@ -60,10 +60,13 @@ class MaskedTensor:
         """Whether something may have written to the tensor since it was last zeroed (host metadata only)."""
         return self.stamp != (self.tensor._version, self.tensor.data_ptr())
 
-    def zero(self) -> None:
-        data = self.tensor.data
+    def mask_(self, target: torch.Tensor) -> None:
+        """Zero the removed positions of ``target`` (the parameter's data, gradient or an optimizer state)."""
         for mask in self.masks:
-            data.mul_(mask)
+            target.mul_(mask)
+
+    def zero(self) -> None:
+        self.mask_(self.tensor.data)
         self.stamp = (self.tensor._version, self.tensor.data_ptr())
 
 
@@ -135,8 +138,7 @@ class MaskRuntime:
         with torch.no_grad():
             if torch.compiler.is_compiling():  # a compiled graph re-applies its masks by value, every call
                 for entry in self.active:
-                    for mask in entry.masks:
-                        entry.tensor.data.mul_(mask)
+                    entry.mask_(entry.tensor.data)
                 return
             for entry in self.active:
                 if entry.masks[0].device != entry.tensor.device:
@@ -166,8 +168,7 @@ class MaskRuntime:
         with torch.no_grad():
             for entry in self.active:
                 if entry.tensor.grad is not None:
-                    for mask in entry.masks:
-                        entry.tensor.grad.mul_(mask)
+                    entry.mask_(entry.tensor.grad)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """Every masked weight is zeroed again; at an optimizer's first step after a mask change, its states too."""
@@ -180,8 +181,7 @@ class MaskRuntime:
             for entry in self.active:
                 for value in optimizer.state.get(entry.tensor, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == entry.tensor.shape:
-                        for mask in entry.masks:
-                            value.mul_(mask)
+                        entry.mask_(value)
         self.stepped.add(id(optimizer))
 
     def unhook_optimizers(self) -> None:

@@ -172,6 +172,27 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 @contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every module's ``training`` flag restored after, also on error.
+
+    Example:
+        >>> m = torch.nn.Dropout().train()
+        >>> with evaluating(m):
+        ...     m.training
+        False
+        >>> m.training
+        True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore training flags, buffers and the random state after the block, whatever happens."""
     modes = [(m, m.training) for m in model.modules()]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._trace import call_model, iter_tensors
+from ._trace import call_model, evaluating, iter_tensors
 
 # masked model -> weak method giving, for a module path, the kept index of each output dim (weak both
 # ways: the Mask holds the model, so a strong value would keep its own key alive)
@@ -55,17 +55,6 @@ class VerifyResult:
         if self.first_divergence:
             text += f"; first diverging module: {self.first_divergence}"
         return text
-
-
-@contextmanager
-def _eval(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _precision_flags() -> list[object]:
@@ -122,7 +111,7 @@ def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e
 
 def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     """Every output tensor of ``model`` on ``inputs``, in eval mode, without gradients."""
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), evaluating(model):
         return list(iter_tensors(call_model(model, inputs)))
 
 
@@ -187,7 +176,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
         torch.nn.modules.module.register_module_forward_hook(hook),
     ]
     try:
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), evaluating(model):
             call_model(model, inputs)
     except Exception as error:  # noqa: BLE001 - name the module that raised
         failing = next((n for n in reversed(running) if n), "<root>")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._trace import call_model
+from ._trace import call_model, evaluating
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -28,12 +28,6 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
         >>> count_flops(torch.nn.Linear(3, 2), torch.randn(1, 3))
         12
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(model, inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call_model(model, inputs)
     return counter.get_total_flops()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._trace import call_model, iter_tensors
+from ._trace import call_model, evaluating, iter_tensors
 from .measure import count_flops, count_parameters
 
 
@@ -77,8 +77,8 @@ def compare(
     )
 
 
-def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10) -> float:
-    """Median wall time in seconds of one forward pass in eval mode without gradients (after two warm-up runs).
+def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time in seconds of one forward pass in eval mode without gradients (after ``warmup`` runs).
 
     Example:
         >>> measure_latency(torch.nn.Linear(3, 2), torch.randn(1, 3)) < 1.0
@@ -86,21 +86,15 @@ def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10) -> float:
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     times = []
-    try:
-        with torch.no_grad():
-            for run in range(repeats + 2):
-                _synchronize(inputs)
-                start = time.perf_counter()
-                call_model(model, inputs)
-                _synchronize(inputs)
-                if run >= 2:
-                    times.append(time.perf_counter() - start)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(model), torch.no_grad():
+        for run in range(warmup + repeats):
+            _synchronize(inputs)
+            start = time.perf_counter()
+            call_model(model, inputs)
+            _synchronize(inputs)
+            if run >= warmup:
+                times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
