@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._attributes import Attributes, set_attributes, undo_attributes
 from ._layers import update_module
 from ._meta import copy_modules
 from ._trace import OwnedTensor, owned_tensors
@@ -29,16 +30,18 @@ class UndoLog:
 
     tensors: list[tuple[nn.Module, str, bool, Any]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
+    counts: list[tuple[Any, str, Any]] = field(default_factory=list)
 
     def undo(self) -> None:
+        undo_attributes(self.counts)
         for module, saved in reversed(self.attributes):
             module.__dict__.update(saved)
         for module, attr, is_param, tensor in reversed(self.tensors):
             (module._parameters if is_param else module._buffers)[attr] = tensor
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> UndoLog:
-    """Slice ``model``'s tensors by ``plan`` (ties stay tied) and update the modules that changed."""
+def apply_plan(model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> UndoLog:
+    """Slice ``model``'s tensors by ``plan`` (ties stay tied), update the modules that changed and ``attributes``."""
     log = UndoLog()
     modules = dict(model.named_modules(remove_duplicate=False))
     changed: dict[int, nn.Module] = {}
@@ -56,13 +59,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> UndoLog:
         for module in changed.values():
             log.attributes.append((module, dict(module.__dict__)))
             update_module(module)
+        set_attributes(modules, attributes or {}, log.counts)
     except Exception:
         log.undo()
         raise
     return log
 
 
-def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
+def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> nn.Module:
     """A deep copy of ``model`` with ``plan`` applied: pruned tensors are sliced from the original, not copied whole.
 
     Example:
@@ -82,6 +86,7 @@ def sliced_copy(model: nn.Module, plan: Plan) -> nn.Module:
     changed = {id(m): m for m in (pruned.get_submodule(path) for path, _ in sliced)}
     for module in changed.values():
         update_module(module)
+    set_attributes(dict(pruned.named_modules(remove_duplicate=False)), attributes or {}, [])
     return pruned
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import call_model, iter_tensors
@@ -46,7 +47,7 @@ def fixed_size_groups(
     inputs: Any,
     modes: list[bool],
     n_groups: int,
-    plan_for: Callable[[list[int]], Plan],
+    plan_for: Callable[[list[int]], tuple[Plan, Attributes]],
     suspects: set[int],
     shadow: nn.Module | None = None,
 ) -> tuple[dict[int, str], str | None]:
@@ -66,7 +67,7 @@ def fixed_size_groups(
     def failing(subset: list[int]) -> str | None:
         nonlocal probes
         probes += 1
-        log = apply_plan(base, plan_for(subset))
+        log = apply_plan(base, *plan_for(subset))
         try:
             return _runs(base, meta_inputs, modes)
         finally:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._trace import TensorNode, TracedSize, Tracer, iter_tensors
+from ._trace import HEADS, SizeSite, TensorNode, TracedSize, Tracer, iter_tensors
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
 
@@ -357,10 +357,17 @@ def factory(call: OpCall) -> None:
 # ---- shapes ------------------------------------------------------------------------------------
 @rule("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "ravel")
 def reshape(call: OpCall) -> None:
-    """Dims that keep their size pass through; merged dims follow their major factor; splits freeze."""
+    """Dims that keep their size pass through; merged dims follow their major factor; a split gives heads.
+
+    Sizes written in the call (``view(B, N, self.num_heads, self.head_dim)``) are recorded as
+    :class:`SizeSite` where they count channels, so that an export can update the attributes that
+    hold them; the trial export freezes whatever the code still fixes.
+    """
     x, out = call.args[0], call.outputs[0]
     if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.numel() != out.numel():
         return
+    sites = call.tracer.size_sites
+    literals = _literal_sizes(call.args[1:])
     spaces: list[int | None] = [None] * out.dim()
     for d, n in enumerate(x.shape):
         if n == 1:
@@ -382,10 +389,14 @@ def reshape(call: OpCall) -> None:
                 pb *= b[j][1]
                 j += 1
         if len(block_out) != 1:
-            continue  # a split: the code fixes at least one factor, so freeze
+            if len(block_in) == 1:
+                heads_dim, spaces[heads_dim] = _split_into_heads(call, x, block_in[0][0], block_out)
+            continue
         out_dim = block_out[0][0]
         if len(block_in) == 1:
             spaces[out_dim] = call.space(x, block_in[0][0])
+            if pb in literals:
+                sites.append(SizeSite(call.tracer.path(), pb, spaces[out_dim]))
             continue
         major_dim, major = block_in[0]
         stride = pa // major
@@ -393,7 +404,32 @@ def reshape(call: OpCall) -> None:
         idx = np.arange(pb)
         call.link(merged, idx, call.space(x, major_dim), idx // stride)
         spaces[out_dim] = merged
+        sites.append(SizeSite(call.tracer.path(), pb, merged))
     call.set_out(out, spaces)
+
+
+def _literal_sizes(args: tuple) -> set[int]:
+    """The sizes written in a reshape's arguments (not read from a tensor, not -1)."""
+    found: set[int] = set()
+    for arg in args:
+        items = arg if isinstance(arg, (tuple, list)) else (arg,)
+        found.update(n for n in items if type(n) is int and n > 1)
+    return found
+
+
+def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: list[tuple[int, int]]) -> tuple[int, int]:
+    """Split ``x``'s dim ``in_dim`` into ``block_out``; the second-to-last factor carries the channels.
+
+    ``C -> (heads, head_dim)`` and ``3C -> (3, heads, head_dim)`` keep their channels prunable a whole
+    head at a time (the other factors keep their size). Returns (output dim, its space).
+    """
+    heads_dim, heads = block_out[-2]
+    per_head = block_out[-1][1]
+    space = call.graph.new_space(heads)
+    idx = np.arange(x.shape[in_dim])
+    call.link(space, (idx // per_head) % heads, call.space(x, in_dim), idx)
+    call.tracer.size_sites.append(SizeSite(call.tracer.path(), heads, space, HEADS))
+    return heads_dim, space
 
 
 def _permutation(call: OpCall, ndim: int) -> list[int] | None:
@@ -492,7 +528,7 @@ def stack(call: OpCall) -> None:
 
 @rule("chunk", "split", "split_with_sizes", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit")
 def split(call: OpCall) -> None:
-    """Equal chunks by count stay prunable (every chunk loses the same channels); fixed sizes freeze."""
+    """Equal chunks stay prunable (every chunk loses the same channels); unequal sizes freeze."""
     x = call.args[0]
     default = {"hsplit": 1 if x.dim() > 1 else 0, "vsplit": 0, "dsplit": 2}.get(call.name, 0)
     dim_pos = 1 if call.name == "unbind" else 2
@@ -503,13 +539,16 @@ def split(call: OpCall) -> None:
             call.set_out(out, [call.space(x, k) for k in range(x.dim()) if k != d])
         return
     size = x.shape[d]
-    equal = call.name == "chunk" and len({o.shape[d] for o in outs}) == 1 and outs[0].shape[d] * len(outs) == size
+    equal = len({o.shape[d] for o in outs}) == 1 and outs[0].shape[d] * len(outs) == size
+    by_size = call.name in ("split", "split_with_sizes")
     shared = None
-    if equal:
+    if equal and (call.name == "chunk" or by_size):
         n = outs[0].shape[d]
         shared = call.graph.new_space(n)
         for k in range(len(outs)):
             call.link(shared, np.arange(n), call.space(x, d), np.arange(k * n, (k + 1) * n))
+        if by_size:  # ``split(self.split_size)``: the size is written in the code
+            call.tracer.size_sites.append(SizeSite(call.tracer.path(), n, shared))
     for out in outs:
         spaces: list[int | None] = [call.space(x, k) if k != d else shared for k in range(x.dim())]
         call.set_out(out, spaces)
@@ -795,6 +834,24 @@ def linear(call: OpCall) -> None:
         call.unite(b, -1, w, 0)
         call.role(b, -1, BIAS)
     call.set_out(out, [call.space(x, d) for d in range(x.dim() - 1)] + [call.space(w, 0)])
+
+
+@rule("addmm")
+def addmm(call: OpCall) -> None:
+    """``bias + x @ weight`` with a ``(in, out)`` weight: Hugging Face's ``Conv1D`` (GPT-2)."""
+    bias, x, w = call.args[0], call.args[1], call.args[2]
+    out = call.outputs[0]
+    if x.dim() != 2 or w.dim() != 2 or not call.is_param(w):
+        return
+    call.unite(x, 1, w, 0)
+    call.role(w, 0, CONSUMER)
+    call.role(w, 1, PRODUCER)
+    if isinstance(bias, torch.Tensor) and bias.dim() >= 1 and bias.shape[-1] == w.shape[1]:
+        call.unite(bias, -1, w, 1)
+        call.role(bias, -1, BIAS)
+        for dim in range(bias.dim() - 1):
+            call.claimed.add((id(bias), dim))
+    call.set_out(out, [call.space(x, 0), call.space(w, 1)])
 
 
 @rule("matmul", "rmatmul", "mm", "bmm")

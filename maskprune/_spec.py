@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ._attributes import Attributes
 from ._export import Plan
 from .errors import SpecError
 
@@ -55,18 +56,19 @@ class TensorCut:
 class PruneSpec:
     """What an export removed, replayable on a fresh copy of the original architecture.
 
-    ``heads`` is reserved for attention-head pruning (always empty in format version 1); ``info`` holds
-    free JSON metadata (the CLI records the model name and input shape there).
+    ``attributes`` holds the counts the export set on modules (``{"blocks.0.attn": {"num_heads": 2}}``,
+    ``config.<field>`` for a module's config); ``info`` holds free JSON metadata (the CLI records the
+    model name and input shape there).
     """
 
     architecture: str
     tensors: list[TensorCut]
-    heads: list[Any] = field(default_factory=list)
+    attributes: Attributes = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     @classmethod
-    def from_plan(cls, model: nn.Module, plan: Plan) -> PruneSpec:
+    def from_plan(cls, model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
         """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
         tensors = []
         modules = dict(model.named_modules(remove_duplicate=False))
@@ -74,7 +76,7 @@ class PruneSpec:
             tensor = getattr(modules[path], attr)
             kept = tuple((int(dim), tuple(np.asarray(keep).tolist())) for dim, keep in dims)
             tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
-        spec = cls(architecture=architecture_of(model), tensors=tensors)
+        spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
 
@@ -90,7 +92,10 @@ class PruneSpec:
             for dim, keep in cut.kept:
                 kept[dim] = tuple(kept[dim][i] for i in keep) if dim in kept else keep
             cuts[key] = TensorCut(cut.module, cut.attr, first.shape, tuple(sorted(kept.items())))
-        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], self.heads, self.info)
+        attributes = {path: dict(values) for path, values in self.attributes.items()}
+        for path, values in later.attributes.items():
+            attributes.setdefault(path, {}).update(values)
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, self.info)
 
     @classmethod
     def of(cls, pruned: nn.Module) -> PruneSpec:
@@ -127,7 +132,7 @@ class PruneSpec:
                     }
                     for t in self.tensors
                 ],
-                "heads": self.heads,
+                "attributes": self.attributes,
                 "info": self.info,
             },
             separators=(",", ":"),
@@ -157,7 +162,11 @@ class PruneSpec:
                 )
                 for t in data["tensors"]
             ]
-            return cls(str(data["architecture"]), tensors, list(data.get("heads", [])), dict(data.get("info", {})))
+            attributes = {
+                str(path): {str(name): int(value) for name, value in values.items()}
+                for path, values in data.get("attributes", {}).items()
+            }
+            return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})))
         except (KeyError, TypeError, ValueError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
 

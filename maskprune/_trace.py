@@ -69,6 +69,24 @@ class LayerNormSite:
     eps: float
 
 
+HEADS, WIDTH = "heads", "width"
+
+
+@dataclass(frozen=True)
+class SizeSite:
+    """A size the model's code may hold in an attribute: ``value`` counted the channels of ``space`` in ``path``.
+
+    A reshape into attention heads (``view(B, N, self.num_heads, self.head_dim)``) or a split by a
+    width (``split(self.split_size)``) records one; an export that changes the count updates the
+    module's attributes of that name and value (see :mod:`maskprune._attributes`).
+    """
+
+    path: str
+    value: int
+    space: int
+    kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels
+
+
 class TracedSize(int):
     """An ``int`` read from a tensor's shape during the trace, that remembers the channel space it measured.
 
@@ -115,6 +133,7 @@ class Trace:
     modes: list[bool]
     size_reads: set[int]
     leaf_calls: list[LeafCall] = field(default_factory=list)
+    size_sites: list[SizeSite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     shadow: nn.Module | None = None  # the meta copy that was traced, if any (shapes only: reused by the probes)
 
@@ -253,6 +272,7 @@ class Tracer:
         self.leaf_rules = leaf_rules
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
+        self.size_sites: list[SizeSite] = []
         self.leaf_calls: list[LeafCall] = []
         self.first_pass = True
         self.calls: dict[str, int] = {}
@@ -523,6 +543,7 @@ def _trace_model(
         modes=modes,
         size_reads=tracer.size_reads,
         leaf_calls=tracer.leaf_calls,
+        size_sites=tracer.size_sites,
         notes=notes,
     )
 

@@ -16,6 +16,7 @@ from torch import nn
 from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
+from ._attributes import Attributes, attribute_updates
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, GroupLayout, build_layout, format_names, groups_of_spaces, unit_index
@@ -314,13 +315,13 @@ class Mask:
                 if self._runtime is not None:
                     self.semantics = "soft"
         self._runtime.apply()
-        plan = self._plan()
-        spec = PruneSpec.from_plan(self.model, plan)  # the exported model carries it, for save_pruned()
+        plan, attributes = self._plan(), self._attributes()
+        spec = PruneSpec.from_plan(self.model, plan, attributes)  # the exported model carries it, for save_pruned()
         if inplace:
-            pruned = self._export_inplace(plan, inputs, verify, rtol)
+            pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
             spec.attach(pruned)
             return pruned
-        pruned = self._plain_copy(plan)
+        pruned = self._plain_copy(plan, attributes)
         if verify:
             result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
             if not result:
@@ -380,14 +381,22 @@ class Mask:
             units = self._space_units[space] = unit_index(self._layout, self._res, space)
         return units
 
-    def _probe_plan(self, groups: list[int]) -> Plan:
-        """The export plan that removes the last channel of each of ``groups`` (for the trial export)."""
+    def _probe_plan(self, groups: list[int]) -> tuple[Plan, Attributes]:
+        """The export that removes the last channel of each of ``groups`` (for the trial export)."""
         keep = np.ones(self._layout.n_units + 1, dtype=bool)
         for index in groups:
             start, size, _ = self._layout.groups[index]
             if size > 1:
                 keep[start + size - 1] = False
-        return self._plan(keep)
+        return self._plan(keep), self._attributes(keep)
+
+    def _attributes(self, keep_flags: np.ndarray | None = None) -> Attributes:
+        """The counts held in module attributes (``num_heads`` …) that the export changes."""
+        keep_flags = self._keep if keep_flags is None else keep_flags
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        return attribute_updates(
+            modules, self._trace.size_sites, lambda space: int(keep_flags[self._units(space)].sum())
+        )
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
@@ -414,20 +423,20 @@ class Mask:
             keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
         return keeps
 
-    def _plain_copy(self, plan: Plan) -> nn.Module:
+    def _plain_copy(self, plan: Plan, attributes: Attributes) -> nn.Module:
         """A deep copy of the model sliced by ``plan``, without maskprune's hooks."""
         self._runtime.uninstall()
         try:
-            plain = sliced_copy(self.model, plan)
+            plain = sliced_copy(self.model, plan, attributes)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
         return plain
 
-    def _export_inplace(self, plan: Plan, inputs: Any, verify: bool, rtol: float) -> nn.Module:
+    def _export_inplace(self, plan: Plan, attributes: Attributes, inputs: Any, verify: bool, rtol: float) -> nn.Module:
         soft = _verify.outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
-        log = apply_plan(self.model, plan) if plan else None
+        log = apply_plan(self.model, plan, attributes) if plan else None
         if verify:
             try:
                 result = _verify.compare(soft, _verify.outputs(self.model, inputs), rtol)

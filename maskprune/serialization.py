@@ -81,7 +81,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if source in state:
             state[alias] = state[source]
     check_fits(spec, model)
-    log = apply_plan(model, spec.plan())
+    log = apply_plan(model, spec.plan(), spec.attributes)
     try:
         _check_state(model, state)
         model.load_state_dict(state)

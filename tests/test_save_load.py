@@ -128,7 +128,7 @@ def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Pat
     folder = maskprune.save_pruned(pruned, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "spec.json"]
     data = json.loads((folder / "spec.json").read_text())
-    assert data["format"] == "maskprune-pruned" and data["version"] == 1 and data["heads"] == []
+    assert data["format"] == "maskprune-pruned" and data["version"] == 1 and data["attributes"] == {}
     assert data["architecture"] == f"{type(model).__module__}.TinyCNN"
     cuts = {(t["module"], t["attr"]): t for t in data["tensors"]}
     conv1 = cuts[("conv1", "weight")]

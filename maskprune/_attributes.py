@@ -1,0 +1,106 @@
+"""Attributes that hold channel counts (``num_heads``, ``split_size`` …): what an export must update.
+
+Slicing parameters fixes the attributes of torch's own layers (:mod:`maskprune._layers`). A model's
+own modules often keep counts too, and read them in ``forward``:
+``qkv.reshape(B, N, 3, self.num_heads, self.head_dim)``, ``x.split(self.split_size, dim=2)``. The
+trace records each such size as a :class:`~maskprune._trace.SizeSite` (module, value, channel space).
+When an export changes the count of a site's space, the attributes of that module with a known name
+and the site's old value get the new count; a Hugging Face style ``config`` shared by the model gets
+its head counts when every site agrees. Whatever this misses, the trial export finds (the model then
+fails to run) and those channels stay frozen.
+
+Example:
+    >>> class Heads(nn.Module):
+    ...     num_heads = 4
+    >>> module = Heads()
+    >>> updates = attribute_updates({"": module}, [SizeSite("", 4, 7, HEADS)], {7: 3}.get)
+    >>> updates
+    {'': {'num_heads': 3}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ._trace import HEADS, SizeSite
+
+Attributes = dict[str, dict[str, int]]  # module path -> {attribute (``config.<field>`` for its config): new value}
+
+HEAD_COUNTS = frozenset(
+    {
+        "num_heads",
+        "num_attention_heads",
+        "n_head",
+        "n_heads",
+        "heads",
+        "num_key_value_heads",
+        "num_kv_heads",
+        "n_kv_heads",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+    }
+)
+WIDTHS = frozenset({"all_head_size", "attn_dim", "inner_dim", "embed_dim", "split_size", "hidden_dim", "nf", "dim"})
+
+
+def attribute_updates(
+    modules: Mapping[str, nn.Module], sites: list[SizeSite], kept: Callable[[int], int | None]
+) -> Attributes:
+    """The attributes to set so that the modules' code agrees with the new counts.
+
+    ``kept(space)``: the number of channels the export keeps in a space.
+    """
+    proposals: dict[tuple[str, int, str], set[int]] = {}
+    for site in sites:
+        new = kept(site.space)
+        if new is not None and new != site.value:
+            proposals.setdefault((site.path, site.value, site.kind), set()).add(new)
+    updates: Attributes = {}
+    configs: dict[tuple[int, str], tuple[str, set[int]]] = {}
+    for (path, old, kind), news in proposals.items():
+        module = modules.get(path)
+        if module is None or len(news) != 1:
+            continue  # two counts for one written size: the code cannot hold both, the trial export decides
+        (new,) = news
+        names = HEAD_COUNTS if kind == HEADS else WIDTHS
+        for name in _matching(vars(module), names, old):
+            updates.setdefault(path, {})[name] = new
+        for name in _matching(vars(type(module)), names, old):  # a class default: set on the instance
+            updates.setdefault(path, {}).setdefault(name, new)
+        config = getattr(module, "config", None)
+        if kind == HEADS and config is not None and not isinstance(config, nn.Module):
+            for name in _matching(vars(config), HEAD_COUNTS, old):
+                configs.setdefault((id(config), name), (path, set()))[1].add(new)
+    for (_, name), (path, news) in configs.items():
+        if len(news) == 1:  # every layer agrees: the shared config can say it
+            updates.setdefault(path, {})[f"config.{name}"] = news.pop()
+    return updates
+
+
+def _matching(namespace: Mapping[str, Any], names: frozenset[str], value: int) -> list[str]:
+    return [name for name in names if type(namespace.get(name)) is int and namespace[name] == value]
+
+
+def set_attributes(modules: Mapping[str, nn.Module], updates: Attributes, undo: list[tuple[Any, str, Any]]) -> None:
+    """Apply ``updates``, appending (object, attribute, old value) to ``undo`` before each change."""
+    for path, values in updates.items():
+        module = modules[path]
+        for name, value in values.items():
+            owner, attr = (module.config, name[len("config.") :]) if name.startswith("config.") else (module, name)
+            undo.append((owner, attr, owner.__dict__.get(attr, _MISSING)))
+            setattr(owner, attr, value)
+
+
+def undo_attributes(undo: list[tuple[Any, str, Any]]) -> None:
+    """Put back what :func:`set_attributes` changed."""
+    for owner, attr, old in reversed(undo):
+        if old is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, old)
+
+
+_MISSING = object()
