@@ -65,7 +65,7 @@ def attribute_updates(
         if module is None or len(news) != 1:
             continue  # two counts for one written size: the code cannot hold both, the trial export decides
         (new,) = news
-        names = HEAD_COUNTS if kind == HEADS else WIDTHS
+        names = HEAD_COUNTS | WIDTHS
         for name in _matching(vars(module), names, old):
             updates.setdefault(path, {})[name] = new
         for name in _matching(vars(type(module)), names, old):  # a class default: set on the instance

@@ -90,6 +90,58 @@ def leaf_rules() -> dict[type, LayerRule]:
     return dict(_LEAF_RULES)
 
 
+# ---- RMS norms written as modules -------------------------------------------------------------
+RMS_NORM_RULE = LayerRule(inputs={0: {-1: "c"}}, outputs={0: {-1: "c"}}, params={"weight": {0: "c"}})
+
+
+def rms_norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a model's own RMS norm module (Llama's ``LlamaRMSNorm``, T5's ``T5LayerNorm`` …), else None.
+
+    Such a module is traced as one layer (:data:`RMS_NORM_RULE`): its statistic is a mean over the
+    channels, which the masked forward rescales to the kept channels (:func:`rms_rescale`).
+
+    Example:
+        >>> class MyRMSNorm(nn.Module):
+        ...     def __init__(self, n):
+        ...         super().__init__()
+        ...         self.weight, self.variance_epsilon = nn.Parameter(torch.ones(n)), 1e-6
+        >>> rms_norm_eps(MyRMSNorm(4)), rms_norm_eps(nn.LayerNorm(4))
+        (1e-06, None)
+    """
+    name = type(module).__name__.lower()
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return None  # traced through their ``layer_norm`` / ``rms_norm`` op
+    if "rmsnorm" not in name and name != "t5layernorm":
+        return None
+    params = dict(module.named_parameters())
+    if list(params) != ["weight"] or params["weight"].dim() != 1 or next(module.children(), None) is not None:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
+def rms_rescale(x: torch.Tensor, y: torch.Tensor, dim: int, keep: torch.Tensor, eps: float) -> torch.Tensor:
+    """``y``, an RMS norm of ``x`` over all channels of ``dim``, as if over the kept channels only.
+
+    ``y = f(weight) * x / rms(x)`` whatever ``f`` is (``weight``, ``1 + weight``): multiplying by
+    ``rms_all / rms_kept`` gives the norm of the exported model, which no longer has the removed channels.
+
+    Example:
+        >>> x = torch.randn(2, 4); keep = torch.tensor([1.0, 1.0, 0.0, 1.0]); x = x * keep
+        >>> y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        >>> hard = x[:, [0, 1, 3]] * torch.rsqrt(x[:, [0, 1, 3]].pow(2).mean(-1, keepdim=True) + 1e-6)
+        >>> torch.allclose(rms_rescale(x, y, 1, keep, 1e-6)[:, [0, 1, 3]], hard, atol=1e-6)
+        True
+    """
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    squares = x.float().pow(2)
+    total = squares.sum(dim, keepdim=True)
+    kept = (squares * keep.view(shape).float()).sum(dim, keepdim=True)
+    scale = torch.rsqrt(kept / keep.sum().float() + eps) * torch.rsqrt(total / x.shape[dim] + eps).reciprocal()
+    return (y.float() * scale).to(y.dtype)
+
+
 # ---- attribute updates after slicing -----------------------------------------------------------
 def _update_conv(m: _ConvNd) -> None:
     w = m.weight

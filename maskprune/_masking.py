@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._layers import masked_norm
+from ._layers import masked_norm, rms_rescale
 from ._trace import LayerNormSite
 
 
@@ -223,6 +223,8 @@ class MaskRuntime:
             if not norm.active:
                 return None
             values = norm.values if norm.values.device == args[0].device else norm.values.to(args[0].device)
+            if site.kind == "rms_scale":
+                return rms_rescale(args[0], output, site.in_dim, values, site.eps)
             return masked_norm(
                 args[0], site.in_dim, values, module.weight, getattr(module, "bias", None), site.eps, site.kind
             )

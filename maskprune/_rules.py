@@ -336,8 +336,9 @@ def new_from(call: OpCall) -> None:
 def factory(call: OpCall) -> None:
     """A dimension sized by a size read from a tensor (``torch.zeros(n, x.shape[1])``) shares its channels.
 
-    Other dimensions have a size written in the code: frozen. For ``new_*`` only the dtype and
-    device of the tensor are read.
+    A constant (zeros, ones, full) may take channels from what it meets: its size written in the
+    code is recorded as a :class:`SizeSite`. Other dimensions are frozen. For ``new_*`` only the
+    dtype and device of the tensor are read.
     """
     args = call.args
     if call.name.startswith("new_"):
@@ -347,11 +348,20 @@ def factory(call: OpCall) -> None:
     out = call.outputs[0] if call.outputs else None
     if out is None or len(sizes) < out.dim():
         return
+    constant = call.name in _CONSTANT_FACTORIES
     spaces: list[int | None] = []
     for d, n in enumerate(list(sizes)[: out.dim()]):
-        traced = isinstance(n, TracedSize) and n == out.shape[d]
-        spaces.append(n.space if traced else None)
+        if isinstance(n, TracedSize) and n == out.shape[d]:
+            spaces.append(n.space)
+        elif constant and type(n) is int and n > 1:  # a constant of any size: the size can follow an attribute
+            spaces.append(call.graph.new_space(n))
+            call.tracer.size_sites.append(SizeSite(call.tracer.path(), n, spaces[-1]))
+        else:
+            spaces.append(None)
     call.set_out(out, spaces)
+
+
+_CONSTANT_FACTORIES = {"zeros", "ones", "full", "new_zeros", "new_ones", "new_full"}
 
 
 # ---- shapes ------------------------------------------------------------------------------------
@@ -971,8 +981,22 @@ def multi_head_attention(call: OpCall) -> None:
 
 @rule("scaled_dot_product_attention")
 def scaled_dot_product_attention(call: OpCall) -> None:
+    """Heads (and batch dims) pass through; a mask or bias shares them; grouped-query keys serve head groups."""
     q, k, v = call.args[0], call.arg(1, "key"), call.arg(2, "value")
+    mask = call.arg(3, "attn_mask")
     out = call.outputs[0]
-    batch = _broadcast_prefix(call, out, [q, k, v])
+    tensors = [q, k, v] + ([mask] if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else [])
+    batch = _broadcast_prefix(call, out, tensors)
+    if call.arg(7, "enable_gqa", False) and q.dim() >= 3 and k.shape[-3] not in (q.shape[-3], 1):
+        heads, kv_heads = q.shape[-3], k.shape[-3]  # query head h reads key/value head h // (heads // kv_heads)
+        idx = np.arange(heads)
+        call.link(call.space(q, -3), idx, call.space(k, -3), idx // (heads // kv_heads))
+        call.unite(k, -3, v, -3)
     call.unite(k, -2, v, -2)
+    if len(tensors) == 4:
+        for dim, other in ((-2, q), (-1, k)):
+            if mask.shape[dim] == other.shape[-2]:
+                call.unite(mask, dim, other, -2)
+            elif mask.shape[dim] == 1:
+                call.claimed.add((id(mask), mask.dim() + dim))
     call.set_out(out, batch + [call.space(q, -2), call.space(v, -1)])

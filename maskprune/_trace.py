@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._graph import ChannelGraph
+from ._layers import RMS_NORM_RULE, rms_norm_eps
 from ._meta import FastMeta, has_meta_tensors, meta_copy, to_meta
 from .errors import TraceError
 
@@ -61,7 +62,7 @@ class TensorNode:
 class LayerNormSite:
     """A module whose output is a layer norm over a channel space (masked statistics needed)."""
 
-    kind: str  # "layer_norm" or "rms_norm"
+    kind: str  # "layer_norm", "rms_norm" (torch's ops) or "rms_scale" (a model's own RMS norm module)
     module: nn.Module
     path: str
     space: int
@@ -269,7 +270,10 @@ class Tracer:
         self.module_outputs: dict[str, list[TensorNode]] = {}
         self.layer_norms: list[LayerNormSite] = []
         self.unknown_ops: dict[tuple[str, str], int] = {}
-        self.leaf_rules = leaf_rules
+        self.leaf_rules = dict(leaf_rules)
+        for module in model.modules():
+            if type(module) not in self.leaf_rules and rms_norm_eps(module) is not None:
+                self.leaf_rules[type(module)] = RMS_NORM_RULE
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
@@ -376,7 +380,10 @@ class Tracer:
         if type(module) in self.leaf_rules:
             self.leaf_depth -= 1
             if self.leaf_depth == 0:
-                self.rules.run_leaf_rule(self, module, self.leaf_rules[type(module)], args, output)
+                leaf = self.leaf_rules[type(module)]
+                self.rules.run_leaf_rule(self, module, leaf, args, output)
+                if leaf is RMS_NORM_RULE:
+                    self.record_rms_norm(module, args)
         ops = self.ops_in_call.pop()
         ln_sites = self.pending_ln.pop()
         self.stack.pop()
@@ -390,6 +397,16 @@ class Tracer:
                 self.record_leaf_call(path, module, args, outputs)
         for space, kind in ln_sites:
             self.resolve_layer_norm(module, path, ops, space, kind, args, output)
+
+    def record_rms_norm(self, module: nn.Module, args: tuple) -> None:
+        """A model's own RMS norm module: its statistic is rescaled to the kept channels when masked."""
+        path = self.module_paths.get(id(module))
+        x = next(iter_tensors(args), None)
+        node = self.param_nodes.get(id(module.weight))
+        if path is None or x is None or node is None:
+            return
+        eps = rms_norm_eps(module)
+        self.layer_norms.append(LayerNormSite("rms_scale", module, path, node.spaces[0], x.dim() - 1, eps))
 
     def record_leaf_call(self, path: str, module: nn.Module, args: tuple, outputs: list[TensorNode]) -> None:
         calls = self.calls.get(path, 0)
