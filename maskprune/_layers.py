@@ -184,7 +184,16 @@ def _update_embedding(m: nn.Embedding) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
+def _update_multihead_attention(m: nn.MultiheadAttention) -> None:
+    if m._qkv_same_embed_dim:
+        m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    else:
+        m.embed_dim, m.kdim, m.vdim = m.q_proj_weight.shape[1], m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    m.num_heads = m.embed_dim // m.head_dim
+
+
 _UPDATERS: list[tuple[type, Updater]] = [
+    (nn.MultiheadAttention, _update_multihead_attention),
     (_ConvNd, _update_conv),
     (nn.Linear, _update_linear),
     (_BatchNorm, _update_batch_norm),

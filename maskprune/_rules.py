@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._trace import HEADS, SizeSite, TensorNode, TracedSize, Tracer, iter_tensors
+from ._trace import HEADS, TensorNode, TracedSize, Tracer, iter_tensors
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
 
@@ -355,7 +355,7 @@ def factory(call: OpCall) -> None:
             spaces.append(n.space)
         elif constant and type(n) is int and n > 1:  # a constant of any size: the size can follow an attribute
             spaces.append(call.graph.new_space(n))
-            call.tracer.size_sites.append(SizeSite(call.tracer.path(), n, spaces[-1]))
+            call.tracer.size_site(n, spaces[-1])
         else:
             spaces.append(None)
     call.set_out(out, spaces)
@@ -376,7 +376,6 @@ def reshape(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
     if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.numel() != out.numel():
         return
-    sites = call.tracer.size_sites
     literals = _literal_sizes(call.args[1:])
     spaces: list[int | None] = [None] * out.dim()
     for d, n in enumerate(x.shape):
@@ -406,7 +405,7 @@ def reshape(call: OpCall) -> None:
         if len(block_in) == 1:
             spaces[out_dim] = call.space(x, block_in[0][0])
             if pb in literals:
-                sites.append(SizeSite(call.tracer.path(), pb, spaces[out_dim]))
+                call.tracer.size_site(pb, spaces[out_dim])
             continue
         major_dim, major = block_in[0]
         stride = pa // major
@@ -414,7 +413,7 @@ def reshape(call: OpCall) -> None:
         idx = np.arange(pb)
         call.link(merged, idx, call.space(x, major_dim), idx // stride)
         spaces[out_dim] = merged
-        sites.append(SizeSite(call.tracer.path(), pb, merged))
+        call.tracer.size_site(pb, merged)
     call.set_out(out, spaces)
 
 
@@ -438,7 +437,7 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     space = call.graph.new_space(heads)
     idx = np.arange(x.shape[in_dim])
     call.link(space, (idx // per_head) % heads, call.space(x, in_dim), idx)
-    call.tracer.size_sites.append(SizeSite(call.tracer.path(), heads, space, HEADS))
+    call.tracer.size_site(heads, space, HEADS)
     return heads_dim, space
 
 
@@ -558,7 +557,7 @@ def split(call: OpCall) -> None:
         for k in range(len(outs)):
             call.link(shared, np.arange(n), call.space(x, d), np.arange(k * n, (k + 1) * n))
         if by_size:  # ``split(self.split_size)``: the size is written in the code
-            call.tracer.size_sites.append(SizeSite(call.tracer.path(), n, shared))
+            call.tracer.size_site(n, shared)
     for out in outs:
         spaces: list[int | None] = [call.space(x, k) if k != d else shared for k in range(x.dim())]
         call.set_out(out, spaces)
@@ -973,10 +972,55 @@ def embedding(call: OpCall) -> None:
 
 @rule("multi_head_attention_forward")
 def multi_head_attention(call: OpCall) -> None:
-    """nn.MultiheadAttention ties embed_dim to num_heads * head_dim: its channels stay frozen."""
-    query = call.args[0]
+    """``nn.MultiheadAttention`` loses whole heads, each with the same channels of its query.
+
+    Its code ties the inner width to the query's (``embed_dim``): inner channel ``r`` goes with query
+    channel ``r``, and a head's ``head_dim`` channels go together, so the export keeps ``head_dim``
+    (and the attention scale) and sets ``num_heads`` and ``embed_dim``.
+    """
+    query, key, value = call.args[0], call.arg(1, "key"), call.arg(2, "value")
+    heads = int(call.arg(4, "num_heads"))
     out = call.outputs[0]
-    call.set_out(out, [call.space(query, d) for d in range(query.dim() - 1)] + [None])
+    width = query.shape[-1]
+    if width % heads or out.shape[-1] != width:
+        return
+    idx = np.arange(width)
+    inner = call.space(query, -1)
+    call.link(inner, idx, inner, idx - idx % (width // heads))  # a head's channels are one unit
+    separate = call.arg(17, "use_separate_proj_weight", False)
+    if separate:
+        projections = [(call.arg(18, "q_proj_weight"), query), (call.arg(19, "k_proj_weight"), key)]
+        projections.append((call.arg(20, "v_proj_weight"), value))
+    else:
+        projections = [(call.arg(5, "in_proj_weight"), t) for t in (query, key, value)]
+    for weight, source in projections:
+        _rows_to_heads(call, weight, 0, inner, width, PRODUCER)
+        call.unite(source, -1, weight, 1)
+        call.role(weight, 1, CONSUMER)
+    for index, name in ((6, "in_proj_bias"), (7, "bias_k"), (8, "bias_v")):
+        bias = call.arg(index, name)
+        if isinstance(bias, torch.Tensor):
+            _rows_to_heads(call, bias, -1, inner, width, BIAS)
+            for dim in range(bias.dim() - 1):
+                call.claimed.add((id(bias), dim))
+    out_weight, out_bias = call.arg(11, "out_proj_weight"), call.arg(12, "out_proj_bias")
+    call.unite(out_weight, 1, query, -1)
+    call.role(out_weight, 1, CONSUMER)
+    call.role(out_weight, 0, PRODUCER)
+    if isinstance(out_bias, torch.Tensor):
+        call.unite(out_bias, 0, out_weight, 0)
+        call.role(out_bias, 0, BIAS)
+    for name, index in (("key_padding_mask", 14), ("attn_mask", 16)):
+        if isinstance(mask := call.arg(index, name), torch.Tensor):
+            call.claim_all(mask)
+    call.set_out(out, [call.space(query, d) for d in range(query.dim() - 1)] + [call.space(out_weight, 0)])
+
+
+def _rows_to_heads(call: OpCall, t: torch.Tensor, dim: int, inner: int, width: int, role: str) -> None:
+    """Row ``r`` of a (possibly packed q/k/v) projection is inner channel ``r % width``."""
+    rows = np.arange(t.shape[dim])
+    call.link(call.space(t, dim), rows, inner, rows % width)
+    call.role(t, dim, role)
 
 
 @rule("scaled_dot_product_attention")

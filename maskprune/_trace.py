@@ -290,6 +290,11 @@ class Tracer:
                 return path or "<root>"
         return "<root>"
 
+    def size_site(self, value: int, space: int, kind: str = WIDTH) -> None:
+        """Record that the running module's code wrote ``value``, a count of ``space``'s channels."""
+        path = next((p for m in reversed(self.stack) if (p := self.module_paths.get(id(m))) is not None), "")
+        self.size_sites.append(SizeSite(path, value, space, kind))
+
     def node(self, t: torch.Tensor) -> TensorNode:
         node = self.nodes.get(id(t))
         if node is not None and node.shape == tuple(t.shape):

@@ -326,8 +326,20 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(8, "conv.weight[0]", "conv.bias[0]", "fc.weight[1]"),
         G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
     },
-    "multihead_attention": {  # embed dim frozen: pre2's outputs, attn.*, post1's inputs
+    "multihead_attention": {  # 2 heads of 4: each with the same 4 channels of the query (embed_dim)
         G(10, "pre1.weight[0]", "pre1.bias[0]", "pre2.weight[1]"),
+        G(
+            2,
+            "pre2.weight[0]",
+            "pre2.bias[0]",
+            "attn.in_proj_weight[0]",
+            "attn.in_proj_weight[1]",
+            "attn.in_proj_bias[0]",
+            "attn.out_proj.weight[0]",
+            "attn.out_proj.weight[1]",
+            "attn.out_proj.bias[0]",
+            "post1.weight[1]",
+        ),
         G(12, "post1.weight[0]", "post1.bias[0]", "post2.weight[1]"),
     },
     "functional": {
@@ -576,21 +588,6 @@ def test_dict_inputs_and_outputs() -> None:
         ("split_unequal", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`split` in <root>"),
         ("slice", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`getitem` in <root>"),
         ("channel_shuffle", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`view` in <root>"),
-        (
-            "multihead_attention",
-            {
-                "pre2.weight[0]",
-                "pre2.bias[0]",
-                "attn.in_proj_weight[0]",
-                "attn.in_proj_weight[1]",
-                "attn.in_proj_bias[0]",
-                "attn.out_proj.weight[0]",
-                "attn.out_proj.weight[1]",
-                "attn.out_proj.bias[0]",
-                "post1.weight[1]",
-            },
-            "`multi_head_attention_forward` in attn",
-        ),
         ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`einsum` in mix"),
     ],
 )
@@ -605,14 +602,19 @@ def test_frozen_channels(name: str, frozen: set[str], op: str) -> None:
         assert pruned.get_parameter(tensor).shape[dim] == model.get_parameter(tensor).shape[dim], key
 
 
-def test_attention_is_left_whole() -> None:
+def test_attention_loses_whole_heads() -> None:
     mask, model, inputs = make("multihead_attention")
-    assert not [m.name for g in mask.groups for m in g.members if m.name.startswith("attn.")]
-    prune_every_group(mask)
+    (heads,) = [g for g in mask.groups if any(m.name.startswith("attn.") for m in g.members)]
+    assert heads.size == 2
+    heads.prune([0])
     pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
-    assert pruned.attn.embed_dim == 8 and pruned.attn.in_proj_weight.shape == (24, 8)
-    assert (pruned.pre1.out_features, pruned.pre2.in_features) == (5, 5)  # its neighbours' own channels
-    assert (pruned.post1.out_features, pruned.post2.in_features) == (6, 6)
+    attn = pruned.attn
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim, attn.kdim) == (1, 4, 4, 4)
+    assert attn.in_proj_weight.shape == (12, 4) and attn.out_proj.weight.shape == (4, 4)
+    assert (pruned.pre2.out_features, pruned.post1.in_features) == (4, 4)  # the query's channels of head 1
+    kept = torch.arange(4, 8)
+    rows = torch.cat([kept, kept + 8, kept + 16])
+    assert torch.equal(attn.in_proj_weight, model.attn.in_proj_weight[rows][:, kept])
 
 
 def test_unsupported_op_is_reported() -> None:
