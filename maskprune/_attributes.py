@@ -43,7 +43,18 @@ HEAD_COUNTS = frozenset(
         "decoder_attention_heads",
     }
 )
-WIDTHS = frozenset({"all_head_size", "attn_dim", "inner_dim", "embed_dim", "split_size", "hidden_dim", "nf", "dim"})
+WIDTH_ENDINGS = ("dim", "size", "_features", "channels")  # attn_dim, all_head_size, val_attn_dim, inner_dim …
+WIDTH_NAMES = frozenset({"nf", "width"})
+
+
+def is_count_name(name: str) -> bool:
+    """Whether an attribute's name says it holds a head count or a width.
+
+    Example:
+        >>> [is_count_name(n) for n in ("num_heads", "split_size", "attn_dim", "layer_idx", "scale")]
+        [True, True, True, False, False]
+    """
+    return name in HEAD_COUNTS or name in WIDTH_NAMES or name.endswith(WIDTH_ENDINGS)
 
 
 def attribute_updates(
@@ -65,14 +76,13 @@ def attribute_updates(
         if module is None or len(news) != 1:
             continue  # two counts for one written size: the code cannot hold both, the trial export decides
         (new,) = news
-        names = HEAD_COUNTS | WIDTHS
-        for name in _matching(vars(module), names, old):
+        for name in _matching(vars(module), is_count_name, old):
             updates.setdefault(path, {})[name] = new
-        for name in _matching(vars(type(module)), names, old):  # a class default: set on the instance
+        for name in _matching(vars(type(module)), is_count_name, old):  # a class default: set on the instance
             updates.setdefault(path, {}).setdefault(name, new)
         config = getattr(module, "config", None)
         if kind == HEADS and config is not None and not isinstance(config, nn.Module):
-            for name in _matching(vars(config), HEAD_COUNTS, old):
+            for name in _matching(vars(config), HEAD_COUNTS.__contains__, old):
                 configs.setdefault((id(config), name), (path, set()))[1].add(new)
     for (_, name), (path, news) in configs.items():
         if len(news) == 1:  # every layer agrees: the shared config can say it
@@ -80,8 +90,8 @@ def attribute_updates(
     return updates
 
 
-def _matching(namespace: Mapping[str, Any], names: frozenset[str], value: int) -> list[str]:
-    return [name for name in names if type(namespace.get(name)) is int and namespace[name] == value]
+def _matching(namespace: Mapping[str, Any], named: Callable[[str], bool], value: int) -> list[str]:
+    return [name for name, held in namespace.items() if type(held) is int and held == value and named(name)]
 
 
 def set_attributes(modules: Mapping[str, nn.Module], updates: Attributes, undo: list[tuple[Any, str, Any]]) -> None:

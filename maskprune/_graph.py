@@ -73,6 +73,10 @@ class ChannelGraph:
         """Channel ``ia[k]`` of ``a`` goes with channel ``ib[k]`` of ``b``."""
         self._links.append((a, np.asarray(ia, dtype=np.int64), b, np.asarray(ib, dtype=np.int64)))
 
+    def is_frozen(self, space: int) -> bool:
+        """Whether the whole space is frozen so far (links solved later may freeze more)."""
+        return self.find(space) in self._reason
+
     def freeze(self, space: int, reason: str) -> None:
         root = self.find(space)
         self._reason.setdefault(root, reason)

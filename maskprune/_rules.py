@@ -407,14 +407,26 @@ def reshape(call: OpCall) -> None:
             if pb in literals:
                 call.tracer.size_site(pb, spaces[out_dim])
             continue
-        major_dim, major = block_in[0]
-        stride = pa // major
+        carrier, size, stride = _merge_carrier(call, x, block_in)
         merged = call.graph.new_space(pb)
         idx = np.arange(pb)
-        call.link(merged, idx, call.space(x, major_dim), idx // stride)
+        call.link(merged, idx, call.space(x, carrier), (idx // stride) % size)
         spaces[out_dim] = merged
         call.tracer.size_site(pb, merged)
     call.set_out(out, spaces)
+
+
+def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """The factor of a merge that carries channels: the first one not frozen (``C`` of a conv's
+    ``(C, H, W)``, ``heads`` of ``(heads, head_dim)``, ``C`` of Swin's ``(2, 2, C)``), else the first.
+
+    Returns (its dim in ``x``, its size, the product of the factors after it).
+    """
+    graph = call.graph
+    nodes = call.tracer.node(x).spaces
+    chosen = next((k for k, (d, _) in enumerate(block_in) if not graph.is_frozen(nodes[d])), 0)
+    stride = int(np.prod([n for _, n in block_in[chosen + 1 :]], dtype=np.int64))
+    return block_in[chosen][0], block_in[chosen][1], stride
 
 
 def _literal_sizes(args: tuple) -> set[int]:
@@ -608,7 +620,10 @@ def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, st
 @rule("getitem")
 def getitem(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
-    plan = _index_plan(tuple(x.shape), call.args[1])
+    index = call.args[1]
+    if _gather_rows(call, x, out, index):
+        return
+    plan = _index_plan(tuple(x.shape), index)
     if plan is None:
         return
     spaces: list[int | None] = []
@@ -621,6 +636,22 @@ def getitem(call: OpCall) -> None:
             call.claimed.add((id(x), dim))
     if len(spaces) == out.dim():
         call.set_out(out, spaces)
+
+
+def _gather_rows(call: OpCall, x: torch.Tensor, out: torch.Tensor, index: Any) -> bool:
+    """``table[idx]`` or ``table[:, idx]`` with one integer tensor (relative position biases): the
+    indexed dim is replaced by the index's dims (frozen), the others pass through."""
+    items = index if isinstance(index, tuple) else (index,)
+    tensors = [k for k, item in enumerate(items) if isinstance(item, torch.Tensor)]
+    if len(tensors) != 1 or any(item != slice(None) for k, item in enumerate(items) if k != tensors[0]):
+        return False
+    at, idx = tensors[0], items[tensors[0]]
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or out.dim() != idx.dim() + x.dim() - 1:
+        return False
+    call.claim_all(idx)
+    before = [call.space(x, d) for d in range(at)]
+    call.set_out(out, before + [None] * idx.dim() + [call.space(x, d) for d in range(at + 1, x.dim())])
+    return True
 
 
 @rule("setitem")
