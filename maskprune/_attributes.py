@@ -57,6 +57,18 @@ def is_count_name(name: str) -> bool:
     return name in HEAD_COUNTS or name in WIDTH_NAMES or name.endswith(WIDTH_ENDINGS)
 
 
+def holds_count(module: nn.Module | None, value: int) -> bool:
+    """Whether ``module`` keeps ``value`` in a count attribute (``num_heads``, ``split_size`` …) that an export can set.
+
+    Example:
+        >>> holds_count(nn.MultiheadAttention(8, 2), 2), holds_count(nn.ReLU(), 2)
+        (True, False)
+    """
+    if module is None:
+        return False
+    return bool(_matching(vars(module), is_count_name, value) or _matching(vars(type(module)), is_count_name, value))
+
+
 def attribute_updates(
     modules: Mapping[str, nn.Module], sites: list[SizeSite], kept: Callable[[int], int | None]
 ) -> Attributes:

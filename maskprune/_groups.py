@@ -8,7 +8,7 @@ layer: "these 64 channels of ``layer1.0.conv1.weight`` dim 0, ``bn1`` …".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -269,6 +269,24 @@ def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]
     live = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
     live = live[live < layout.n_units]
     return set((np.searchsorted(starts, live, side="right") - 1).tolist())
+
+
+def groups_by_module(layout: GroupLayout) -> Callable[[str], set[int]]:
+    """``near(path)``: the groups with a tensor in module ``path`` or below it."""
+    owners: dict[str, set[int]] = {}
+    for index, (_, _, members) in enumerate(layout.groups):
+        for member in members:
+            owners.setdefault(member.module, set()).add(index)
+
+    def near(path: str) -> set[int]:
+        prefix = f"{path}." if path else ""
+        found: set[int] = set()
+        for module, groups in owners.items():
+            if module == path or module.startswith(prefix):
+                found |= groups
+        return found
+
+    return near
 
 
 def format_names(names: Sequence[str], limit: int = 4) -> str:

@@ -10,7 +10,9 @@ as the reason. Costs one meta forward when nothing is wrong.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +24,19 @@ from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import call_model, iter_tensors
 
 MAX_PROBES = 200
+MAX_NEAR = 16  # groups of the raising module tried one by one before bisecting
 
 
-def _runs(model: nn.Module, inputs: Any, modes: list[bool]) -> str | None:
-    """None if the model runs in every mode, else the first error."""
+@dataclass(frozen=True)
+class Failure:
+    """Why the trial export failed, and the innermost module whose code raised (None if unknown)."""
+
+    text: str
+    module: str | None
+
+
+def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str]) -> Failure | None:
+    """None if the model runs in every mode, else the first error. ``paths``: module id -> name."""
     saved = [(m, m.training) for m in model.modules()]
     try:
         for mode in modes:
@@ -35,11 +46,22 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool]) -> str | None:
             for _ in iter_tensors(out):
                 pass
     except Exception as error:  # noqa: BLE001 - any failure is the answer
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        text = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return Failure(text, _raising_module(error, paths))
     finally:
         for m, mode in saved:
             m.training = mode
     return None
+
+
+def _raising_module(error: Exception, paths: dict[int, str]) -> str | None:
+    """The innermost module of ``paths`` whose method is on the error's traceback."""
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in paths:
+            found = paths[id(owner)]
+    return found
 
 
 def fixed_size_groups(
@@ -49,12 +71,15 @@ def fixed_size_groups(
     n_groups: int,
     plan_for: Callable[[list[int]], tuple[Plan, Attributes]],
     suspects: set[int],
+    near: Callable[[str], set[int]],
     shadow: nn.Module | None = None,
 ) -> tuple[dict[int, str], str | None]:
     """Groups whose channel count the model's code fixes, with the error removing a channel causes.
 
     ``suspects`` (groups whose size the code read) are searched alone when the
-    others export fine. ``shadow``: a meta copy of ``model`` to use (the trace's).
+    others export fine. ``near(module)``: the groups with a tensor in that module
+    (or below it), tried one by one first when the export fails there.
+    ``shadow``: a meta copy of ``model`` to use (the trace's).
     Returns ({group index: error}, note); the note says why no check was possible.
     """
     try:
@@ -62,42 +87,57 @@ def fixed_size_groups(
         meta_inputs = to_meta(inputs)
     except Exception as error:  # noqa: BLE001
         return {}, f"no trial export on the meta device ({type(error).__name__}: {error})"
+    paths = {id(m): name for name, m in base.named_modules(remove_duplicate=False)}
     probes = 0
 
-    def failing(subset: list[int]) -> str | None:
+    def failing(subset: list[int]) -> Failure | None:
         nonlocal probes
         probes += 1
         log = apply_plan(base, *plan_for(subset))
         try:
-            return _runs(base, meta_inputs, modes)
+            return _runs(base, meta_inputs, modes, paths)
         finally:
             log.undo()
 
     culprits: dict[int, str] = {}
     remaining = list(range(n_groups))
     error = failing(remaining)
-    if error is not None and (failure := _runs(base, meta_inputs, modes)) is not None:
-        return {}, f"no trial export: the model does not run on the meta device ({failure})"
+    if error is not None and (failure := _runs(base, meta_inputs, modes, paths)) is not None:
+        return {}, f"no trial export: the model does not run on the meta device ({failure.text})"
     innocent = [g for g in remaining if g not in suspects]
     if error is not None and suspects and innocent and failing(innocent) is None:
         for g in innocent:
             remaining.remove(g)
     while error is not None and remaining and probes < MAX_PROBES:
-        candidates = remaining
-        while len(candidates) > 1 and probes < MAX_PROBES:
-            half = candidates[: len(candidates) // 2]
-            if (found := failing(half)) is not None:
-                candidates, error = half, found
-                continue
-            rest = candidates[len(candidates) // 2 :]
-            if (found := failing(rest)) is None:
-                break  # only the combination fails: freeze all of it
-            candidates, error = rest, found
-        for g in candidates:
-            culprits[g] = error
+        alone = _failing_alone(failing, near(error.module) if error.module is not None else set(), remaining)
+        if alone:
+            culprits.update(alone)
+        else:
+            candidates = remaining
+            while len(candidates) > 1 and probes < MAX_PROBES:
+                half = candidates[: len(candidates) // 2]
+                if (found := failing(half)) is not None:
+                    candidates, error = half, found
+                    continue
+                rest = candidates[len(candidates) // 2 :]
+                if (found := failing(rest)) is None:
+                    break  # only the combination fails: freeze all of it
+                candidates, error = rest, found
+            for g in candidates:
+                culprits[g] = error.text
         remaining = [g for g in remaining if g not in culprits]
         error = failing(remaining) if remaining else None
     if error is not None and remaining:
         for g in remaining:
-            culprits[g] = error
+            culprits[g] = error.text
     return culprits, None
+
+
+def _failing_alone(
+    failing: Callable[[list[int]], Failure | None], near: set[int], remaining: list[int]
+) -> dict[int, str]:
+    """The groups of ``near`` whose export fails on its own, with their errors (none tried if too many)."""
+    tried = [g for g in remaining if g in near]
+    if len(tried) > MAX_NEAR:
+        return {}
+    return {g: found.text for g in tried if (found := failing([g])) is not None}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._attributes import holds_count
 from ._trace import HEADS, TensorNode, TracedSize, Tracer, iter_tensors
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
@@ -353,7 +354,8 @@ def factory(call: OpCall) -> None:
     for d, n in enumerate(list(sizes)[: out.dim()]):
         if isinstance(n, TracedSize) and n == out.shape[d]:
             spaces.append(n.space)
-        elif constant and type(n) is int and n > 1:  # a constant of any size: the size can follow an attribute
+        elif constant and type(n) is int and n > 1 and holds_count(call.tracer.running_module()[1], n):
+            # a constant of any size, its size held in an attribute the export sets: it takes what it meets
             spaces.append(call.graph.new_space(n))
             call.tracer.size_site(n, spaces[-1])
         else:
@@ -442,15 +444,34 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     """Split ``x``'s dim ``in_dim`` into ``block_out``; the second-to-last factor carries the channels.
 
     ``C -> (heads, head_dim)`` and ``3C -> (3, heads, head_dim)`` keep their channels prunable a whole
-    head at a time (the other factors keep their size). Returns (output dim, its space).
+    head at a time (the other factors keep their size). A head count written in the code must be held
+    in an attribute the export can set (``self.num_heads``), else it is frozen: the exported code would
+    still split into the old count (a channel shuffle's ``groups``). Returns (output dim, its space).
     """
     heads_dim, heads = block_out[-2]
     per_head = block_out[-1][1]
+    written = _written_size(call, heads_dim)
+    if type(written) is int and written > 0 and not holds_count(call.tracer.running_module()[1], written):
+        return heads_dim, call.graph.new_space(heads, f"{call.reason()} (its count {written} is written in the code)")
     space = call.graph.new_space(heads)
     idx = np.arange(x.shape[in_dim])
     call.link(space, (idx // per_head) % heads, call.space(x, in_dim), idx)
     call.tracer.size_site(heads, space, HEADS)
     return heads_dim, space
+
+
+def _written_size(call: OpCall, out_dim: int) -> Any:
+    """What the call wrote for output dim ``out_dim``: an int, -1, a traced size, or None when not written."""
+    out = call.outputs[0]
+    if call.name in ("view", "reshape"):
+        shape = call.args[1:] or (call.kwargs.get("shape"),)
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        return shape[out_dim] if len(shape) == out.dim() else None
+    if call.name == "unflatten":
+        start, sizes = int(call.arg(1, "dim")) % call.args[0].dim(), call.arg(2, "sizes")
+        return sizes[out_dim - start] if start <= out_dim < start + len(sizes) else None
+    return None
 
 
 def _permutation(call: OpCall, ndim: int) -> list[int] | None:
@@ -563,7 +584,8 @@ def split(call: OpCall) -> None:
     equal = len({o.shape[d] for o in outs}) == 1 and outs[0].shape[d] * len(outs) == size
     by_size = call.name in ("split", "split_with_sizes")
     shared = None
-    if equal and (call.name == "chunk" or by_size):
+    held = by_size and holds_count(call.tracer.running_module()[1], outs[0].shape[d])
+    if equal and (call.name == "chunk" or held):
         n = outs[0].shape[d]
         shared = call.graph.new_space(n)
         for k in range(len(outs)):
@@ -892,6 +914,35 @@ def addmm(call: OpCall) -> None:
         for dim in range(bias.dim() - 1):
             call.claimed.add((id(bias), dim))
     call.set_out(out, [call.space(x, 0), call.space(w, 1)])
+
+
+@rule("einsum")
+def einsum(call: OpCall) -> None:
+    """Letters kept in the output pass through (united across operands); contracted letters are united
+    when a parameter takes part (like ``linear``), else frozen (like an activation matmul)."""
+    equation = call.args[0]
+    operands = list(call.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    out = call.outputs[0]
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation:
+        return
+    lhs, rhs = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or any(len(t) != o.dim() for t, o in zip(terms, operands, strict=True)):
+        return
+    has_param = any(call.is_param(o) for o in operands)
+    first: dict[str, int] = {}
+    for term, operand in zip(terms, operands, strict=True):
+        for dim, letter in enumerate(term):
+            if operand.shape[dim] == 1 and letter in rhs and out.shape[rhs.index(letter)] != 1:
+                call.claimed.add((id(operand), dim))  # broadcast
+            elif letter in rhs or has_param:
+                space = call.space(operand, dim)
+                call.graph.unite(first.setdefault(letter, space), space)
+                if letter not in rhs:
+                    call.role(operand, dim, CONSUMER)
+    call.set_out(out, [first.get(letter) for letter in rhs])
 
 
 @rule("matmul", "rmatmul", "mm", "bmm")

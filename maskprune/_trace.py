@@ -290,10 +290,17 @@ class Tracer:
                 return path or "<root>"
         return "<root>"
 
+    def running_module(self) -> tuple[str, nn.Module | None]:
+        """The innermost module of the model that is running (its path, ``""`` for the root)."""
+        for module in reversed(self.stack):
+            path = self.module_paths.get(id(module))
+            if path is not None:
+                return path, module
+        return "", None
+
     def size_site(self, value: int, space: int, kind: str = WIDTH) -> None:
         """Record that the running module's code wrote ``value``, a count of ``space``'s channels."""
-        path = next((p for m in reversed(self.stack) if (p := self.module_paths.get(id(m))) is not None), "")
-        self.size_sites.append(SizeSite(path, value, space, kind))
+        self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind))
 
     def node(self, t: torch.Tensor) -> TensorNode:
         node = self.nodes.get(id(t))

@@ -19,7 +19,7 @@ from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, GroupLayout, build_layout, format_names, groups_of_spaces, unit_index
+from ._groups import Group, GroupLayout, build_layout, format_names, groups_by_module, groups_of_spaces, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
@@ -162,7 +162,14 @@ class Mask:
         self._use_layout(layout)
         suspects = groups_of_spaces(layout, res, tr.size_reads)
         fixed, note = fixed_size_groups(
-            self.model, self.example_inputs, tr.modes, len(layout.groups), self._probe_plan, suspects, tr.shadow
+            self.model,
+            self.example_inputs,
+            tr.modes,
+            len(layout.groups),
+            self._probe_plan,
+            suspects,
+            groups_by_module(layout),
+            tr.shadow,
         )
         if note:
             tr.notes.append(note)

@@ -588,7 +588,7 @@ def test_dict_inputs_and_outputs() -> None:
         ("split_unequal", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`split` in <root>"),
         ("slice", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`getitem` in <root>"),
         ("channel_shuffle", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`view` in <root>"),
-        ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`einsum` in mix"),
+        ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`tensordot` in mix"),
     ],
 )
 def test_frozen_channels(name: str, frozen: set[str], op: str) -> None:
@@ -620,8 +620,8 @@ def test_attention_loses_whole_heads() -> None:
 def test_unsupported_op_is_reported() -> None:
     mask, _, _ = make("unsupported_op")
     text = str(mask)
-    assert "Unsupported ops (their channels are frozen): `einsum` in mix" in text
-    assert "unsupported op `einsum` in mix: conv.weight[0]" in text
+    assert "Unsupported ops (their channels are frozen): `tensordot` in mix" in text
+    assert "unsupported op `tensordot` in mix: conv.weight[0]" in text
 
 
 # ---- engine checks the structures rely on ------------------------------------------------------
