@@ -415,6 +415,92 @@ class TinyAttention(nn.Module):
         return self.post2(F.relu(self.post1(h)))
 
 
+class TinyFusedAttention(nn.Module):
+    """timm-style self-attention: one fused qkv linear split into ``num_heads`` heads by a reshape that
+    reads ``self.num_heads`` and ``self.head_dim``, SDPA, and a merge back to ``self.attn_dim``; pre-norm,
+    residual and an MLP around it. 3 heads of 2 on a width of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 3, 2
+        self.attn_dim = self.num_heads * self.head_dim
+        self.embed = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        B, N, _ = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.head(x + self.proj(a))
+
+
+class TinyGroupedQueryAttention(nn.Module):
+    """Llama-style grouped-query attention: 4 query heads share 2 key/value heads (``repeat_kv`` by
+    expand and reshape), heads inferred by ``view(B, N, -1, head_dim)``, a causal SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim, self.num_key_value_groups = 3, 2
+        self.q_proj = nn.Linear(8, 4 * 3, bias=False)
+        self.k_proj = nn.Linear(8, 2 * 3, bias=False)
+        self.v_proj = nn.Linear(8, 2 * 3, bias=False)
+        self.o_proj = nn.Linear(4 * 3, 8, bias=False)
+        self.head = nn.Linear(8, 5)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        b, kv_heads, n, d = x.shape
+        x = x[:, :, None].expand(b, kv_heads, self.num_key_value_groups, n, d)
+        return x.reshape(b, kv_heads * self.num_key_value_groups, n, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        shape = (B, N, -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self._repeat_kv(self.k_proj(x).view(shape).transpose(1, 2))
+        v = self._repeat_kv(self.v_proj(x).view(shape).transpose(1, 2))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o_proj(a.transpose(1, 2).reshape(B, N, -1)))
+
+
+class TinyRMSNorm(nn.Module):
+    """An RMS norm written as a module, as Llama and T5 write theirs (not ``nn.RMSNorm``)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+
+
+class TinyRMSNormHidden(nn.Module):
+    """A pruned hidden size under RMS norms: embedding -> norm -> gated MLP (Llama) -> residual ->
+    final norm -> head. The masked norms compute their statistic over the kept channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.norm1 = TinyRMSNorm(8)
+        self.gate = nn.Linear(8, 12, bias=False)
+        self.up = nn.Linear(8, 12, bias=False)
+        self.down = nn.Linear(12, 8, bias=False)
+        self.norm2 = TinyRMSNorm(8)
+        self.head = nn.Linear(8, 5, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        x = self.norm1(h)
+        h = h + self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.head(self.norm2(h))
+
+
 # ---- how parameters are reached ----------------------------------------------------------------
 class TinyFunctional(nn.Module):
     """F.conv2d and F.linear called with the parameters of modules that are never called."""
@@ -635,6 +721,9 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "dropout": _seeded(lambda: (TinyDropout(), torch.randn(2, 3, 8, 8))),
     # attention
     "multihead_attention": _seeded(lambda: (TinyAttention(), torch.randn(2, 5, 6))),
+    "fused_qkv_attention": _seeded(lambda: (TinyFusedAttention(), torch.randn(2, 5, 6))),
+    "grouped_query_attention": _seeded(lambda: (TinyGroupedQueryAttention(), torch.randn(2, 5, 8))),
+    "rms_norm_hidden": _seeded(lambda: (TinyRMSNormHidden(), torch.randint(0, 10, (2, 6)))),
     # how parameters and inputs are reached
     "functional": _seeded(lambda: (TinyFunctional(), torch.randn(2, 3, 8, 8))),
     "shared_module": _seeded(lambda: (TinyShared(), torch.randn(2, 3, 8, 8))),

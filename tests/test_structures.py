@@ -192,6 +192,9 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "sigmoid": IMAGES,
     "dropout": IMAGES,
     "multihead_attention": TOKENS,
+    "fused_qkv_attention": TOKENS,
+    "grouped_query_attention": _randn((3, 5, 8), (1, 9, 8)),
+    "rms_norm_hidden": _ids,
     "functional": IMAGES,
     "shared_module": IMAGES,
     "tied_parameters": _ids,
@@ -341,6 +344,36 @@ EXPECTED: dict[str, set[GroupKey]] = {
             "post1.weight[1]",
         ),
         G(12, "post1.weight[0]", "post1.bias[0]", "post2.weight[1]"),
+    },
+    "fused_qkv_attention": {  # the residual width, and 3 heads: q, k and v rows of a head go together
+        G(
+            8,
+            "embed.weight[0]",
+            "embed.bias[0]",
+            "norm.weight[0]",
+            "norm.bias[0]",
+            "qkv.weight[1]",
+            "proj.weight[0]",
+            "proj.bias[0]",
+            "head.weight[1]",
+        ),
+        G(3, "qkv.weight[0]", "qkv.bias[0]", "proj.weight[1]"),
+    },
+    "grouped_query_attention": {  # 2 key/value heads, each with its 2 query heads (the input width is the model's)
+        G(2, "q_proj.weight[0]", "k_proj.weight[0]", "v_proj.weight[0]", "o_proj.weight[1]"),
+    },
+    "rms_norm_hidden": {  # the hidden size through both RMS norms, and the gated MLP's width
+        G(
+            8,
+            "embed.weight[1]",
+            "norm1.weight[0]",
+            "gate.weight[1]",
+            "up.weight[1]",
+            "down.weight[0]",
+            "norm2.weight[0]",
+            "head.weight[1]",
+        ),
+        G(12, "gate.weight[0]", "up.weight[0]", "down.weight[1]"),
     },
     "functional": {
         G(8, "stem.weight[0]", "stem.bias[0]", "proj.weight[1]"),
@@ -615,6 +648,44 @@ def test_attention_loses_whole_heads() -> None:
     kept = torch.arange(4, 8)
     rows = torch.cat([kept, kept + 8, kept + 16])
     assert torch.equal(attn.in_proj_weight, model.attn.in_proj_weight[rows][:, kept])
+
+
+def test_fused_qkv_loses_whole_heads_and_its_attributes_follow() -> None:
+    mask, model, inputs = make("fused_qkv_attention")
+    heads = group_of(mask, "qkv.weight", 0)
+    assert heads.size == 3 and member(heads, "qkv.weight", 0).mapping() == "[0:18], 6 per channel"
+    heads.prune([1])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["fused_qkv_attention"]())
+    assert (pruned.num_heads, pruned.head_dim, pruned.attn_dim) == (2, 2, 4)
+    rows = [r for part in range(3) for r in (6 * part + 0, 6 * part + 1, 6 * part + 4, 6 * part + 5)]
+    assert torch.equal(pruned.qkv.weight, model.qkv.weight[rows])
+    assert torch.equal(pruned.proj.weight, model.proj.weight[:, [0, 1, 4, 5]])
+    assert (model.num_heads, model.attn_dim) == (3, 6)  # the masked model keeps its own
+
+
+def test_grouped_query_heads_go_with_their_key_value_head() -> None:
+    mask, model, inputs = make("grouped_query_attention")
+    (kv_heads,) = mask.groups
+    kv_heads.prune([0])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["grouped_query_attention"]())
+    assert torch.equal(pruned.k_proj.weight, model.k_proj.weight[3:])
+    assert torch.equal(pruned.q_proj.weight, model.q_proj.weight[6:])  # query heads 2 and 3 read key head 1
+    assert torch.equal(pruned.o_proj.weight, model.o_proj.weight[:, 6:])
+    assert pruned.num_key_value_groups == 2
+
+
+def test_rms_norm_module_statistics_over_kept_channels() -> None:
+    mask, model, inputs = make("rms_norm_hidden")
+    hidden = group_of(mask, "embed.weight", 1)
+    hidden.prune([0, 3, 5])
+    x = model.embed(inputs)
+    masked_norm = model.norm1(x)  # the masked model: the embedding's columns 0, 3, 5 are zero
+    kept = [1, 2, 4, 6, 7]
+    expected = model.norm1.weight[kept] * x[..., kept] * torch.rsqrt(x[..., kept].pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(masked_norm[..., kept], expected)
+    assert not masked_norm[..., [0, 3, 5]].any()
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["rms_norm_hidden"]())
+    assert pruned.norm1.weight.shape == (5,) and pruned.embed.embedding_dim == 5
 
 
 def test_unsupported_op_is_reported() -> None:
