@@ -626,7 +626,8 @@ class TensordotScale(nn.Module):
         self.scale = nn.Parameter(torch.rand(channels) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tensordot(x, self.scale * torch.eye(len(self.scale)), dims=([1], [0])).movedim(-1, 1)
+        diagonal = self.scale * torch.eye(len(self.scale), device=self.scale.device)
+        return torch.tensordot(x, diagonal, dims=([1], [0])).movedim(-1, 1)
 
 
 class TinyUnsupported(nn.Module):
