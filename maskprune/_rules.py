@@ -676,6 +676,23 @@ def _gather_rows(call: OpCall, x: torch.Tensor, out: torch.Tensor, index: Any) -
     return True
 
 
+@rule("gather", "take_along_dim")
+def gather(call: OpCall) -> None:
+    """Values picked along ``dim`` by an index of the output's shape: the other dims pass through."""
+    x, out = call.args[0], call.outputs[0]
+    index = call.arg(2, "index") if call.name == "gather" else call.arg(1, "indices")
+    dim = call.arg(1, "dim") if call.name == "gather" else call.arg(2, "dim")
+    if not isinstance(index, torch.Tensor) or dim is None or index.dim() != x.dim() or out.shape != index.shape:
+        return
+    dim = int(dim) % x.dim()
+    call.claim_all(index)
+    spaces: list[int | None] = []
+    for d in range(x.dim()):
+        same = d != dim and x.shape[d] == out.shape[d]
+        spaces.append(call.space(x, d) if same else None)
+    call.set_out(out, spaces)
+
+
 @rule("setitem")
 def setitem(call: OpCall) -> None:
     x, value = call.args[0], call.args[2]

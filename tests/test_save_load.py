@@ -24,7 +24,7 @@ from maskprune.testing import TINY_MODELS, randomize_norms
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO = {"resnet18": 32, "mobilenet_v2": 32, "mobilenet_v3_small": 32}
-TINY = ["tied_parameters", "multihead_attention", "squeeze_excitation", "cat"]
+TINY = ["tied_parameters", "multihead_attention", "fused_qkv_attention", "squeeze_excitation", "cat"]
 
 
 def build(case: str) -> tuple[nn.Module, object]:
@@ -119,7 +119,10 @@ def test_round_trip_in_a_new_process_gives_identical_outputs(case: str, saved: d
     assert expected["smaller"]
     assert loaded["equal"], f"{case}: the loaded model's outputs differ from the saved model's"
     assert loaded["shapes"] == expected["shapes"]
-    assert PruneSpec.from_json(loaded["spec"]).tensors == PruneSpec.from_json(expected["spec"]).tensors
+    loaded_spec, expected_spec = PruneSpec.from_json(loaded["spec"]), PruneSpec.from_json(expected["spec"])
+    assert loaded_spec.tensors == expected_spec.tensors and loaded_spec.attributes == expected_spec.attributes
+    if case == "fused_qkv_attention":  # its code reads num_heads and attn_dim: the spec carries them
+        assert expected_spec.attributes == {"": {"num_heads": 2, "attn_dim": 4}}
 
 
 def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Path, tiny_cnn) -> None:

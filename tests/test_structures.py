@@ -737,3 +737,26 @@ def test_a_buffer_sized_by_channels_is_pruned_with_them() -> None:
     assert G(6, "b.weight[0]", "b.bias[0]", "head.weight[1]") in found(mask)
     prune_every_group(mask)
     assert_soft_equals_hard(mask, model, x, [torch.randn(3, 3, 6, 6)])
+
+
+class _GatherTokens(nn.Module):
+    """Tokens reordered by ``torch.gather`` with an index expanded over the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        order = torch.argsort(x[..., :1], dim=1).expand(-1, -1, h.shape[-1])
+        return self.b(torch.gather(h, 1, order))
+
+
+def test_gather_along_tokens_keeps_channels() -> None:
+    torch.manual_seed(0)
+    model, x = _GatherTokens(), torch.randn(2, 5, 4)
+    mask = Mask(model, x).make()
+    assert found(mask) == {G(6, "a.weight[0]", "a.bias[0]", "b.weight[1]")}
+    mask.groups[0].prune([0, 2])
+    pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(3, 7, 4)])
+    assert pruned.a.out_features == 4

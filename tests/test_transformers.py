@@ -209,6 +209,25 @@ def test_grouped_query_heads_and_config_follow() -> None:
     assert maskprune.verify(model, pruned, _text_inputs(case, 1, 9, seed=4)).ok
 
 
+def test_saved_and_loaded_into_a_fresh_model_with_its_config(tmp_path) -> None:
+    (case,) = [c for c in HF_CASES if c.name == "llama"]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    inputs = _text_inputs(case, 2, 12, seed=1)
+    mask = Mask(model, inputs).make()
+    for group in mask.groups:
+        if any(m.name.endswith("k_proj.weight") and m.dim == 0 for m in group.members):
+            group.prune([0])
+    pruned = mask.generate_pruned_model()
+    maskprune.save_pruned(pruned, tmp_path / "llama")
+    torch.manual_seed(1)
+    loaded = maskprune.load_pruned(case.build().eval(), tmp_path / "llama")
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (2, 1)
+    fresh = _text_inputs(case, 1, 9, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(**fresh).logits, pruned(**fresh).logits)
+
+
 # ---- timm ---------------------------------------------------------------------------------------
 # name -> (create_model arguments, input size): as small as each model allows, to keep CI fast
 TIMM_CASES: dict[str, tuple[dict[str, Any], int]] = {
