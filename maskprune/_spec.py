@@ -26,7 +26,8 @@ from ._export import Plan
 from .errors import SpecError
 
 FORMAT = "maskprune-pruned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added ``attributes`` (module counts set at export); version 1 files still load
+READABLE_VERSIONS = (1, 2)
 SPEC_ATTRIBUTE = "maskprune_spec"
 SPEC_FILE = "spec.json"
 
@@ -147,10 +148,10 @@ class PruneSpec:
             raise SpecError(f"the pruning spec is not valid JSON: {error}") from error
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SpecError(f"not a maskprune pruning spec (expected a JSON object with format {FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise SpecError(
-                f"unknown pruning spec format version {data.get('version')!r}: this maskprune reads version "
-                f"{FORMAT_VERSION} (upgrade maskprune to load newer files)"
+                f"unknown pruning spec format version {data.get('version')!r}: this maskprune reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade maskprune to load newer files)"
             )
         try:
             tensors = [

@@ -2,7 +2,8 @@
 
 A saved model is a folder::
 
-    spec.json            format version, architecture, per tensor its original shape and kept positions
+    spec.json            format version, architecture, per tensor its original shape and kept positions,
+                         the counts the export set on modules (num_heads …)
     model.safetensors    the weights (or model.pt, a plain state dict read with weights_only=True)
 
 Nothing is pickled: loading runs no code from the files.

@@ -131,7 +131,7 @@ def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Pat
     folder = maskprune.save_pruned(pruned, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "spec.json"]
     data = json.loads((folder / "spec.json").read_text())
-    assert data["format"] == "maskprune-pruned" and data["version"] == 1 and data["attributes"] == {}
+    assert data["format"] == "maskprune-pruned" and data["version"] == 2 and data["attributes"] == {}
     assert data["architecture"] == f"{type(model).__module__}.TinyCNN"
     cuts = {(t["module"], t["attr"]): t for t in data["tensors"]}
     conv1 = cuts[("conv1", "weight")]
@@ -141,6 +141,20 @@ def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Pat
     assert cuts[("fc", "weight")]["kept"][0][0] == 1  # the head's inputs, not its classes
     weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+
+
+def test_a_version_1_folder_still_loads(tmp_path: Path, tiny_cnn) -> None:
+    """Version 1 had a reserved, always empty ``heads`` list where version 2 has ``attributes``."""
+    torch.manual_seed(0)
+    _, pruned = prune(tiny_cnn(), torch.randn(2, 3, 16, 16))
+    folder = maskprune.save_pruned(pruned, tmp_path / "v1")
+    data = json.loads((folder / "spec.json").read_text())
+    del data["attributes"]
+    data.update(version=1, heads=[])
+    (folder / "spec.json").write_text(json.dumps(data))
+    loaded = maskprune.load_pruned(tiny_cnn(), folder)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(output(loaded, x), output(pruned, x))
 
 
 def test_tied_weights_are_stored_once_and_tied_again_on_load(tmp_path: Path) -> None:
@@ -270,8 +284,8 @@ def out_of_range(data: dict) -> None:
 
 MISMATCHES = {
     "unknown version": (
-        lambda d: d.update(version=2),
-        r"unknown pruning spec format version 2: this maskprune reads version 1",
+        lambda d: d.update(version=3),
+        r"unknown pruning spec format version 3: this maskprune reads versions 1, 2",
     ),
     "not a spec": (lambda d: d.pop("format"), r"not a maskprune pruning spec"),
     "module renamed": (rename_module, r"module 'conv9' named by the spec is not in the TinyCNN given"),
