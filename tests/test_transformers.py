@@ -146,9 +146,12 @@ def _assert_head_counts_updated(pruned: nn.Module, case: HFCase) -> None:
         if name.endswith(case.query):
             owner = pruned.get_submodule(name.rpartition(".")[0])
             count = next(heads)
-            for attr in ("num_heads", "num_attention_heads", "n_heads"):
+            expected = {"num_heads": count, "num_attention_heads": count, "n_heads": count}
+            expected |= {"all_head_size": count * case.head_dim, "inner_dim": count * case.head_dim}
+            expected |= {"split_size": count * case.head_dim}
+            for attr, value in expected.items():
                 if isinstance(getattr(owner, attr, None), int):
-                    assert getattr(owner, attr) == count, f"{name}: {attr} is {getattr(owner, attr)}, not {count}"
+                    assert getattr(owner, attr) == value, f"{name}: {attr} is {getattr(owner, attr)}, not {value}"
 
 
 @pytest.mark.parametrize("case", HF_CASES, ids=[c.name for c in HF_CASES])
