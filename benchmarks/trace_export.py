@@ -137,7 +137,8 @@ def make_mask(model: nn.Module, x: torch.Tensor) -> Mask:
 
 def mp_make_run(fresh: Fresh, x: torch.Tensor) -> Sample:
     """One maskprune make() on a fresh copy."""
-    mask, make_s = timed(lambda: make_mask(fresh(), x))
+    model = fresh()
+    mask, make_s = timed(lambda: make_mask(model, x))
     mask.remove()
     return Sample({"make": make_s})
 
