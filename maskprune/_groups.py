@@ -156,13 +156,14 @@ class GroupLayout:
     n_units: int
     component_unit: np.ndarray  # component -> flat unit, -1 if frozen
     frozen: dict[str, list[str]]  # reason -> producer tensors it froze
+    position_units: np.ndarray  # flat unit of each live channel position of the resolution, n_units if frozen
 
 
 def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     """Group live components by the tensors they touch; order units by the first producer's channel order."""
     raw, frozen = _raw_members(trace, res)
     if not raw:
-        return GroupLayout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen)
+        return _layout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen, res)
     raw_comp = np.concatenate([comps for *_, comps in raw])
     raw_member = np.repeat(np.arange(len(raw)), [len(comps) for *_, comps in raw])
     by_members = _components_by_members(res, raw_comp, raw_member)
@@ -192,7 +193,18 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
             positions, units = slices[i, g]
             members.append(Member(owned.qualname, dim, role, owned.tensor, positions, units - start_g))
         groups.append((start_g, size, members))
-    return GroupLayout(groups, start, component_unit, frozen)
+    return _layout(groups, start, component_unit, frozen, res)
+
+
+def _layout(
+    groups: list[tuple[int, int, list[Member]]],
+    n_units: int,
+    component_unit: np.ndarray,
+    frozen: dict[str, list[str]],
+    res: Resolution,
+) -> GroupLayout:
+    units = component_unit[res.labels]
+    return GroupLayout(groups, n_units, component_unit, frozen, np.where(units < 0, n_units, units))
 
 
 _Raw = tuple[int, OwnedTensor, int, str, np.ndarray]  # (key, owned, dim, role, component of each position)
@@ -306,12 +318,11 @@ def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int)
 
 def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
     """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen."""
-    comps = res.components(space)
-    size = int(res.sizes[res.roots[space]])
-    if comps is None:
+    root = res.roots[space]
+    start, size = res.offset[root], res.sizes[root]
+    if start < 0:
         return np.full(size, layout.n_units, dtype=np.int64)
-    units = layout.component_unit[comps]
-    return np.where(units < 0, layout.n_units, units)
+    return layout.position_units[start : start + size].copy()
 
 
 def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:
