@@ -151,7 +151,7 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "conv2d": (F.conv2d, (_t(2, 4, 9, 9), _t(6, 4, 3, 3), _t(6))),
     "conv2d_grouped_strided": (lambda x, w: F.conv2d(x, w, None, 2, 1, 1, 2), (_t(2, 4, 9, 9), _t(6, 2, 3, 3))),
     "conv2d_dilated": (lambda x, w: F.conv2d(x, w, padding=(2, 1), dilation=(2, 1)), (_t(1, 4, 8, 9), _t(3, 4, 3, 3))),
-    "conv2d_padding_same": (lambda x, w: F.conv2d(x, w, padding="same"), (_t(1, 4, 8, 9), _t(3, 4, 3, 2))),
+    "conv2d_padding_same": (lambda x, w: F.conv2d(x, w, padding="same"), (_t(1, 4, 8, 9), _t(3, 4, 3, 3))),
     "conv2d_unbatched": (F.conv2d, (_t(4, 9, 9), _t(6, 4, 3, 3))),
     "conv2d_wrong_channels": (F.conv2d, (_t(2, 4, 9, 9), _t(6, 5, 3, 3))),
     "conv2d_kernel_too_large": (F.conv2d, (_t(1, 4, 2, 2), _t(6, 4, 3, 3))),
