@@ -31,7 +31,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     tensors = itertools.chain(
         model.parameters(),
         model.buffers(),
-        (v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)),
+        (v for m in model.modules() for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
     )
     for t in tensors:
         if id(t) in memo:
@@ -66,16 +66,20 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 _ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
+_EXACT_ATOMS = frozenset((*_ATOMS, bool))  # the same, looked up by exact type first (most attributes are these)
+_CONTAINERS = frozenset((dict, OrderedDict, set, list))
+_PLAIN = _EXACT_ATOMS | _CONTAINERS | {tuple}  # types of module attributes that are never tensors
 
 
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
     """``copy.deepcopy(value, memo)``, short-cut for what most module attributes are: numbers, names, empty hooks."""
-    if isinstance(value, _ATOMS):
+    kind = type(value)
+    if kind in _EXACT_ATOMS or isinstance(value, _ATOMS):
         return value
-    if type(value) is tuple and all(isinstance(item, _ATOMS) for item in value):
+    if kind is tuple and all(isinstance(item, _ATOMS) for item in value):
         return value
-    if type(value) in (dict, OrderedDict, set, list) and not value:
-        return type(value)()
+    if kind in _CONTAINERS and not value:
+        return kind()
     return copy.deepcopy(value, memo)
 
 
