@@ -107,7 +107,7 @@ class FastMeta(TorchFunctionMode):
     a weightless forward would spend most of its time there. Only shapes matter here: an activation
     returns an empty tensor like its input (the input itself when in place), a norm or ``linear`` checks
     its parameters' shapes as the real kernel does and returns an empty tensor of the output's shape.
-    Convolutions and adaptive average pooling compute their output's shape where every argument is
+    Convolutions, adaptive average pooling and ``cat`` compute their output's shape where every argument is
     plain, and leave anything unusual (and so every error) to the real kernel. Everything else, and every
     call on real tensors, runs as usual. ``products=False`` leaves ``linear`` and convolutions to their
     kernels, for a FLOPs counter that must see their products.
@@ -125,10 +125,18 @@ class FastMeta(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         fast = self.fast.get(func)
-        if fast is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+        if fast is None or not _first_is_meta(args):
             return func(*args, **kwargs)
         out = fast(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def _first_is_meta(args: tuple) -> bool:
+    """Whether the first argument, or the first tensor of a first argument that is a list (``cat``), is on meta."""
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return isinstance(first, torch.Tensor) and first.is_meta
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
@@ -317,6 +325,24 @@ def _adaptive_avg_pool2d(input, output_size) -> Any:
     return torch.empty((*input.shape[:-2], *spatial), dtype=input.dtype, device="meta")
 
 
+def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
+    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented."""
+    if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or type(dim) is not int:
+        return NotImplemented
+    first = tensors[0]
+    if not all(_plain_operand(t) and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+        return NotImplemented
+    ndim = first.dim()
+    if ndim == 0 or not -ndim <= dim < ndim or any(t.dim() != ndim for t in tensors):
+        return NotImplemented
+    dim %= ndim
+    shape = list(first.shape)
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
+        return NotImplemented
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
 # activation -> position of its ``inplace`` argument (None: it has none)
 _ACTIVATIONS = {
     F.relu: 1, F.relu6: 1, F.selu: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1,
@@ -333,6 +359,7 @@ _FAST.update(
         F.layer_norm: _layer_norm,
         F.linear: _linear,
         F.adaptive_avg_pool2d: _adaptive_avg_pool2d,
+        torch.cat: _cat,
         torch.conv1d: _conv,
         torch.conv2d: _conv,
         torch.conv3d: _conv,

@@ -161,6 +161,15 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "adaptive_avg_pool2d_none": (lambda x: F.adaptive_avg_pool2d(x, (3, None)), (_t(2, 4, 7, 5),)),
     "adaptive_avg_pool2d_unbatched_larger": (lambda x: F.adaptive_avg_pool2d(x, 5), (_t(4, 3, 3),)),
     "adaptive_avg_pool2d_wrong_size": (lambda x: F.adaptive_avg_pool2d(x, (2, 2, 2)), (_t(2, 4, 5, 5),)),
+    "cat": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 3))),
+    "cat_negative_dim": (lambda a, b, c: torch.cat((a, b, c), dim=-1), (_t(2, 3), _t(2, 1), _t(2, 4))),
+    "cat_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 4))),
+    "cat_legacy_empty": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(0))),
+    "cat_mixed_dtypes": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(1, 3).double())),
+    "cat_channels_last": (
+        lambda a, b: torch.cat([a, b], 1),
+        (_t(2, 4, 3, 3).to(memory_format=torch.channels_last), _t(2, 5, 3, 3)),
+    ),
     "adaptive_avg_pool2d_channels_last": (
         lambda x: F.adaptive_avg_pool2d(x, 2),
         (_t(2, 4, 5, 5).to(memory_format=torch.channels_last),),
