@@ -15,6 +15,7 @@ load; the ratios are what the benchmark reports.
 Usage:
     .venv/bin/python benchmarks/trace_export.py --quick
     .venv/bin/python benchmarks/trace_export.py --models resnet18 vgg16 --repeats 5
+    .venv/bin/python benchmarks/trace_export.py --cpu-time   # on a machine that other processes load
 """
 
 from __future__ import annotations
@@ -101,16 +102,19 @@ class Row:
         return None if result is None or result.error else result.params_after
 
 
+clock: Callable[[], float] = time.perf_counter  # time.process_time with --cpu-time
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()``'s result and the wall-clock seconds it took.
+    """``fn()``'s result and the seconds it took (wall clock, or CPU time with ``--cpu-time``).
 
     The garbage of earlier runs (model copies, dependency graphs) is collected first, so that a full
     collection of it does not land inside whichever run comes next.
     """
     gc.collect()
-    start = time.perf_counter()
+    start = clock()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, clock() - start
 
 
 def build_model(name: str) -> nn.Module:
@@ -137,7 +141,8 @@ def make_mask(model: nn.Module, x: torch.Tensor) -> Mask:
 
 def mp_make_run(fresh: Fresh, x: torch.Tensor) -> Sample:
     """One maskprune make() on a fresh copy."""
-    mask, make_s = timed(lambda: make_mask(fresh(), x))
+    model = fresh()
+    mask, make_s = timed(lambda: make_mask(model, x))
     mask.remove()
     return Sample({"make": make_s})
 
@@ -333,7 +338,8 @@ def environment(tp: ModuleType | None, repeats: int) -> str:
     return (
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, maskprune {metadata.version('maskprune')}, "
         f"torch-pruning {tp_version}, python {platform.python_version()}\n"
-        f"CPUs: os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}; "
+        f"CPUs: os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}, "
+        f"timed by {'CPU time' if clock is time.process_time else 'wall clock'}; "
         f"ratio={RATIO}, input {INPUT_SHAPE}, median of {repeats} repeat(s) after 1 warm-up"
     )
 
@@ -357,6 +363,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=3, help="timed rounds per model; medians are reported (default 3)"
     )
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {', '.join(QUICK_MODELS)}, 1 repeat")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one torch thread, timed by the process's CPU time: comparable on a machine other processes load",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -368,7 +379,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark and print the environment, the table and the summary."""
+    global clock
     args = parse_args(argv)
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.process_time
     tp = load_torch_pruning()
     selected = runs(tp)
     print(environment(tp, args.repeats), end="\n\n", flush=True)

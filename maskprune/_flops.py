@@ -48,7 +48,7 @@ class FlopsProbe:
             return self._dense
         log = apply_plan(self.model, plan) if plan else None
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(linear=False):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(products=False):
                 call_model(self.model, self.inputs)
         finally:
             if log is not None:

@@ -8,6 +8,7 @@ layer: "these 64 channels of ``layer1.0.conv1.weight`` dim 0, ``bn1`` …".
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -155,11 +156,63 @@ class GroupLayout:
     n_units: int
     component_unit: np.ndarray  # component -> flat unit, -1 if frozen
     frozen: dict[str, list[str]]  # reason -> producer tensors it froze
+    position_units: np.ndarray  # flat unit of each live channel position of the resolution, n_units if frozen
 
 
 def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
     """Group live components by the tensors they touch; order units by the first producer's channel order."""
-    raw: list[tuple[int, OwnedTensor, int, str, np.ndarray]] = []
+    raw, frozen = _raw_members(trace, res)
+    if not raw:
+        return _layout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen, res)
+    raw_comp = np.concatenate([comps for *_, comps in raw])
+    raw_member = np.repeat(np.arange(len(raw)), [len(comps) for *_, comps in raw])
+    by_members = _components_by_members(res, raw_comp, raw_member)
+
+    # groups ordered by their members, units by their first position in the first member
+    component_unit = np.full(res.n_components, -1, dtype=np.int64)
+    spans: list[tuple[int, int, tuple[int, ...]]] = []  # (start, size, signature)
+    start = 0
+    for signature in sorted(by_members):
+        comps = by_members[signature]
+        if len(comps) < 2:
+            continue  # a group keeps at least one channel: a single channel can never go
+        anchor = raw[signature[0]][4]
+        uniq, first = np.unique(anchor, return_index=True)
+        ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]
+        component_unit[ordered] = np.arange(start, start + len(ordered))
+        spans.append((start, len(ordered), signature))
+        start += len(ordered)
+
+    group_starts = np.asarray([span[0] for span in spans], dtype=np.int64)
+    slices = _member_slices(raw, raw_comp, raw_member, component_unit, group_starts)
+    groups: list[tuple[int, int, list[Member]]] = []
+    for g, (start_g, size, signature) in enumerate(spans):
+        members = []
+        for i in signature:
+            _, owned, dim, role, _ = raw[i]
+            positions, units = slices[i, g]
+            members.append(Member(owned.qualname, dim, role, owned.tensor, positions, units - start_g))
+        groups.append((start_g, size, members))
+    return _layout(groups, start, component_unit, frozen, res)
+
+
+def _layout(
+    groups: list[tuple[int, int, list[Member]]],
+    n_units: int,
+    component_unit: np.ndarray,
+    frozen: dict[str, list[str]],
+    res: Resolution,
+) -> GroupLayout:
+    units = component_unit[res.labels]
+    return GroupLayout(groups, n_units, component_unit, frozen, np.where(units < 0, n_units, units))
+
+
+_Raw = tuple[int, OwnedTensor, int, str, np.ndarray]  # (key, owned, dim, role, component of each position)
+
+
+def _raw_members(trace: Trace, res: Resolution) -> tuple[list[_Raw], dict[str, list[str]]]:
+    """Every parameter dimension with a live component, producers first; and what froze each producer."""
+    raw: list[_Raw] = []
     frozen: dict[str, list[str]] = {}
     for key, node in trace.param_nodes.items():
         owned = trace.owned[key]
@@ -179,68 +232,81 @@ def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
             if live.any():
                 raw.append((key, owned, dim, role, comps))
     raw.sort(key=lambda r: _ROLE_ORDER.get(r[3], 9))
+    return raw, frozen
 
-    if not raw:
-        return GroupLayout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen)
-    all_comp = np.concatenate([comps for *_, comps in raw])
-    all_member = np.repeat(np.arange(len(raw)), [len(comps) for *_, comps in raw])
-    live = res.comp_reason[all_comp] < 0
-    all_comp, all_member = all_comp[live], all_member[live]
-    order = np.lexsort((all_member, all_comp))
-    all_comp, all_member = all_comp[order], all_member[order]
-    distinct = np.ones(len(all_comp), dtype=bool)  # a member touching a component several times counts once
-    distinct[1:] = (all_comp[1:] != all_comp[:-1]) | (all_member[1:] != all_member[:-1])
-    all_comp, all_member = all_comp[distinct], all_member[distinct]
-    starts = np.flatnonzero(np.diff(all_comp, prepend=-1))
-    comps_sorted = all_comp[starts]
-    # each component's members (sorted); components with the same members (same tensors) form one group
-    members_bytes = all_member.astype(np.int32).tobytes()  # byte slices: cheap keys for many components
-    bounds = (np.append(starts, len(all_comp)) * 4).tolist()
-    by_bytes: dict[bytes, list[int]] = {}
-    for i in range(len(starts)):
-        by_bytes.setdefault(members_bytes[bounds[i] : bounds[i + 1]], []).append(i)
-    by_members = {tuple(np.frombuffer(key, dtype=np.int32).tolist()): comps for key, comps in by_bytes.items()}
 
-    # groups ordered by their members, units by their first position in the first member
-    component_unit = np.full(res.n_components, -1, dtype=np.int64)
-    spans: list[tuple[int, int, tuple[int, ...]]] = []  # (start, size, signature)
-    start = 0
-    for signature in sorted(by_members):
-        comps = comps_sorted[by_members[signature]]
-        if len(comps) < 2:
-            continue  # a group keeps at least one channel: a single channel can never go
-        anchor = raw[signature[0]][4]
-        uniq, first = np.unique(anchor, return_index=True)
-        ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]
-        component_unit[ordered] = np.arange(start, start + len(ordered))
-        spans.append((start, len(ordered), signature))
-        start += len(ordered)
+def _components_by_members(res: Resolution, raw_comp: np.ndarray, raw_member: np.ndarray) -> dict[tuple, np.ndarray]:
+    """Live components keyed by the sorted members they touch (each member once), in ascending order."""
+    n_members = int(raw_member[-1]) + 1
+    live = res.comp_reason[raw_comp] < 0
+    pairs = np.sort(raw_comp[live] * n_members + raw_member[live])
+    pairs = pairs[np.diff(pairs, prepend=-1) != 0]  # a member touching a component several times counts once
+    comp, member = np.divmod(pairs, n_members)
+    starts = np.flatnonzero(np.diff(comp, prepend=-1))
+    labels = sequence_labels(member, starts)
+    order = np.argsort(labels, kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[order], prepend=-1))
+    bounds = np.append(starts, len(member)).tolist()
+    by_members = {}
+    for chunk in np.split(order, cuts[1:]):
+        first = int(chunk[0])
+        by_members[tuple(member[bounds[first] : bounds[first + 1]].tolist())] = comp[starts[chunk]]
+    return by_members
 
-    # each member's positions, split by the group their unit falls in (one pass per member)
-    group_starts = np.asarray([span[0] for span in spans], dtype=np.int64)
-    positions_of: dict[tuple[int, int], np.ndarray] = {}  # (member, group) -> positions
-    for i, (_, _, _, _, c) in enumerate(raw):
-        units = component_unit[c]
-        positions = np.flatnonzero(units >= 0)
-        if not len(positions):
-            continue
-        group = np.searchsorted(group_starts, units[positions], side="right") - 1
-        order = np.argsort(group, kind="stable")
-        group, positions = group[order], positions[order]
-        cuts = np.flatnonzero(np.diff(group, prepend=-1))
-        for g, chunk in zip(group[cuts].tolist(), np.split(positions, cuts[1:]), strict=True):
-            positions_of[i, g] = chunk
-    groups: list[tuple[int, int, list[Member]]] = []
-    for g, (start_g, size, signature) in enumerate(spans):
-        members = []
-        for i in signature:
-            _, owned, dim, role, c = raw[i]
-            positions = positions_of[i, g]
-            members.append(
-                Member(owned.qualname, dim, role, owned.tensor, positions, component_unit[c[positions]] - start_g)
-            )
-        groups.append((start_g, size, members))
-    return GroupLayout(groups, start, component_unit, frozen)
+
+def sequence_labels(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """A label per sequence ``values[starts[i]:starts[i + 1]]`` (the last runs to the end), equal for equal ones.
+
+    Sequences are told apart by a random 64-bit hash of their values and positions, and the result is
+    checked element by element: should two different sequences share a hash, they are compared exactly.
+
+    Example:
+        >>> labels = sequence_labels(np.array([1, 2, 3, 1, 2]), np.array([0, 2, 3]))
+        >>> bool(labels[0] == labels[2] != labels[1])
+        True
+    """
+    lengths = np.diff(np.append(starts, len(values)))
+    sequence = np.repeat(np.arange(len(starts)), lengths)
+    offset = np.arange(len(values)) - starts[sequence]
+    keys = _hash_keys(int(values.max(initial=0)) + 1, int(lengths.max(initial=0)))
+    hashes = np.add.reduceat(keys[0][values] ^ keys[1][offset], starts) if len(values) else np.zeros(0, np.uint64)
+    _, first, labels = np.unique(hashes, return_index=True, return_inverse=True)
+    same_length = np.array_equal(lengths[first[labels]], lengths)
+    if same_length and np.array_equal(values[starts[first[labels]][sequence] + offset], values):
+        return labels
+    by_bytes: dict[bytes, int] = {}  # a hash collision: label them by their bytes
+    data = values.astype(np.int64).tobytes()
+    bounds = (np.append(starts, len(values)) * 8).tolist()
+    return np.asarray([by_bytes.setdefault(data[a:b], len(by_bytes)) for a, b in itertools.pairwise(bounds)], np.int64)
+
+
+def _hash_keys(n_values: int, n_offsets: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return (
+        rng.integers(0, 2**64, size=n_values, dtype=np.uint64, endpoint=False),
+        rng.integers(0, 2**64, size=max(n_offsets, 1), dtype=np.uint64, endpoint=False),
+    )
+
+
+def _member_slices(
+    raw: list[_Raw], raw_comp: np.ndarray, raw_member: np.ndarray, component_unit: np.ndarray, group_starts: np.ndarray
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """(member, group) -> the member's positions in the group and their flat units, in one pass over all members."""
+    units = component_unit[raw_comp]
+    member_start = np.concatenate(([0], np.cumsum([len(comps) for *_, comps in raw])[:-1]))
+    positions = np.arange(len(raw_comp)) - member_start[raw_member]
+    live = np.flatnonzero(units >= 0)
+    units, positions, member = units[live], positions[live], raw_member[live]
+    group = np.searchsorted(group_starts, units, side="right") - 1
+    pair = member * len(group_starts) + group
+    order = np.argsort(pair, kind="stable")  # positions stay ascending within a (member, group)
+    units, positions, pair = units[order], positions[order], pair[order]
+    cuts = np.flatnonzero(np.diff(pair, prepend=-1))
+    members, groups = (k.tolist() for k in np.divmod(pair[cuts], len(group_starts)))
+    bounds = np.append(cuts, len(pair)).tolist()
+    return {
+        (i, g): (positions[a:b], units[a:b]) for i, g, a, b in zip(members, groups, bounds, bounds[1:], strict=False)
+    }
 
 
 def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int) -> None:
@@ -252,12 +318,11 @@ def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int)
 
 def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
     """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen."""
-    comps = res.components(space)
-    size = int(res.sizes[res.roots[space]])
-    if comps is None:
+    root = res.roots[space]
+    start, size = res.offset[root], res.sizes[root]
+    if start < 0:
         return np.full(size, layout.n_units, dtype=np.int64)
-    units = layout.component_unit[comps]
-    return np.where(units < 0, layout.n_units, units)
+    return layout.position_units[start : start + size].copy()
 
 
 def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:

@@ -116,13 +116,23 @@ class MaskRuntime:
         with torch.no_grad():
             self.keep.copy_(torch.as_tensor(keep_host, dtype=self.keep.dtype))
             for d in self.dims:
-                d.values.copy_(self.keep[d.index.to(self.keep.device)].to(d.values.device, d.values.dtype))
+                d.values.copy_(self._gather(keep_host, d.units, d.index))
                 d.active = not keep_host[d.units].all()
             for n in self.norms:
-                n.values.copy_(self.keep[n.index])
+                n.values.copy_(self._gather(keep_host, n.units, n.index))
                 n.active = not keep_host[n.units].all()
         self._collect_active()
         self.stepped.clear()
+
+    def _gather(self, keep_host: np.ndarray, units: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+        """The keep flags of ``units``: gathered on the host when the masks live there.
+
+        A torch gather of a few thousand flags may wake the intra-op thread pool, which costs
+        milliseconds when the cores are busy; numpy's does not.
+        """
+        if self.keep.device.type == "cpu":
+            return torch.from_numpy(keep_host[units])
+        return self.keep[index.to(self.keep.device)]
 
     def _collect_active(self) -> None:
         """One entry per parameter with removed channels, holding the masks of all its pruned dimensions."""

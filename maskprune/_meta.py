@@ -31,7 +31,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     tensors = itertools.chain(
         model.parameters(),
         model.buffers(),
-        (v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)),
+        (v for m in model.modules() for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
     )
     for t in tensors:
         if id(t) in memo:
@@ -66,16 +66,20 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 _ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
+_EXACT_ATOMS = frozenset((*_ATOMS, bool))  # the same, looked up by exact type first (most attributes are these)
+_CONTAINERS = frozenset((dict, OrderedDict, set, list))
+_PLAIN = _EXACT_ATOMS | _CONTAINERS | {tuple}  # types of module attributes that are never tensors
 
 
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
     """``copy.deepcopy(value, memo)``, short-cut for what most module attributes are: numbers, names, empty hooks."""
-    if isinstance(value, _ATOMS):
+    kind = type(value)
+    if kind in _EXACT_ATOMS or isinstance(value, _ATOMS):
         return value
-    if type(value) is tuple and all(isinstance(item, _ATOMS) for item in value):
+    if kind is tuple and all(isinstance(item, _ATOMS) for item in value):
         return value
-    if type(value) in (dict, OrderedDict, set, list) and not value:
-        return type(value)()
+    if kind in _CONTAINERS and not value:
+        return kind()
     return copy.deepcopy(value, memo)
 
 
@@ -103,8 +107,10 @@ class FastMeta(TorchFunctionMode):
     a weightless forward would spend most of its time there. Only shapes matter here: an activation
     returns an empty tensor like its input (the input itself when in place), a norm or ``linear`` checks
     its parameters' shapes as the real kernel does and returns an empty tensor of the output's shape.
-    Everything else, and every call on real tensors, runs as usual. ``linear=False`` leaves ``linear`` to
-    its kernel, for a FLOPs counter that must see its matrix product.
+    Convolutions, adaptive average pooling and ``cat`` compute their output's shape where every argument is
+    plain, and leave anything unusual (and so every error) to the real kernel. Everything else, and every
+    call on real tensors, runs as usual. ``products=False`` leaves ``linear`` and convolutions to their
+    kernels, for a FLOPs counter that must see their products.
 
     Example:
         >>> with FastMeta():
@@ -112,17 +118,25 @@ class FastMeta(TorchFunctionMode):
         torch.Size([2, 8])
     """
 
-    def __init__(self, linear: bool = True) -> None:
+    def __init__(self, products: bool = True) -> None:
         super().__init__()
-        self.fast = _FAST if linear else {f: k for f, k in _FAST.items() if f is not F.linear}
+        self.fast = _FAST if products else {f: k for f, k in _FAST.items() if f not in _PRODUCTS}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         fast = self.fast.get(func)
-        if fast is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+        if fast is None or not _first_is_meta(args):
             return func(*args, **kwargs)
         out = fast(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def _first_is_meta(args: tuple) -> bool:
+    """Whether the first argument, or the first tensor of a first argument that is a list (``cat``), is on meta."""
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return isinstance(first, torch.Tensor) and first.is_meta
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +271,78 @@ def _linear(input, weight, bias=None) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
+def _per_dim(value: Any, n: int) -> list[int] | None:
+    """A convolution argument (an int, or one or ``n`` ints) as ``n`` ints; None for anything else."""
+    values = [value] if isinstance(value, int) else value
+    if not isinstance(values, (tuple, list)) or len(values) not in (1, n):
+        return None
+    if not all(type(v) is int for v in values):
+        return None
+    return list(values) * n if len(values) == 1 else list(values)
+
+
+def _conv_shape(input, weight, bias, stride, padding, dilation, groups) -> tuple[int, ...] | None:
+    """The output shape of a plain batched convolution; None where the real kernel must check or decide."""
+    n = weight.dim() - 2
+    operands = (input, weight) if bias is None else (input, weight, bias)
+    if not all(_plain_operand(t) and t.dtype == input.dtype for t in operands) or not input.is_floating_point():
+        return None
+    stride, padding, dilation = _per_dim(stride, n), _per_dim(padding, n), _per_dim(dilation, n)
+    if stride is None or padding is None or dilation is None or type(groups) is not int or groups < 1:
+        return None
+    out_channels = weight.shape[0]
+    if input.dim() != n + 2 or out_channels % groups or weight.shape[1] * groups != input.shape[1] or not input.numel():
+        return None
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        return None
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return None
+    sizes = []
+    for size, k, s, p, d in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True):
+        span = size + 2 * p - d * (k - 1) - 1
+        if span < 0:
+            return None
+        sizes.append(span // s + 1)
+    return (input.shape[0], out_channels, *sizes)
+
+
+def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Any:
+    """``conv1d``/``conv2d``/``conv3d``: a contiguous output of the computed shape, as the meta kernel gives."""
+    shape = _conv_shape(input, weight, bias, stride, padding, dilation, groups)
+    return NotImplemented if shape is None else torch.empty(shape, dtype=input.dtype, device="meta")
+
+
+def _adaptive_avg_pool2d(input, output_size) -> Any:
+    """A contiguous output for a contiguous 3-d or 4-d input with no empty dimension; else NotImplemented."""
+    sizes = [output_size] * 2 if isinstance(output_size, int) else output_size
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 2 or not all(s is None or type(s) is int for s in sizes):
+        return NotImplemented
+    if not _plain_operand(input) or input.dim() not in (3, 4) or not input.numel() or not input.is_contiguous():
+        return NotImplemented
+    if any(s is not None and s < 0 for s in sizes):
+        return NotImplemented
+    spatial = [n if s is None else s for s, n in zip(sizes, input.shape[-2:], strict=True)]
+    return torch.empty((*input.shape[:-2], *spatial), dtype=input.dtype, device="meta")
+
+
+def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
+    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented."""
+    if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or type(dim) is not int:
+        return NotImplemented
+    first = tensors[0]
+    if not all(_plain_operand(t) and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+        return NotImplemented
+    ndim = first.dim()
+    if ndim == 0 or not -ndim <= dim < ndim or any(t.dim() != ndim for t in tensors):
+        return NotImplemented
+    dim %= ndim
+    shape = list(first.shape)
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
+        return NotImplemented
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
 # activation -> position of its ``inplace`` argument (None: it has none)
 _ACTIVATIONS = {
     F.relu: 1, F.relu6: 1, F.selu: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1,
@@ -272,8 +358,14 @@ _FAST.update(
         F.group_norm: _group_norm,
         F.layer_norm: _layer_norm,
         F.linear: _linear,
+        F.adaptive_avg_pool2d: _adaptive_avg_pool2d,
+        torch.cat: _cat,
+        torch.conv1d: _conv,
+        torch.conv2d: _conv,
+        torch.conv3d: _conv,
     }
 )
+_PRODUCTS = {F.linear, torch.conv1d, torch.conv2d, torch.conv3d}  # what a FLOPs counter counts
 _BINARY = ("add", "mul", "sub")
 _FAST.update({getattr(torch, name): _elementwise(False) for name in _BINARY})
 _FAST.update({getattr(torch.Tensor, name): _elementwise(False) for name in _BINARY})

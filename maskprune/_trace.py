@@ -214,9 +214,12 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore training flags, buffers and the random state after the block, whatever happens."""
+    """Restore training flags, buffers and the random state after the block, whatever happens.
+
+    Buffers on the meta device hold no values: there is nothing of theirs to restore.
+    """
     modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -304,7 +307,7 @@ class Tracer:
 
     def node(self, t: torch.Tensor) -> TensorNode:
         node = self.nodes.get(id(t))
-        if node is not None and node.shape == tuple(t.shape):
+        if node is not None and node.shape == t.shape:
             return node
         key = id(t)
         if key in self.owned:

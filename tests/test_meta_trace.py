@@ -148,6 +148,32 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "mul_integers": (lambda a, b: a * b, (torch.arange(6).view(2, 3), torch.arange(3))),
     "mul_mixed_dtypes": (lambda a, b: a * b, (_t(2, 3), torch.arange(3))),
     "sub_double_float": (lambda a, b: a - b, (_t(2, 3).double(), _t(3))),
+    "conv2d": (F.conv2d, (_t(2, 4, 9, 9), _t(6, 4, 3, 3), _t(6))),
+    "conv2d_grouped_strided": (lambda x, w: F.conv2d(x, w, None, 2, 1, 1, 2), (_t(2, 4, 9, 9), _t(6, 2, 3, 3))),
+    "conv2d_dilated": (lambda x, w: F.conv2d(x, w, padding=(2, 1), dilation=(2, 1)), (_t(1, 4, 8, 9), _t(3, 4, 3, 3))),
+    "conv2d_padding_same": (lambda x, w: F.conv2d(x, w, padding="same"), (_t(1, 4, 8, 9), _t(3, 4, 3, 3))),
+    "conv2d_unbatched": (F.conv2d, (_t(4, 9, 9), _t(6, 4, 3, 3))),
+    "conv2d_wrong_channels": (F.conv2d, (_t(2, 4, 9, 9), _t(6, 5, 3, 3))),
+    "conv2d_kernel_too_large": (F.conv2d, (_t(1, 4, 2, 2), _t(6, 4, 3, 3))),
+    "conv1d": (lambda x, w: F.conv1d(x, w, stride=2), (_t(2, 4, 10), _t(3, 4, 3))),
+    "conv3d": (lambda x, w: F.conv3d(x, w, stride=(1, 2, 2), padding=1), (_t(1, 2, 4, 5, 6), _t(3, 2, 3, 3, 3))),
+    "adaptive_avg_pool2d": (lambda x: F.adaptive_avg_pool2d(x, 1), (_t(2, 4, 7, 7),)),
+    "adaptive_avg_pool2d_none": (lambda x: F.adaptive_avg_pool2d(x, (3, None)), (_t(2, 4, 7, 5),)),
+    "adaptive_avg_pool2d_unbatched_larger": (lambda x: F.adaptive_avg_pool2d(x, 5), (_t(4, 3, 3),)),
+    "adaptive_avg_pool2d_wrong_size": (lambda x: F.adaptive_avg_pool2d(x, (2, 2, 2)), (_t(2, 4, 5, 5),)),
+    "cat": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 3))),
+    "cat_negative_dim": (lambda a, b, c: torch.cat((a, b, c), dim=-1), (_t(2, 3), _t(2, 1), _t(2, 4))),
+    "cat_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 4))),
+    "cat_legacy_empty": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(0))),
+    "cat_mixed_dtypes": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(1, 3).double())),
+    "cat_channels_last": (
+        lambda a, b: torch.cat([a, b], 1),
+        (_t(2, 4, 3, 3).to(memory_format=torch.channels_last), _t(2, 5, 3, 3)),
+    ),
+    "adaptive_avg_pool2d_channels_last": (
+        lambda x: F.adaptive_avg_pool2d(x, 2),
+        (_t(2, 4, 5, 5).to(memory_format=torch.channels_last),),
+    ),
 }
 
 
@@ -171,10 +197,12 @@ def test_fast_meta_kernels_match_torch(name: str) -> None:
                 op(*meta_args)
 
 
-def test_fast_meta_leaves_linear_to_flop_counters() -> None:
+def test_fast_meta_leaves_linear_and_convolutions_to_flop_counters() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w = torch.empty(4, 6, device="meta"), torch.empty(3, 6, device="meta")
-    with FlopCounterMode(display=False) as counter, FastMeta(linear=False):
+    image, kernel = torch.empty(1, 2, 5, 5, device="meta"), torch.empty(3, 2, 3, 3, device="meta")
+    with FlopCounterMode(display=False) as counter, FastMeta(products=False):
         F.linear(x, w)
-    assert counter.get_total_flops() == 2 * 4 * 6 * 3
+        F.conv2d(image, kernel)
+    assert counter.get_total_flops() == 2 * 4 * 6 * 3 + 2 * (3 * 3 * 3) * (2 * 3 * 3)

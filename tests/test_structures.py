@@ -760,3 +760,22 @@ def test_gather_along_tokens_keeps_channels() -> None:
     mask.groups[0].prune([0, 2])
     pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(3, 7, 4)])
     assert pruned.a.out_features == 4
+
+
+# ---- grouping internals ------------------------------------------------------------------------
+def _partition(labels: np.ndarray) -> set[frozenset[int]]:
+    """Which sequences got the same label, whatever the labels are."""
+    return {frozenset(np.flatnonzero(labels == label).tolist()) for label in np.unique(labels)}
+
+
+def test_sequence_labels_tell_sequences_apart_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskprune import _groups
+
+    sequences = [[1, 2], [3], [1, 2], [2, 1], [1, 2, 3], [3], [1], [1, 2]]
+    values = np.asarray([v for s in sequences for v in s], dtype=np.int64)
+    starts = np.cumsum([0] + [len(s) for s in sequences[:-1]])
+    expected = {frozenset(i for i, t in enumerate(sequences) if t == s) for s in sequences}
+    assert _partition(_groups.sequence_labels(values, starts)) == expected
+    zeros = np.zeros(8, dtype=np.uint64)  # every sequence hashes alike: the exact comparison must separate them
+    monkeypatch.setattr(_groups, "_hash_keys", lambda n_values, n_offsets: (zeros, zeros))
+    assert _partition(_groups.sequence_labels(values, starts)) == expected
