@@ -193,7 +193,7 @@ def run_child(library: str, layers: int, kv_heads: int, timeout: float) -> Child
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
         records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-        unfinished = time.time() - max((r["ended_at"] for r in records), default=started)
+        unfinished = time.time() - max((r["ended_at"] for r in records if "ended_at" in r), default=started)
         return ChildResult(records, f"unfinished after {unfinished:.0f} s (killed)", unfinished)
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     error = next((r["error"] for r in records if "error" in r), None)
