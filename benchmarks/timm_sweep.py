@@ -285,9 +285,8 @@ def sweep(order: Sequence[str], args: argparse.Namespace) -> Iterator[Row]:
 
 
 def error_key(error: str) -> str:
-    """An error message with numbers and quoted names blanked, so that the same failure counts once."""
-    error = re.sub(r"\[[\w.]+:\d+\]$", "", error)  # keep the type and message; the location stays in examples
-    return re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "N", error).strip()
+    """An error message with its numbers blanked, so that one failure in several models or layers counts once."""
+    return re.sub(r"\d+", "N", error)
 
 
 def summary(rows: Sequence[Row], total: int, order_note: str) -> str:
@@ -303,7 +302,7 @@ def summary(rows: Sequence[Row], total: int, order_note: str) -> str:
         "| --- | --: |",
         *(f"| {o} | {counts[o]} |" for o in OUTCOMES),
         "",
-        "| outcome | stage | error (numbers and quoted names blanked) | models | examples |",
+        "| outcome | stage | error (numbers blanked) | models | examples |",
         "| --- | --- | --- | --: | --- |",
     ]
     by_error: dict[tuple[str, str, str], list[str]] = collections.defaultdict(list)
@@ -311,7 +310,7 @@ def summary(rows: Sequence[Row], total: int, order_note: str) -> str:
         if row.outcome not in ("pass", "skip-huge"):
             by_error[row.outcome, row.stage, error_key(row.error)].append(row.model)
     for (outcome, stage, key), models in sorted(by_error.items(), key=lambda item: -len(item[1])):
-        cell = key.replace("|", "\\|")[:160]
+        cell = key.replace("|", "\\|")
         lines.append(f"| {outcome} | {stage} | {cell} | {len(models)} | {', '.join(models[:3])} |")
     return "\n".join(lines)
 
