@@ -998,6 +998,9 @@ def _broadcast_prefix(call: OpCall, out: torch.Tensor, tensors: list[torch.Tenso
 
 @rule("batch_norm", "instance_norm")
 def batch_norm(call: OpCall) -> None:
+    """Channels (dim 1) pass through. Statistics taken from the input mix it along the other dims, which
+    are then frozen: a weight standardisation (``F.batch_norm(w.reshape(1, out, -1), training=True)``)
+    averages over a weight's input channels there."""
     x, out = call.args[0], call.outputs[0]
     if x.dim() < 2:
         return
@@ -1005,7 +1008,11 @@ def batch_norm(call: OpCall) -> None:
         if t.dim() == 1 and t.shape[0] == x.shape[1]:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
-    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+    if call.name == "batch_norm":
+        from_input = call.arg(5, "training", False) or call.arg(1, "running_mean") is None
+    else:
+        from_input = call.arg(5, "use_input_stats", True)
+    call.set_out(out, [call.space(x, d) if d == 1 or not from_input else None for d in range(x.dim())])
 
 
 @rule("group_norm")

@@ -436,6 +436,7 @@ class Tracer:
         plain = set(ops) <= {"permute", "contiguous", "layer_norm", "rms_norm", "transpose", "movedim"}
         ok = (
             isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+            and next(module.children(), None) is None  # the hook recomputes the norm alone: no act or drop after it
             and plain
             and ops.count("layer_norm") + ops.count("rms_norm") == 1
             and len(inputs) == 1
