@@ -76,14 +76,20 @@ def attribute_updates(
 
     ``kept(space)``: the number of channels the export keeps in a space.
     """
-    proposals: dict[tuple[str, int, str], set[int]] = {}
+    proposals: dict[tuple[str, int], set[int]] = {}
+    configs: dict[tuple[int, str], tuple[str, set[int]]] = {}  # a shared config's field: every layer's count
     for site in sites:
         new = kept(site.space)
-        if new is not None and new != site.value:
-            proposals.setdefault((site.path, site.value, site.kind), set()).add(new)
+        if new is None:
+            continue
+        if new != site.value:
+            proposals.setdefault((site.path, site.value), set()).add(new)
+        config = getattr(modules.get(site.path), "config", None)
+        if site.kind == HEADS and config is not None and not isinstance(config, nn.Module):
+            for name in _matching(vars(config), HEAD_COUNTS.__contains__, site.value):
+                configs.setdefault((id(config), name), (site.path, set()))[1].add(new)
     updates: Attributes = {}
-    configs: dict[tuple[int, str], tuple[str, set[int]]] = {}
-    for (path, old, kind), news in proposals.items():
+    for (path, old), news in proposals.items():
         module = modules.get(path)
         if module is None or len(news) != 1:
             continue  # two counts for one written size: the code cannot hold both, the trial export decides
@@ -92,13 +98,10 @@ def attribute_updates(
             updates.setdefault(path, {})[name] = new
         for name in _matching(vars(type(module)), is_count_name, old):  # a class default: set on the instance
             updates.setdefault(path, {}).setdefault(name, new)
-        config = getattr(module, "config", None)
-        if kind == HEADS and config is not None and not isinstance(config, nn.Module):
-            for name in _matching(vars(config), HEAD_COUNTS.__contains__, old):
-                configs.setdefault((id(config), name), (path, set()))[1].add(new)
     for (_, name), (path, news) in configs.items():
-        if len(news) == 1:  # every layer agrees: the shared config can say it
-            updates.setdefault(path, {})[f"config.{name}"] = news.pop()
+        new = news.pop()
+        if not news and new != getattr(modules[path].config, name):  # every layer agrees: the config can say it
+            updates.setdefault(path, {})[f"config.{name}"] = new
     return updates
 
 

@@ -212,6 +212,21 @@ def test_grouped_query_heads_and_config_follow() -> None:
     assert maskprune.verify(model, pruned, _text_inputs(case, 1, 9, seed=4)).ok
 
 
+def test_a_config_keeps_its_head_counts_when_layers_disagree() -> None:
+    (case,) = [c for c in HF_CASES if c.name == "llama"]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    inputs = _text_inputs(case, 2, 12, seed=1)
+    mask = Mask(model, inputs).make()
+    key = "model.layers.0.self_attn.k_proj.weight"
+    first = [g for g in mask.groups if any(m.name == key and m.dim == 0 for m in g.members)]
+    first[0].prune([0])  # layer 0 only
+    pruned = mask.generate_pruned_model()
+    assert pruned.model.layers[0].self_attn.k_proj.out_features == 8
+    assert pruned.model.layers[1].self_attn.k_proj.out_features == 16
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (4, 2)
+
+
 def test_saved_and_loaded_into_a_fresh_model_with_its_config(tmp_path) -> None:
     (case,) = [c for c in HF_CASES if c.name == "llama"]
     torch.manual_seed(0)
