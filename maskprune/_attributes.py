@@ -64,9 +64,7 @@ def holds_count(module: nn.Module | None, value: int) -> bool:
         >>> holds_count(nn.MultiheadAttention(8, 2), 2), holds_count(nn.ReLU(), 2)
         (True, False)
     """
-    if module is None:
-        return False
-    return bool(_matching(vars(module), is_count_name, value) or _matching(vars(type(module)), is_count_name, value))
+    return module is not None and bool(_count_attributes(module, value))
 
 
 def attribute_updates(
@@ -94,15 +92,22 @@ def attribute_updates(
         if module is None or len(news) != 1:
             continue  # two counts for one written size: the code cannot hold both, the trial export decides
         (new,) = news
-        for name in _matching(vars(module), is_count_name, old):
+        for name in _count_attributes(module, old):
             updates.setdefault(path, {})[name] = new
-        for name in _matching(vars(type(module)), is_count_name, old):  # a class default: set on the instance
-            updates.setdefault(path, {}).setdefault(name, new)
     for (_, name), (path, news) in configs.items():
         new = news.pop()
         if not news and new != getattr(modules[path].config, name):  # every layer agrees: the config can say it
             updates.setdefault(path, {})[f"config.{name}"] = new
     return updates
+
+
+def _count_attributes(module: nn.Module, value: int) -> list[str]:
+    """The count attributes of ``module`` holding ``value``, its own or its class's defaults (set on the instance)."""
+    return list(
+        dict.fromkeys(
+            _matching(vars(module), is_count_name, value) + _matching(vars(type(module)), is_count_name, value)
+        )
+    )
 
 
 def _matching(namespace: Mapping[str, Any], named: Callable[[str], bool], value: int) -> list[str]:

@@ -166,6 +166,10 @@ class OpCall:
     def tainted(self) -> bool:
         return any(self.tracer.node(t).tainted for t in self.inputs)
 
+    def held(self, value: int) -> bool:
+        """Whether the running module keeps ``value`` in a count attribute the export can set."""
+        return holds_count(self.tracer.running_module()[1], value)
+
     def is_param(self, t: torch.Tensor) -> bool:
         return id(t) in self.tracer.owned
 
@@ -354,7 +358,7 @@ def factory(call: OpCall) -> None:
     for d, n in enumerate(list(sizes)[: out.dim()]):
         if isinstance(n, TracedSize) and n == out.shape[d]:
             spaces.append(n.space)
-        elif constant and type(n) is int and n > 1 and holds_count(call.tracer.running_module()[1], n):
+        elif constant and type(n) is int and n > 1 and call.held(n):
             # a constant of any size, its size held in an attribute the export sets: it takes what it meets
             spaces.append(call.graph.new_space(n))
             call.tracer.size_site(n, spaces[-1])
@@ -451,7 +455,7 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     heads_dim, heads = block_out[-2]
     per_head = block_out[-1][1]
     written = _written_size(call, heads_dim)
-    if type(written) is int and written > 0 and not holds_count(call.tracer.running_module()[1], written):
+    if type(written) is int and written > 0 and not call.held(written):
         return heads_dim, call.graph.new_space(heads, f"{call.reason()} (its count {written} is written in the code)")
     space = call.graph.new_space(heads)
     idx = np.arange(x.shape[in_dim])
@@ -584,7 +588,7 @@ def split(call: OpCall) -> None:
     equal = len({o.shape[d] for o in outs}) == 1 and outs[0].shape[d] * len(outs) == size
     by_size = call.name in ("split", "split_with_sizes")
     shared = None
-    held = by_size and holds_count(call.tracer.running_module()[1], outs[0].shape[d])
+    held = by_size and call.held(outs[0].shape[d])
     if equal and (call.name == "chunk" or held):
         n = outs[0].shape[d]
         shared = call.graph.new_space(n)

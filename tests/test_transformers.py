@@ -45,10 +45,13 @@ def _config(cls: type, **kwargs: Any) -> Any:
     return cls(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
 
 
+# width 32, 4 heads of 8, MLP 48, 2 layers: in the names BERT, ViT and the decoders use
+SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2)
+
+
 def _decoder(kind: str) -> Callable[[], nn.Module]:
     """Llama, Mistral and Qwen2: 4 query heads over 2 key/value heads (grouped-query attention)."""
-    sizes = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-    sizes |= dict(num_key_value_heads=2, max_position_embeddings=64)
+    sizes = SMALL | dict(num_key_value_heads=2, max_position_embeddings=64)
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -61,15 +64,7 @@ HF_CASES = [
     HFCase(
         "bert",
         lambda: transformers.BertForSequenceClassification(
-            _config(
-                transformers.BertConfig,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=48,
-                max_position_embeddings=64,
-                num_labels=3,
-            )
+            _config(transformers.BertConfig, **SMALL, max_position_embeddings=64, num_labels=3)
         ),
         "attention.self.query",
         8,
@@ -99,15 +94,7 @@ HF_CASES = [
     HFCase(
         "vit",
         lambda: transformers.ViTForImageClassification(
-            transformers.ViTConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=48,
-                image_size=32,
-                patch_size=8,
-                num_labels=5,
-            )
+            transformers.ViTConfig(**SMALL, image_size=32, patch_size=8, num_labels=5)
         ),
         "attention.q_proj",
         8,
