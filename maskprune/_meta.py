@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._walk import module_table, tensors_of
+
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
@@ -28,10 +30,10 @@ def meta_copy(model: nn.Module) -> nn.Module:
         device(type='meta')
     """
     memo: dict[int, Any] = {}
+    table = module_table(model)
     tensors = itertools.chain(
-        model.parameters(),
-        model.buffers(),
-        (v for m in model.modules() for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
+        (t for t, _ in tensors_of(table)),
+        (v for _, m in table for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
     )
     for t in tensors:
         if id(t) in memo:
@@ -55,10 +57,15 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
-        if key == "_modules":
+        kind = type(value)
+        if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
+            state[key] = value
+        elif key == "_modules":
             state[key] = {name: None if m is None else copy_modules(m, memo) for name, m in value.items()}
         elif key in ("_parameters", "_buffers"):
             state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
+        elif kind in _CONTAINERS and not value:  # empty hook dicts
+            state[key] = kind()
         else:
             state[key] = _copy_value(value, memo)
     new.__dict__.update(state)
@@ -97,7 +104,7 @@ def to_meta(inputs: Any) -> Any:
 
 
 def has_meta_tensors(model: nn.Module) -> bool:
-    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    return any(t.is_meta for t, _ in tensors_of(module_table(model)))
 
 
 class FastMeta(TorchFunctionMode):
@@ -120,18 +127,18 @@ class FastMeta(TorchFunctionMode):
 
     def __init__(self, products: bool = True) -> None:
         super().__init__()
-        self.fast = _FAST if products else {f: k for f, k in _FAST.items() if f not in _PRODUCTS}
+        self.fast = FAST_KERNELS if products else {f: k for f, k in FAST_KERNELS.items() if f not in _PRODUCTS}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         fast = self.fast.get(func)
-        if fast is None or not _first_is_meta(args):
+        if fast is None or not first_is_meta(args):
             return func(*args, **kwargs)
         out = fast(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
 
 
-def _first_is_meta(args: tuple) -> bool:
+def first_is_meta(args: tuple) -> bool:
     """Whether the first argument, or the first tensor of a first argument that is a list (``cat``), is on meta."""
     first = args[0] if args else None
     if isinstance(first, (list, tuple)) and first:
@@ -350,8 +357,8 @@ _ACTIVATIONS = {
     F.gelu: None, F.softplus: None, F.sigmoid: None, F.tanh: None, torch.sigmoid: None, torch.tanh: None,
     torch.relu: None,
 }  # fmt: skip
-_FAST: dict[Any, Any] = {f: _activation(at) for f, at in _ACTIVATIONS.items()}
-_FAST.update(
+FAST_KERNELS: dict[Any, Any] = {f: _activation(at) for f, at in _ACTIVATIONS.items()}
+FAST_KERNELS.update(
     {
         F.batch_norm: _batch_norm,
         F.instance_norm: _instance_norm,
@@ -367,11 +374,11 @@ _FAST.update(
 )
 _PRODUCTS = {F.linear, torch.conv1d, torch.conv2d, torch.conv3d}  # what a FLOPs counter counts
 _BINARY = ("add", "mul", "sub")
-_FAST.update({getattr(torch, name): _elementwise(False) for name in _BINARY})
-_FAST.update({getattr(torch.Tensor, name): _elementwise(False) for name in _BINARY})
-_FAST.update({getattr(torch.Tensor, f"__{name}__"): _elementwise(False) for name in _BINARY})
-_FAST.update({getattr(torch.Tensor, f"__r{name}__"): _elementwise(False) for name in ("add", "mul")})
-_FAST.update({getattr(torch.Tensor, f"{name}_"): _elementwise(True) for name in _BINARY})
-_FAST.update({getattr(torch.Tensor, f"__i{name}__"): _elementwise(True) for name in _BINARY})
+FAST_KERNELS.update({getattr(torch, name): _elementwise(False) for name in _BINARY})
+FAST_KERNELS.update({getattr(torch.Tensor, name): _elementwise(False) for name in _BINARY})
+FAST_KERNELS.update({getattr(torch.Tensor, f"__{name}__"): _elementwise(False) for name in _BINARY})
+FAST_KERNELS.update({getattr(torch.Tensor, f"__r{name}__"): _elementwise(False) for name in ("add", "mul")})
+FAST_KERNELS.update({getattr(torch.Tensor, f"{name}_"): _elementwise(True) for name in _BINARY})
+FAST_KERNELS.update({getattr(torch.Tensor, f"__i{name}__"): _elementwise(True) for name in _BINARY})
 if hasattr(F, "rms_norm"):
-    _FAST[F.rms_norm] = _rms_norm
+    FAST_KERNELS[F.rms_norm] = _rms_norm

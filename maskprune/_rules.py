@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._attributes import holds_count
-from ._trace import HEADS, TensorNode, TracedSize, Tracer, iter_tensors
+from ._trace import HEADS, NO_TENSORS, TensorNode, TracedSize, Tracer, iter_tensors
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
 
@@ -115,11 +115,12 @@ class OpCall:
         self.args = args
         self.kwargs = kwargs
         self.out = out
-        seen: set[int] = set()
-        self.inputs = [t for t in iter_tensors((args, kwargs)) if not (id(t) in seen or seen.add(id(t)))]
-        self.outputs = list(iter_tensors(out))
+        self.inputs = _distinct_tensors(args, kwargs)
+        self.outputs = [out] if isinstance(out, torch.Tensor) else list(iter_tensors(out))
         self.claimed: set[tuple[int, int]] = set()
         self.done: set[int] = set()
+        self._tainted: bool | None = None
+        self._reason: str | None = None
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         if len(self.args) > index:
@@ -146,25 +147,37 @@ class OpCall:
 
     def set_out(self, t: torch.Tensor, spaces: list[int | None]) -> None:
         """Give output ``t`` its spaces; ``None`` means a fresh frozen space."""
-        reason = self.reason()
-        graph = self.graph
-        resolved = tuple(graph.new_space(n, reason) if s is None else s for s, n in zip(spaces, t.shape, strict=True))
-        self.tracer.bind(t, TensorNode(resolved, tuple(t.shape), self.tainted()))
+        shape = tuple(t.shape)
+        if len(spaces) != len(shape):
+            raise ValueError(f"{len(spaces)} spaces for an output of {len(shape)} dims")
+        if None in spaces:
+            reason, new_space = self.reason(), self.graph.new_space
+            spaces = [new_space(n, reason) if s is None else s for s, n in zip(spaces, shape, strict=True)]
+        self.tracer.bind(t, TensorNode(tuple(spaces), shape, self.tainted()))
         self.done.add(id(t))
 
-    def finish(self, tensors: list[torch.Tensor], reason: str) -> None:
-        """Freeze every dimension of ``tensors`` the rule did not claim; unset outputs get frozen spaces."""
+    def finish(self, tensors: list[torch.Tensor], reason: str | None = None) -> None:
+        """Freeze every dimension of ``tensors`` the rule did not claim; unset outputs get frozen spaces.
+
+        ``reason``: why, for what this freezes (the rule's :meth:`reason` by default).
+        """
+        node, claimed = self.tracer.node, self.claimed
+        tainted = False
         for t in tensors:
-            for dim, space in enumerate(self.tracer.node(t).spaces):
-                if (id(t), dim) not in self.claimed:
-                    self.graph.freeze(space, reason)
-        tainted = any(self.tracer.node(t).tainted for t in tensors)
+            t_node, key = node(t), id(t)
+            tainted = tainted or t_node.tainted
+            for dim, space in enumerate(t_node.spaces):
+                if (key, dim) not in claimed:
+                    self.graph.freeze(space, reason or self.reason())
         for t in self.outputs:
             if id(t) not in self.done:
-                self.tracer.fresh(t, reason, tainted)
+                self.tracer.fresh(t, reason or self.reason(), tainted)
 
     def tainted(self) -> bool:
-        return any(self.tracer.node(t).tainted for t in self.inputs)
+        """Whether any input derives from a masked parameter (computed once, before outputs are bound)."""
+        if self._tainted is None:
+            self._tainted = any(self.tracer.node(t).tainted for t in self.inputs)
+        return self._tainted
 
     def held(self, value: int) -> bool:
         """Whether the running module keeps ``value`` in a count attribute the export can set."""
@@ -178,7 +191,10 @@ class OpCall:
             self.tracer.roles.setdefault((id(t), dim % t.dim()), role)
 
     def reason(self) -> str:
-        return f"`{self.name}` in {self.tracer.path()}"
+        """What froze a dimension here: the op and the module running it."""
+        if self._reason is None:
+            self._reason = f"`{self.name}` in {self.tracer.path()}"
+        return self._reason
 
 
 def run_rule(call: OpCall) -> None:
@@ -193,7 +209,7 @@ def run_rule(call: OpCall) -> None:
         reason = f"unsupported op `{call.name}` in {call.tracer.path()}"
     else:
         fn(call)
-        reason = call.reason()
+        reason = None  # the rule's own (see OpCall.reason)
     call.finish(call.inputs, reason)
 
 
@@ -242,6 +258,22 @@ def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tupl
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _distinct_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (nested ones too), each once, in order."""
+    found: list[torch.Tensor] = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif not isinstance(value, NO_TENSORS):
+            found.extend(iter_tensors(value))
+    if kwargs:
+        found.extend(iter_tensors(kwargs))
+    if len(found) < 2:
+        return found
+    seen: set[int] = set()
+    return [t for t in found if not (id(t) in seen or seen.add(id(t)))]
+
+
 def _dims(value: Any, ndim: int) -> list[int] | None:
     if value is None:
         return None

@@ -23,7 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from ._graph import ChannelGraph
 from ._layers import RMS_NORM_RULE, rms_norm_eps
-from ._meta import FastMeta, has_meta_tensors, meta_copy, to_meta
+from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
+from ._walk import module_table, tensors_of
 from .errors import TraceError
 
 MODEL_INPUT = "model input"
@@ -146,19 +147,19 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     return iter(found)
 
 
-_NO_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+NO_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
 
 
 def _collect_tensors(obj: Any, found: list[torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
         found.append(obj)
-    elif isinstance(obj, _NO_TENSORS):
+    elif isinstance(obj, NO_TENSORS):
         return
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             if isinstance(item, torch.Tensor):
                 found.append(item)
-            elif not isinstance(item, _NO_TENSORS):
+            elif not isinstance(item, NO_TENSORS):
                 _collect_tensors(item, found)
     elif isinstance(obj, Mapping):
         for item in obj.values():
@@ -168,10 +169,13 @@ def _collect_tensors(obj: Any, found: list[torch.Tensor]) -> None:
             _collect_tensors(getattr(obj, f.name), found)
 
 
-def owned_tensors(model: nn.Module) -> dict[int, OwnedTensor]:
-    """Parameters and buffers by identity, with every (module path, attribute) that holds them."""
+def owned_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> dict[int, OwnedTensor]:
+    """Parameters and buffers by identity, with every (module path, attribute) that holds them.
+
+    ``table``: the model's :func:`module_table`, when the caller has it.
+    """
     owned: dict[int, OwnedTensor] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module in module_table(model) if table is None else table:
         for store, is_param in ((module._parameters, True), (module._buffers, False)):
             for attr, tensor in store.items():
                 if tensor is None:
@@ -203,7 +207,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         >>> m.training
         True
     """
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for _, m in module_table(model)]
     model.eval()
     try:
         yield
@@ -218,8 +222,9 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 
     Buffers on the meta device hold no values: there is nothing of theirs to restore.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    table = module_table(model)
+    modes = [(m, m.training) for _, m in table]
+    buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -249,24 +254,27 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         if tracer.leaf_depth:
-            return func(*args, **kwargs)
+            return tracer.call(func, args, kwargs)
         return tracer.apply(func, args, kwargs)
 
 
 class Tracer:
     """Runs the model and builds the channel graph. Used through :func:`trace`."""
 
-    def __init__(self, model: nn.Module, leaf_rules: Mapping[type, Any]) -> None:
+    def __init__(self, model: nn.Module, leaf_rules: Mapping[type, Any], fast: Mapping[Any, Any] | None = None) -> None:
         from . import _rules
 
         self.model = model
+        self.fast = fast or {}  # shape-only kernels to call directly (a trace on the meta device, see FastMeta)
         self.graph = ChannelGraph()
-        self.owned = owned_tensors(model)
+        modules = module_table(model)
+        self.owned = owned_tensors(model, modules)
         self.param_nodes: dict[int, TensorNode] = {}
         self.nodes: dict[int, TensorNode] = {}
         self.watched: dict[int, weakref.ref] = {}  # a freed tensor's id may be reused: forget its node then
         self.roles: dict[tuple[int, int], str] = {}
-        self.module_paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+        self.module_paths = {id(m): p for p, m in modules}
+        self.childless = {id(m) for _, m in modules if all(c is None for c in m._modules.values())}
         self.stack: list[nn.Module] = []
         self.ops_in_call: list[list[str]] = []
         self.pending_ln: list[list[tuple[int, int]]] = []
@@ -274,7 +282,7 @@ class Tracer:
         self.layer_norms: list[LayerNormSite] = []
         self.unknown_ops: dict[tuple[str, str], int] = {}
         self.leaf_rules = dict(leaf_rules)
-        for module in model.modules():
+        for module in dict.fromkeys(m for _, m in modules):
             if type(module) not in self.leaf_rules and rms_norm_eps(module) is not None:
                 self.leaf_rules[type(module)] = RMS_NORM_RULE
         self.leaf_depth = 0
@@ -339,6 +347,16 @@ class Tracer:
         self.watched.pop(key, None)
 
     # ---- ops ---------------------------------------------------------------------------
+    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``func(*args, **kwargs)``, by its shape-only kernel when it has one (what FastMeta would do)."""
+        fast = self.fast.get(func)
+        if fast is not None:
+            with _rule_context():
+                out = fast(*args, **kwargs) if first_is_meta(args) else NotImplemented
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
     def apply(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         name, inplace = self.rules.op_name(func)
         if name == "iter":
@@ -346,7 +364,7 @@ class Tracer:
             with _rule_context():
                 self.rules.run_rule(self.rules.OpCall(self, "unbind", False, (args[0], 0), {}, out))
             return iter(out)
-        out = func(*args, **kwargs)
+        out = self.call(func, args, kwargs)
         with _rule_context():
             if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
                 self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
@@ -388,14 +406,19 @@ class Tracer:
             self.leaf_depth += 1
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        leaf = self.leaf_rules.get(type(module))
+        if leaf is None and self.leaf_depth:  # inside a leaf module: nothing to record
+            self.ops_in_call.pop()
+            self.pending_ln.pop()
+            self.stack.pop()
+            return
         with _rule_context():  # the shapes this hook reads are not the model's
-            self._after_module(module, args, output)
+            self._after_module(module, leaf, args, output)
 
-    def _after_module(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if type(module) in self.leaf_rules:
+    def _after_module(self, module: nn.Module, leaf: Any, args: tuple, output: Any) -> None:
+        if leaf is not None:
             self.leaf_depth -= 1
             if self.leaf_depth == 0:
-                leaf = self.leaf_rules[type(module)]
                 self.rules.run_leaf_rule(self, module, leaf, args, output)
                 if leaf is RMS_NORM_RULE:
                     self.record_rms_norm(module, args)
@@ -405,13 +428,24 @@ class Tracer:
         if self.leaf_depth:
             return
         path = self.module_paths.get(id(module))
-        outputs = [self.nodes[id(t)] for t in iter_tensors(output) if id(t) in self.nodes]
         if path is not None:
-            self.module_outputs.setdefault(path or "<root>", outputs)
-            if self.first_pass and next(module.children(), None) is None:
-                self.record_leaf_call(path, module, args, outputs)
+            key = path or "<root>"
+            is_leaf_call = self.first_pass and id(module) in self.childless
+            if is_leaf_call or key not in self.module_outputs:
+                outputs = self.output_nodes(output)
+                self.module_outputs.setdefault(key, outputs)
+                if is_leaf_call:
+                    self.record_leaf_call(path, module, args, outputs)
         for space, kind in ln_sites:
             self.resolve_layer_norm(module, path, ops, space, kind, args, output)
+
+    def output_nodes(self, output: Any) -> list[TensorNode]:
+        """The nodes of a module's output tensors that the trace knows."""
+        nodes = self.nodes
+        if isinstance(output, torch.Tensor):
+            node = nodes.get(id(output))
+            return [] if node is None else [node]
+        return [nodes[id(t)] for t in iter_tensors(output) if id(t) in nodes]
 
     def record_rms_norm(self, module: nn.Module, args: tuple) -> None:
         """A model's own RMS norm module: its statistic is rescaled to the kept channels when masked."""
@@ -513,7 +547,9 @@ def trace(
             shadow = meta_copy(model)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
             with FastMeta():
-                shadow_trace = _trace_model(shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True)
+                shadow_trace = _trace_model(
+                    shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
+                )
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
@@ -527,9 +563,13 @@ def _trace_model(
     leaf_rules: Mapping[type, Any],
     frozen_modules: Mapping[str, nn.Module],
     strict: bool,
+    fast: Mapping[Any, Any] | None = None,
 ) -> Trace:
-    """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached."""
-    tracer = Tracer(model, leaf_rules)
+    """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached.
+
+    ``fast``: shape-only kernels the tracer calls directly (inside :class:`FastMeta`, on a meta copy).
+    """
+    tracer = Tracer(model, leaf_rules, fast)
     notes: list[str] = []
     modes = [model.training]
     with preserved_state(model):
@@ -583,10 +623,11 @@ def _trace_model(
 
 def _on_model(shadow_trace: Trace, model: nn.Module, shadow: nn.Module) -> Trace:
     """The trace of ``shadow`` (a meta copy of ``model``) in ``model``'s own tensors and modules."""
-    owned = owned_tensors(model)
+    table = module_table(model)
+    owned = owned_tensors(model, table)
     key_of_name = {o.names[0]: key for key, o in owned.items()}
     keys = {key: key_of_name[o.names[0]] for key, o in shadow_trace.owned.items()}
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(table)
     return dataclasses.replace(
         shadow_trace,
         owned=owned,
