@@ -38,7 +38,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     for t in tensors:
         if id(t) in memo:
             continue
-        meta = torch.empty_like(t, device="meta")
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # empty_like is slow
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy_modules(model, memo)
 

@@ -121,6 +121,14 @@ class OpCall:
         self.done: set[int] = set()
         self._tainted: bool | None = None
         self._reason: str | None = None
+        self._nodes: dict[int, TensorNode] = {}  # looked up once per call (the op has already run)
+
+    def node(self, t: torch.Tensor) -> TensorNode:
+        """The traced node of ``t``, as this call sees it (its own outputs once set)."""
+        node = self._nodes.get(id(t))
+        if node is None:
+            node = self._nodes[id(t)] = self.tracer.node(t)
+        return node
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         if len(self.args) > index:
@@ -131,7 +139,7 @@ class OpCall:
         """The space of ``t``'s dimension ``dim``, claimed by this rule."""
         dim %= t.dim()
         self.claimed.add((id(t), dim))
-        return self.tracer.node(t).spaces[dim]
+        return self.node(t).spaces[dim]
 
     def claim_all(self, t: torch.Tensor) -> None:
         for dim in range(t.dim()):
@@ -153,7 +161,10 @@ class OpCall:
         if None in spaces:
             reason, new_space = self.reason(), self.graph.new_space
             spaces = [new_space(n, reason) if s is None else s for s, n in zip(spaces, shape, strict=True)]
-        self.tracer.bind(t, TensorNode(tuple(spaces), shape, self.tainted()))
+        node = TensorNode(tuple(spaces), shape, self.tainted())
+        self.tracer.bind(t, node)
+        if not self.is_param(t):  # a parameter keeps its own node
+            self._nodes[id(t)] = node
         self.done.add(id(t))
 
     def finish(self, tensors: list[torch.Tensor], reason: str | None = None) -> None:
@@ -161,7 +172,7 @@ class OpCall:
 
         ``reason``: why, for what this freezes (the rule's :meth:`reason` by default).
         """
-        node, claimed = self.tracer.node, self.claimed
+        node, claimed = self.node, self.claimed
         tainted = False
         for t in tensors:
             t_node, key = node(t), id(t)
@@ -176,7 +187,7 @@ class OpCall:
     def tainted(self) -> bool:
         """Whether any input derives from a masked parameter (computed once, before outputs are bound)."""
         if self._tainted is None:
-            self._tainted = any(self.tracer.node(t).tainted for t in self.inputs)
+            self._tainted = any(self.node(t).tainted for t in self.inputs)
         return self._tainted
 
     def held(self, value: int) -> bool:
@@ -331,7 +342,7 @@ def division(call: OpCall) -> None:
     elementwise(call)
     reflected = call.name.startswith("r") and call.name != "remainder"
     divisor = call.args[0] if reflected else call.arg(1, "other")
-    if isinstance(divisor, torch.Tensor) and call.tracer.node(divisor).tainted:
+    if isinstance(divisor, torch.Tensor) and call.node(divisor).tainted:
         call.claimed -= {(id(divisor), d) for d in range(divisor.dim())}
 
 
@@ -461,7 +472,7 @@ def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]
     Returns (its dim in ``x``, its size, the product of the factors after it).
     """
     graph = call.graph
-    nodes = call.tracer.node(x).spaces
+    nodes = call.node(x).spaces
     chosen = next((k for k, (d, _) in enumerate(block_in) if not graph.is_frozen(nodes[d])), 0)
     stride = int(np.prod([n for _, n in block_in[chosen + 1 :]], dtype=np.int64))
     return block_in[chosen][0], block_in[chosen][1], stride
