@@ -22,8 +22,10 @@ from torch.overrides import TorchFunctionMode
 from ._walk import module_table, tensors_of
 
 
-def meta_copy(model: nn.Module) -> nn.Module:
+def meta_copy(model: nn.Module, originals: dict[int, torch.Tensor] | None = None) -> nn.Module:
     """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
+
+    ``originals``, when given, is filled with each meta tensor's original, by the meta tensor's ``id``.
 
     Example:
         >>> meta_copy(torch.nn.Linear(4, 3)).weight.device
@@ -40,6 +42,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
             continue
         meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # empty_like is slow
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        if originals is not None:
+            originals[id(memo[id(t)])] = t
     return copy_modules(model, memo)
 
 

@@ -544,7 +544,8 @@ def trace(
     """
     if on_meta and not has_meta_tensors(model):
         try:
-            shadow = meta_copy(model)
+            originals: dict[int, torch.Tensor] = {}
+            shadow = meta_copy(model, originals)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
             with FastMeta():
                 shadow_trace = _trace_model(
@@ -553,7 +554,9 @@ def trace(
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
-            return _on_model(shadow_trace, model, shadow)
+            on_model = _on_model(shadow_trace, model, shadow, originals)
+            if on_model is not None:
+                return on_model
     return _trace_model(model, inputs, leaf_rules, frozen_modules, strict=False)
 
 
@@ -621,13 +624,20 @@ def _trace_model(
     )
 
 
-def _on_model(shadow_trace: Trace, model: nn.Module, shadow: nn.Module) -> Trace:
-    """The trace of ``shadow`` (a meta copy of ``model``) in ``model``'s own tensors and modules."""
-    table = module_table(model)
-    owned = owned_tensors(model, table)
-    key_of_name = {o.names[0]: key for key, o in owned.items()}
-    keys = {key: key_of_name[o.names[0]] for key, o in shadow_trace.owned.items()}
-    modules = dict(table)
+def _on_model(
+    shadow_trace: Trace, model: nn.Module, shadow: nn.Module, originals: dict[int, torch.Tensor]
+) -> Trace | None:
+    """The trace of ``shadow`` (a meta copy of ``model``) in ``model``'s own tensors and modules.
+
+    ``originals``: each of the shadow's tensors' original in ``model``, by the shadow tensor's ``id``.
+    None when the shadow holds a tensor that is not a copy of one of ``model``'s (a module whose own
+    ``__deepcopy__`` made new ones).
+    """
+    if any(key not in originals for key in shadow_trace.owned):
+        return None
+    keys = {key: id(originals[key]) for key in shadow_trace.owned}
+    owned = {keys[key]: OwnedTensor(originals[key], o.is_param, o.names) for key, o in shadow_trace.owned.items()}
+    modules = dict(module_table(model))
     return dataclasses.replace(
         shadow_trace,
         owned=owned,

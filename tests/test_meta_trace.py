@@ -4,6 +4,7 @@ nothing touched on the user's model, and shape-only kernels that check shapes as
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import maskprune
 from maskprune import Mask
 from maskprune._groups import build_layout
 from maskprune._layers import leaf_rules
@@ -43,6 +45,41 @@ def test_meta_trace_finds_the_groups_of_a_real_trace(name: str) -> None:
     assert set(on_meta.param_nodes) <= owned  # expressed in the model's own tensors
     assert all(site.module is model.get_submodule(site.path) for site in on_meta.layer_norms)
     assert all(call.module is model.get_submodule(call.path) for call in on_meta.leaf_calls)
+
+
+class CopiesItself(nn.Module):
+    """A layer with its own ``__deepcopy__``, which copies its parts through the memo and counts its copies."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.copies = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CopiesItself:
+        copied = CopiesItself.__new__(CopiesItself)
+        nn.Module.__init__(copied)
+        copied.conv = copy.deepcopy(self.conv, memo)
+        copied.copies = self.copies + 1
+        return copied
+
+
+def test_meta_trace_of_a_self_copying_module_is_in_the_models_tensors() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), CopiesItself(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(1, 3, 6, 6)
+    on_meta = trace(model, x, leaf_rules(), {})
+    real = trace(model, x, leaf_rules(), {}, on_meta=False)
+    assert on_meta.shadow is not None and on_meta.shadow[1].copies == 1
+    assert _layout(on_meta) == _layout(real)
+    assert any(o.tensor is model[1].conv.weight for o in on_meta.owned.values())
+    mask = Mask(model, x).make()
+    mask.groups[0].prune([0, 1])
+    pruned = mask.generate_pruned_model()
+    assert pruned[1].conv.weight.shape == (8, 6, 3, 3)
+    assert maskprune.verify(model, pruned, x).max_rel <= 1e-5
 
 
 class ReadsValues(nn.Module):
