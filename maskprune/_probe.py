@@ -22,6 +22,7 @@ from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import call_model, iter_tensors
+from ._walk import module_table
 
 MAX_PROBES = 200
 MAX_NEAR = 16  # groups of the raising module tried one by one before bisecting
@@ -37,7 +38,7 @@ class Failure:
 
 def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str]) -> Failure | None:
     """None if the model runs in every mode, else the first error. ``paths``: module id -> name."""
-    saved = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.training) for _, m in module_table(model)]
     try:
         for mode in modes:
             model.train(mode)
@@ -87,7 +88,7 @@ def fixed_size_groups(
         meta_inputs = to_meta(inputs)
     except Exception as error:  # noqa: BLE001
         return {}, f"no trial export on the meta device ({type(error).__name__}: {error})"
-    paths = {id(m): name for name, m in base.named_modules(remove_duplicate=False)}
+    paths = {id(m): name for name, m in module_table(base)}
     probes = 0
 
     def failing(subset: list[int]) -> Failure | None:
