@@ -170,17 +170,10 @@ class Resolution:
     def n_components(self) -> int:
         return len(self.comp_reason)
 
-    def components(self, space: int) -> np.ndarray | None:
-        """Component id of each channel of ``space``, or None if the whole space is frozen."""
-        root = self.roots[space]
-        start = self.offset[root]
-        if start < 0:
-            return None
-        return self.labels[start : start + self.sizes[root]]
-
-    def frozen_reason(self, space: int) -> str | None:
-        """Why the whole of ``space`` is frozen, if it is."""
-        return self.root_reason.get(int(self.roots[space]))
+    def position_roots(self) -> np.ndarray:
+        """The root space of each live channel position (of ``labels``)."""
+        live_roots = np.flatnonzero(self.offset >= 0)  # in increasing order, as their positions are laid out
+        return np.repeat(live_roots, self.sizes[live_roots])
 
     def freeze_components(self, components: np.ndarray, reason: str) -> None:
         """Freeze these components (found to be unprunable after grouping)."""

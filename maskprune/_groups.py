@@ -252,8 +252,7 @@ def _raw_members(trace: Trace, res: Resolution) -> tuple[_RawMembers, dict[str, 
 
 def _root_liveness(res: Resolution) -> tuple[np.ndarray, np.ndarray]:
     """Per space: whether it is a root with a live component, and its first frozen component (-1: none)."""
-    live_roots = np.flatnonzero(res.offset >= 0)  # in increasing order, as their positions are laid out
-    position_root = np.repeat(live_roots, res.sizes[live_roots])
+    position_root = res.position_roots()
     dead = res.comp_reason[res.labels] >= 0
     has_live = np.zeros(len(res.roots), dtype=bool)
     has_live[position_root[~dead]] = True
@@ -423,12 +422,22 @@ def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int)
 
 
 def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
-    """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen."""
+    """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen.
+
+    A view of the layout's table where the space is live: read it, do not write to it.
+    """
     root = res.roots[space]
     start, size = res.offset[root], res.sizes[root]
     if start < 0:
         return np.full(size, layout.n_units, dtype=np.int64)
-    return layout.position_units[start : start + size].copy()
+    return layout.position_units[start : start + size]
+
+
+def prunable_spaces(layout: GroupLayout, res: Resolution) -> np.ndarray:
+    """Per space: whether it holds a channel of some group."""
+    prunable = np.zeros(len(res.roots), dtype=bool)
+    prunable[res.position_roots()[layout.position_units < layout.n_units]] = True
+    return prunable[res.roots]
 
 
 def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:

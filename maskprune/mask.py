@@ -19,7 +19,16 @@ from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, GroupLayout, build_layout, format_names, groups_by_module, groups_of_spaces, unit_index
+from ._groups import (
+    Group,
+    GroupLayout,
+    build_layout,
+    format_names,
+    groups_by_module,
+    groups_of_spaces,
+    prunable_spaces,
+    unit_index,
+)
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
@@ -185,23 +194,7 @@ class Mask:
         self._use_layout(layout)
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
-        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
-        for key, node in tr.param_nodes.items():
-            owned = tr.owned[key]
-            if not owned.is_param:
-                continue
-            for dim, space in enumerate(node.spaces):
-                units = self._units(space)
-                if (units < layout.n_units).any():
-                    runtime.add_dim(owned.tensor, dim, units, tr.roles.get((key, dim)) == "producer")
-        for site in tr.layer_norms:
-            units = self._units(site.space)
-            if (units < layout.n_units).any():
-                runtime.add_norm(site, units)
-        runtime.enforce = self.settings.semantics == "frozen"
-        runtime.refresh(self._keep)
-        runtime.install()
-        self._runtime = runtime
+        self._runtime = self._new_runtime()
         self._made = True
         _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
         self._pruner = Pruner(self)
@@ -377,6 +370,27 @@ class Mask:
             finally:
                 self._runtime.install()
         return self._probe
+
+    def _new_runtime(self) -> MaskRuntime:
+        """Masks of every parameter dimension and layer norm holding a group's channel, refreshed and installed."""
+        tr, layout = self._trace, self._layout
+        prunable = prunable_spaces(layout, self._res).tolist()
+        dims = []
+        for key, node in tr.param_nodes.items():
+            owned = tr.owned[key]
+            if owned.is_param:
+                dims += [
+                    (owned.tensor, dim, self._units(space), tr.roles.get((key, dim)) == "producer")
+                    for dim, space in enumerate(node.spaces)
+                    if prunable[space]
+                ]
+        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
+        runtime.add_dims(dims)
+        runtime.add_norms([(site, self._units(site.space)) for site in tr.layer_norms if prunable[site.space]])
+        runtime.enforce = self.settings.semantics == "frozen"
+        runtime.refresh(self._keep)
+        runtime.install()
+        return runtime
 
     def _use_layout(self, layout: GroupLayout) -> None:
         self._layout = layout
