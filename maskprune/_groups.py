@@ -8,6 +8,8 @@ layer: "these 64 channels of ``layer1.0.conv1.weight`` dim 0, ``bn1`` …".
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -157,6 +159,9 @@ class GroupLayout:
     component_unit: np.ndarray  # component -> flat unit, -1 if frozen
     frozen: dict[str, list[str]]  # reason -> producer tensors it froze
     position_units: np.ndarray  # flat unit of each live channel position of the resolution, n_units if frozen
+    unit_table: np.ndarray  # position_units, then n_units for the widest frozen space
+    space_start: list[int]  # where each space's units start in unit_table
+    space_size: list[int]
 
 
 @dataclass
@@ -222,7 +227,15 @@ def _layout(
     res: Resolution,
 ) -> GroupLayout:
     units = component_unit[res.labels]
-    return GroupLayout(groups, n_units, component_unit, frozen, np.where(units < 0, n_units, units))
+    position_units = np.where(units < 0, n_units, units)
+    start, size = res.offset[res.roots], res.sizes[res.roots]
+    frozen_space = start < 0
+    tail = np.full(int(size[frozen_space].max(initial=0)), n_units, dtype=np.int64)
+    table = np.concatenate((position_units, tail))
+    start[frozen_space] = len(position_units)
+    return GroupLayout(
+        groups, n_units, component_unit, frozen, table[: len(position_units)], table, start.tolist(), size.tolist()
+    )
 
 
 def _raw_members(trace: Trace, res: Resolution) -> tuple[_RawMembers, dict[str, list[str]]]:
@@ -421,16 +434,13 @@ def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int)
     frozen.setdefault(label, []).append(f"{name}[{dim}]")
 
 
-def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
+def unit_index(layout: GroupLayout, space: int) -> np.ndarray:
     """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen.
 
-    A view of the layout's table where the space is live: read it, do not write to it.
+    A view of the layout's table: read it, do not write to it.
     """
-    root = res.roots[space]
-    start, size = res.offset[root], res.sizes[root]
-    if start < 0:
-        return np.full(size, layout.n_units, dtype=np.int64)
-    return layout.position_units[start : start + size]
+    start = layout.space_start[space]
+    return layout.unit_table[start : start + layout.space_size[space]]
 
 
 def prunable_spaces(layout: GroupLayout, res: Resolution) -> np.ndarray:
@@ -440,28 +450,35 @@ def prunable_spaces(layout: GroupLayout, res: Resolution) -> np.ndarray:
     return prunable[res.roots]
 
 
-def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:
+def groups_of_spaces(layout: GroupLayout, spaces: Iterable[int]) -> set[int]:
     """Indices of the groups that own a channel of any of ``spaces``."""
     if not layout.groups:
         return set()
     starts = np.asarray([start for start, _, _ in layout.groups])
-    units = [unit_index(layout, res, space) for space in spaces]
+    units = [unit_index(layout, space) for space in spaces]
     live = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
     live = live[live < layout.n_units]
     return set((np.searchsorted(starts, live, side="right") - 1).tolist())
 
 
 def groups_by_module(layout: GroupLayout) -> Callable[[str], set[int]]:
-    """``near(path)``: the groups with a tensor in module ``path`` or below it."""
-    owners: dict[str, set[int]] = {}
-    for index, (_, _, members) in enumerate(layout.groups):
-        for member in members:
-            owners.setdefault(member.module, set()).add(index)
+    """``near(path)``: the groups with a tensor in module ``path`` or below it.
+
+    The table is built at the first call: a trial export that succeeds never asks.
+    """
+
+    @functools.cache
+    def owners() -> dict[str, set[int]]:
+        found = collections.defaultdict(set)
+        for index, (_, _, members) in enumerate(layout.groups):
+            for member in members:
+                found[member.module].add(index)
+        return found
 
     def near(path: str) -> set[int]:
         prefix = f"{path}." if path else ""
         found: set[int] = set()
-        for module, groups in owners.items():
+        for module, groups in owners().items():
             if module == path or module.startswith(prefix):
                 found |= groups
         return found

@@ -167,9 +167,8 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
-        self._trace, self._res = tr, res
-        self._use_layout(layout)
-        suspects = groups_of_spaces(layout, res, tr.size_reads)
+        self._trace, self._res, self._layout = tr, res, layout
+        suspects = groups_of_spaces(layout, tr.size_reads)
         fixed, note = fixed_size_groups(
             self.model,
             self.example_inputs,
@@ -191,7 +190,7 @@ class Mask:
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._use_layout(layout)
+        self._layout = layout
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
         self._runtime = self._new_runtime()
@@ -392,15 +391,9 @@ class Mask:
         runtime.install()
         return runtime
 
-    def _use_layout(self, layout: GroupLayout) -> None:
-        self._layout = layout
-        self._space_units: dict[int, np.ndarray] = {}  # cached per layout
-
     def _units(self, space: int) -> np.ndarray:
-        units = self._space_units.get(space)
-        if units is None:
-            units = self._space_units[space] = unit_index(self._layout, self._res, space)
-        return units
+        """Flat unit of each channel of ``space`` (a view: read it, do not write to it)."""
+        return unit_index(self._layout, space)
 
     def _probe_plan(self, groups: list[int]) -> tuple[Plan, Attributes]:
         """The export that removes the last channel of each of ``groups`` (for the trial export)."""
