@@ -84,45 +84,25 @@ class ChannelGraph:
 
     def resolve(self) -> Resolution:
         """Connected components of channels, with the reason each frozen one is frozen."""
-        n = len(self._size)
-        roots = np.fromiter((self.find(s) for s in range(n)), dtype=np.int64, count=n)
-        root_reason = {self.find(s): r for s, r in self._reason.items()}
+        roots = self._roots()
+        root_reason = dict(zip(roots[list(self._reason)].tolist(), self._reason.values(), strict=True))
         sizes = np.asarray(self._size, dtype=np.int64)
-        live = np.zeros(n, dtype=bool)
-        unique_roots = np.unique(roots)
-        live_roots = np.asarray([r for r in unique_roots if r not in root_reason], dtype=np.int64)
-        live[live_roots] = True
-        offset = np.full(n, -1, dtype=np.int64)
-        counts = sizes[live_roots]
-        offset[live_roots] = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(counts) else []
-        total = int(counts.sum()) if len(counts) else 0
-
-        reasons: list[str] = []
-        reason_index: dict[str, int] = {}
-        src, dst, frozen_elems, frozen_codes = [], [], [], []
-        for a, ia, b, ib in self._links:
-            ra, rb = roots[a], roots[b]
-            if live[ra] and live[rb]:
-                src.append(offset[ra] + ia)
-                dst.append(offset[rb] + ib)
-            elif live[ra] or live[rb]:
-                keep_root, keep_idx, dead_root = (ra, ia, rb) if live[ra] else (rb, ib, ra)
-                reason = root_reason[dead_root]
-                code = reason_index.setdefault(reason, len(reasons))
-                if code == len(reasons):
-                    reasons.append(reason)
-                frozen_elems.append(offset[keep_root] + keep_idx)
-                frozen_codes.append(np.full(len(keep_idx), code, dtype=np.int64))
-        if src:
-            rows, cols = np.concatenate(src), np.concatenate(dst)
-        else:
-            rows = cols = np.zeros(0, dtype=np.int64)
-        adjacency = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(total, total))
-        n_comp, labels = connected_components(adjacency, directed=False)
+        live = np.zeros(len(sizes), dtype=bool)
+        live[roots] = True
+        live[list(root_reason)] = False
+        live_roots = np.flatnonzero(live)
+        offset = np.full(len(sizes), -1, dtype=np.int64)
+        ends = np.cumsum(sizes[live_roots])
+        offset[live_roots] = ends - sizes[live_roots]
+        total = int(ends[-1]) if len(ends) else 0
+        edges, frozen_elems, frozen_codes, reasons = self._link_edges(roots, live, offset, root_reason)
+        if len(edges[0]):
+            adjacency = coo_matrix((np.ones(len(edges[0]), dtype=np.int8), edges), shape=(total, total))
+            n_comp, labels = connected_components(adjacency, directed=False)
+        else:  # no links: every channel is its own component
+            n_comp, labels = total, np.arange(total)
         comp_reason = np.full(n_comp, -1, dtype=np.int64)
-        if frozen_elems:
-            elems, codes = np.concatenate(frozen_elems), np.concatenate(frozen_codes)
-            comp_reason[labels[elems[::-1]]] = codes[::-1]
+        comp_reason[labels[frozen_elems[::-1]]] = frozen_codes[::-1]  # the first link to freeze a component names it
         return Resolution(
             roots=roots,
             offset=offset,
@@ -132,6 +112,46 @@ class ChannelGraph:
             reasons=reasons,
             root_reason=root_reason,
         )
+
+    def _roots(self) -> np.ndarray:
+        """The root of every space, by pointer jumping (a parent never has a larger index than its child)."""
+        parent = np.asarray(self._parent, dtype=np.int64)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
+    def _link_edges(
+        self, roots: np.ndarray, live: np.ndarray, offset: np.ndarray, root_reason: dict[int, str]
+    ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray, list[str]]:
+        """The links as edges between live channel positions, and the positions frozen by a link to a frozen space.
+
+        Returns ((rows, cols), frozen positions, their reason codes, the reasons), in link order.
+        """
+        a, ia, b, ib = zip(*self._links, strict=True) if self._links else ((), (), (), ())
+        ra, rb = roots[list(a)], roots[list(b)]
+        both = np.flatnonzero(live[ra] & live[rb])
+        rows = _positions(offset[ra[both]], [ia[k] for k in both])
+        cols = _positions(offset[rb[both]], [ib[k] for k in both])
+        one = np.flatnonzero(live[ra] != live[rb]).tolist()
+        codes: dict[str, int] = {}  # reason -> code, in the order links first name them
+        starts, kept, link_codes = [], [], []
+        for k in one:
+            from_a = bool(live[ra[k]])
+            starts.append(offset[ra[k] if from_a else rb[k]])
+            kept.append(ia[k] if from_a else ib[k])
+            link_codes.append(codes.setdefault(root_reason[int(rb[k] if from_a else ra[k])], len(codes)))
+        frozen = _positions(np.asarray(starts, dtype=np.int64), kept)
+        frozen_codes = np.repeat(np.asarray(link_codes, dtype=np.int64), [len(idx) for idx in kept])
+        return (rows, cols), frozen, frozen_codes, list(codes)
+
+
+def _positions(starts: np.ndarray, indices: list[np.ndarray]) -> np.ndarray:
+    """``starts[k] + indices[k]`` for every k, concatenated."""
+    if not indices:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(indices) + np.repeat(starts, [len(idx) for idx in indices])
 
 
 @dataclass
@@ -150,17 +170,10 @@ class Resolution:
     def n_components(self) -> int:
         return len(self.comp_reason)
 
-    def components(self, space: int) -> np.ndarray | None:
-        """Component id of each channel of ``space``, or None if the whole space is frozen."""
-        root = self.roots[space]
-        start = self.offset[root]
-        if start < 0:
-            return None
-        return self.labels[start : start + self.sizes[root]]
-
-    def frozen_reason(self, space: int) -> str | None:
-        """Why the whole of ``space`` is frozen, if it is."""
-        return self.root_reason.get(int(self.roots[space]))
+    def position_roots(self) -> np.ndarray:
+        """The root space of each live channel position (of ``labels``)."""
+        live_roots = np.flatnonzero(self.offset >= 0)  # in increasing order, as their positions are laid out
+        return np.repeat(live_roots, self.sizes[live_roots])
 
     def freeze_components(self, components: np.ndarray, reason: str) -> None:
         """Freeze these components (found to be unprunable after grouping)."""

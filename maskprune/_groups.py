@@ -8,6 +8,8 @@ layer: "these 64 channels of ``layer1.0.conv1.weight`` dim 0, ``bn1`` …".
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -157,43 +159,64 @@ class GroupLayout:
     component_unit: np.ndarray  # component -> flat unit, -1 if frozen
     frozen: dict[str, list[str]]  # reason -> producer tensors it froze
     position_units: np.ndarray  # flat unit of each live channel position of the resolution, n_units if frozen
+    unit_table: np.ndarray  # position_units, then n_units for the widest frozen space
+    space_start: list[int]  # where each space's units start in unit_table
+    space_size: list[int]
+
+
+@dataclass
+class _RawMembers:
+    """Every parameter dimension with a live component, producers first: what may become a group member."""
+
+    fields: list[tuple[str, int, str, torch.Tensor]]  # (name, dim, role, tensor): a Member's first fields
+    roots: np.ndarray  # the root space of each: members with one root touch the same components
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+@dataclass
+class _Positions:
+    """The live channel positions of the members' distinct roots, root by root in increasing order.
+
+    ``rank[p]`` numbers the root (0 .. number of distinct roots - 1), ``within[p]`` is the position in
+    that root's space, ``comp[p]`` its component.
+    """
+
+    rank: np.ndarray
+    within: np.ndarray
+    comp: np.ndarray
+    member_rank: list[int]  # the rank of each raw member's root
+    rank_members: list[list[int]]  # the raw members of each rank, ascending
 
 
 def build_layout(trace: Trace, res: Resolution) -> GroupLayout:
-    """Group live components by the tensors they touch; order units by the first producer's channel order."""
+    """Group live components by the tensors they touch; order units by the first producer's channel order.
+
+    Members sharing a root space touch the same components, so the work is done once per root.
+    A group's members are its component's raw members in raw order, groups are ordered by their
+    member lists and a group's units by their first position in the group's first member.
+    """
     raw, frozen = _raw_members(trace, res)
-    if not raw:
-        return _layout([], 0, np.full(res.n_components, -1, dtype=np.int64), frozen, res)
-    raw_comp = np.concatenate([comps for *_, comps in raw])
-    raw_member = np.repeat(np.arange(len(raw)), [len(comps) for *_, comps in raw])
-    by_members = _components_by_members(res, raw_comp, raw_member)
-
-    # groups ordered by their members, units by their first position in the first member
     component_unit = np.full(res.n_components, -1, dtype=np.int64)
-    spans: list[tuple[int, int, tuple[int, ...]]] = []  # (start, size, signature)
-    start = 0
-    for signature in sorted(by_members):
-        comps = by_members[signature]
-        if len(comps) < 2:
-            continue  # a group keeps at least one channel: a single channel can never go
-        anchor = raw[signature[0]][4]
-        uniq, first = np.unique(anchor, return_index=True)
-        ordered = comps[np.argsort(first[np.searchsorted(uniq, comps)], kind="stable")]
-        component_unit[ordered] = np.arange(start, start + len(ordered))
-        spans.append((start, len(ordered), signature))
-        start += len(ordered)
-
-    group_starts = np.asarray([span[0] for span in spans], dtype=np.int64)
-    slices = _member_slices(raw, raw_comp, raw_member, component_unit, group_starts)
-    groups: list[tuple[int, int, list[Member]]] = []
-    for g, (start_g, size, signature) in enumerate(spans):
-        members = []
-        for i in signature:
-            _, owned, dim, role, _ = raw[i]
-            positions, units = slices[i, g]
-            members.append(Member(owned.qualname, dim, role, owned.tensor, positions, units - start_g))
-        groups.append((start_g, size, members))
-    return _layout(groups, start, component_unit, frozen, res)
+    if not len(raw):
+        return _layout([], 0, component_unit, frozen, res)
+    pos = _root_positions(res, raw)
+    comps, ranks, comp_starts = _component_roots(pos)
+    signatures, comp_group = _signature_groups(pos, comps, ranks, comp_starts, res.n_components)
+    anchor = _anchor_positions(pos, comps, ranks, comp_starts, res.n_components)
+    grouped = np.flatnonzero(comp_group >= 0)
+    order = np.argsort(comp_group[grouped] * (int(pos.within.max()) + 1) + anchor[grouped])  # keys are distinct
+    component_unit[grouped[order]] = np.arange(len(grouped))
+    sizes = np.bincount(comp_group[grouped], minlength=len(signatures))
+    starts = np.cumsum(sizes) - sizes
+    slices = _member_slices(pos, component_unit, comp_group, starts, len(signatures))
+    rank = pos.member_rank
+    groups = []
+    for g, signature in enumerate(signatures):
+        members = [Member(*raw.fields[i], *slices[rank[i], g]) for i in signature]
+        groups.append((int(starts[g]), int(sizes[g]), members))
+    return _layout(groups, len(grouped), component_unit, frozen, res)
 
 
 def _layout(
@@ -204,15 +227,22 @@ def _layout(
     res: Resolution,
 ) -> GroupLayout:
     units = component_unit[res.labels]
-    return GroupLayout(groups, n_units, component_unit, frozen, np.where(units < 0, n_units, units))
+    position_units = np.where(units < 0, n_units, units)
+    start, size = res.offset[res.roots], res.sizes[res.roots]
+    frozen_space = start < 0
+    tail = np.full(int(size[frozen_space].max(initial=0)), n_units, dtype=np.int64)
+    table = np.concatenate((position_units, tail))
+    start[frozen_space] = len(position_units)
+    return GroupLayout(
+        groups, n_units, component_unit, frozen, table[: len(position_units)], table, start.tolist(), size.tolist()
+    )
 
 
-_Raw = tuple[int, OwnedTensor, int, str, np.ndarray]  # (key, owned, dim, role, component of each position)
-
-
-def _raw_members(trace: Trace, res: Resolution) -> tuple[list[_Raw], dict[str, list[str]]]:
+def _raw_members(trace: Trace, res: Resolution) -> tuple[_RawMembers, dict[str, list[str]]]:
     """Every parameter dimension with a live component, producers first; and what froze each producer."""
-    raw: list[_Raw] = []
+    has_live, first_dead = (a.tolist() for a in _root_liveness(res))
+    roots, offset = res.roots.tolist(), res.offset.tolist()
+    found: list[tuple[OwnedTensor, int, str, int]] = []
     frozen: dict[str, list[str]] = {}
     for key, node in trace.param_nodes.items():
         owned = trace.owned[key]
@@ -220,38 +250,133 @@ def _raw_members(trace: Trace, res: Resolution) -> tuple[list[_Raw], dict[str, l
             continue  # buffers are sliced at export but are not members
         for dim, space in enumerate(node.spaces):
             role = trace.roles.get((key, dim), "other")
-            comps = res.components(space)
-            if comps is None:
-                if role == "producer":
-                    _note(frozen, res.frozen_reason(space), owned.qualname, dim)
-                continue
-            live = res.comp_reason[comps] < 0
-            if role == "producer" and not live.all():
-                reason = res.component_reason(int(comps[~live][0]))
-                _note(frozen, reason, owned.qualname, dim)
-            if live.any():
-                raw.append((key, owned, dim, role, comps))
-    raw.sort(key=lambda r: _ROLE_ORDER.get(r[3], 9))
-    return raw, frozen
+            root = roots[space]
+            if role == "producer":
+                if offset[root] < 0:
+                    _note(frozen, res.root_reason.get(root), owned.qualname, dim)
+                elif first_dead[root] >= 0:
+                    _note(frozen, res.component_reason(first_dead[root]), owned.qualname, dim)
+            if has_live[root]:
+                found.append((owned, dim, role, root))
+    found.sort(key=lambda r: _ROLE_ORDER.get(r[2], 9))
+    fields = [(owned.qualname, dim, role, owned.tensor) for owned, dim, role, _ in found]
+    return _RawMembers(fields, np.asarray([root for *_, root in found], dtype=np.int64)), frozen
 
 
-def _components_by_members(res: Resolution, raw_comp: np.ndarray, raw_member: np.ndarray) -> dict[tuple, np.ndarray]:
-    """Live components keyed by the sorted members they touch (each member once), in ascending order."""
-    n_members = int(raw_member[-1]) + 1
-    live = res.comp_reason[raw_comp] < 0
-    pairs = np.sort(raw_comp[live] * n_members + raw_member[live])
-    pairs = pairs[np.diff(pairs, prepend=-1) != 0]  # a member touching a component several times counts once
-    comp, member = np.divmod(pairs, n_members)
+def _root_liveness(res: Resolution) -> tuple[np.ndarray, np.ndarray]:
+    """Per space: whether it is a root with a live component, and its first frozen component (-1: none)."""
+    position_root = res.position_roots()
+    dead = res.comp_reason[res.labels] >= 0
+    has_live = np.zeros(len(res.roots), dtype=bool)
+    has_live[position_root[~dead]] = True
+    first_dead = np.full(len(res.roots), -1, dtype=np.int64)
+    dead_at = np.flatnonzero(dead)
+    first = dead_at[np.diff(position_root[dead_at], prepend=-1) != 0]
+    first_dead[position_root[first]] = res.labels[first]
+    return has_live, first_dead
+
+
+def _root_positions(res: Resolution, raw: _RawMembers) -> _Positions:
+    """The live positions of the raw members' distinct roots."""
+    roots, member_rank = np.unique(raw.roots, return_inverse=True)
+    lengths = res.sizes[roots]
+    rank = np.repeat(np.arange(len(roots)), lengths)
+    within = np.arange(len(rank)) - (np.cumsum(lengths) - lengths)[rank]
+    comp = res.labels[res.offset[roots][rank] + within]
+    live = res.comp_reason[comp] < 0
+    rank_members: list[list[int]] = [[] for _ in roots]
+    for i, r in enumerate(member_rank.tolist()):
+        rank_members[r].append(i)
+    return _Positions(rank[live], within[live], comp[live], member_rank.tolist(), rank_members)
+
+
+def _component_roots(pos: _Positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The roots each touched component lies in: (components ascending, their root ranks, where each starts)."""
+    n_ranks = len(pos.rank_members)
+    pairs = np.sort(pos.comp * n_ranks + pos.rank)
+    pairs = pairs[np.diff(pairs, prepend=-1) != 0]  # a component in a root at several positions counts once
+    comp, rank = np.divmod(pairs, n_ranks)
     starts = np.flatnonzero(np.diff(comp, prepend=-1))
-    labels = sequence_labels(member, starts)
-    order = np.argsort(labels, kind="stable")
-    cuts = np.flatnonzero(np.diff(labels[order], prepend=-1))
-    bounds = np.append(starts, len(member)).tolist()
-    by_members = {}
-    for chunk in np.split(order, cuts[1:]):
-        first = int(chunk[0])
-        by_members[tuple(member[bounds[first] : bounds[first + 1]].tolist())] = comp[starts[chunk]]
-    return by_members
+    return comp[starts], rank, starts
+
+
+def _signature_groups(
+    pos: _Positions, comps: np.ndarray, ranks: np.ndarray, starts: np.ndarray, n_components: int
+) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """The member list of each group, in order, and the group of each component (-1: none).
+
+    A component's members are those of the roots it lies in; components with the same members form
+    a group when there are at least two of them (a single channel can never go).
+    """
+    labels = _root_set_labels(ranks, starts, len(pos.rank_members))
+    first, count = _first_and_count(labels)
+    ends = np.append(starts[1:], len(ranks))
+    signatures = []
+    for a, b in zip(starts[first].tolist(), ends[first].tolist(), strict=True):
+        members = (i for r in ranks[a:b].tolist() for i in pos.rank_members[r])
+        signatures.append(tuple(sorted(members)))
+    kept = sorted((s, label) for label, s in enumerate(signatures) if count[label] > 1)
+    label_group = np.full(len(signatures), -1, dtype=np.int64)
+    label_group[[label for _, label in kept]] = np.arange(len(kept))
+    comp_group = np.full(n_components, -1, dtype=np.int64)
+    comp_group[comps] = label_group[labels]
+    return [s for s, _ in kept], comp_group
+
+
+def _root_set_labels(ranks: np.ndarray, starts: np.ndarray, n_ranks: int) -> np.ndarray:
+    """Labels 0..k-1 of the root sets ``ranks[starts[i]:starts[i + 1]]``, equal for equal sets.
+
+    Most components lie in one root, which labels them; only the others need :func:`sequence_labels`.
+    """
+    lengths = np.diff(np.append(starts, len(ranks)))
+    labels = ranks[starts]
+    several = lengths > 1
+    if several.any():
+        inside = np.repeat(several, lengths)
+        sub_lengths = lengths[several]
+        labels[several] = n_ranks + sequence_labels(ranks[inside], np.cumsum(sub_lengths) - sub_lengths)
+    present = np.zeros(int(labels.max()) + 1, dtype=bool)
+    present[labels] = True
+    return (np.cumsum(present) - 1)[labels]
+
+
+def _first_and_count(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For labels 0..k-1: the first index holding each, and how many hold it."""
+    count = np.bincount(labels)
+    first = np.full(len(count), len(labels), dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(len(labels)))
+    return first, count
+
+
+def _anchor_positions(
+    pos: _Positions, comps: np.ndarray, ranks: np.ndarray, starts: np.ndarray, n_components: int
+) -> np.ndarray:
+    """Per component: its first position in the root of its first member (the order of a group's units)."""
+    rank_first = np.asarray([members[0] for members in pos.rank_members], dtype=np.int64)
+    anchor_rank = np.full(n_components, -1, dtype=np.int64)
+    anchor_rank[comps] = np.asarray(pos.member_rank)[np.minimum.reduceat(rank_first[ranks], starts)]
+    at_anchor = pos.rank == anchor_rank[pos.comp]
+    anchor = np.full(n_components, -1, dtype=np.int64)
+    anchor[comps] = len(pos.within)
+    np.minimum.at(anchor, pos.comp[at_anchor], pos.within[at_anchor])
+    return anchor
+
+
+def _member_slices(
+    pos: _Positions, component_unit: np.ndarray, comp_group: np.ndarray, group_starts: np.ndarray, n_groups: int
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """(root rank, group) -> the positions of the root's channels in the group and their units, ascending."""
+    grouped = comp_group[pos.comp] >= 0
+    rank, within, comp = pos.rank[grouped], pos.within[grouped], pos.comp[grouped]
+    group = comp_group[comp]
+    units = component_unit[comp] - group_starts[group]
+    pair = rank * n_groups + group
+    order = np.argsort(pair, kind="stable")  # positions stay ascending within a (root, group)
+    within, units, pair = within[order], units[order], pair[order]
+    cuts = np.flatnonzero(np.diff(pair, prepend=-1))
+    ranks, groups = (k.tolist() for k in np.divmod(pair[cuts], n_groups))
+    bounds = np.append(cuts, len(pair)).tolist()
+    return {(r, g): (within[a:b], units[a:b]) for r, g, a, b in zip(ranks, groups, bounds, bounds[1:], strict=False)}
 
 
 def sequence_labels(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -270,7 +395,7 @@ def sequence_labels(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     offset = np.arange(len(values)) - starts[sequence]
     keys = _hash_keys(int(values.max(initial=0)) + 1, int(lengths.max(initial=0)))
     hashes = np.add.reduceat(keys[0][values] ^ keys[1][offset], starts) if len(values) else np.zeros(0, np.uint64)
-    _, first, labels = np.unique(hashes, return_index=True, return_inverse=True)
+    first, labels = _distinct(hashes)
     same_length = np.array_equal(lengths[first[labels]], lengths)
     if same_length and np.array_equal(values[starts[first[labels]][sequence] + offset], values):
         return labels
@@ -278,6 +403,20 @@ def sequence_labels(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     data = values.astype(np.int64).tobytes()
     bounds = (np.append(starts, len(values)) * 8).tolist()
     return np.asarray([by_bytes.setdefault(data[a:b], len(by_bytes)) for a, b in itertools.pairwise(bounds)], np.int64)
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each distinct value (in increasing order) an index holding it, and for each value its distinct one's number.
+
+    What ``np.unique(values, return_index=True, return_inverse=True)[1:]`` gives (any index, not the first),
+    by one argsort: numpy 2's ``unique`` was several times slower on these hashes.
+    """
+    order = np.argsort(values)
+    new = np.ones(len(values), dtype=bool)
+    new[1:] = values[order[1:]] != values[order[:-1]]
+    labels = np.empty(len(values), dtype=np.int64)
+    labels[order] = np.cumsum(new) - 1
+    return order[new], labels
 
 
 def _hash_keys(n_values: int, n_offsets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,27 +427,6 @@ def _hash_keys(n_values: int, n_offsets: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _member_slices(
-    raw: list[_Raw], raw_comp: np.ndarray, raw_member: np.ndarray, component_unit: np.ndarray, group_starts: np.ndarray
-) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """(member, group) -> the member's positions in the group and their flat units, in one pass over all members."""
-    units = component_unit[raw_comp]
-    member_start = np.concatenate(([0], np.cumsum([len(comps) for *_, comps in raw])[:-1]))
-    positions = np.arange(len(raw_comp)) - member_start[raw_member]
-    live = np.flatnonzero(units >= 0)
-    units, positions, member = units[live], positions[live], raw_member[live]
-    group = np.searchsorted(group_starts, units, side="right") - 1
-    pair = member * len(group_starts) + group
-    order = np.argsort(pair, kind="stable")  # positions stay ascending within a (member, group)
-    units, positions, pair = units[order], positions[order], pair[order]
-    cuts = np.flatnonzero(np.diff(pair, prepend=-1))
-    members, groups = (k.tolist() for k in np.divmod(pair[cuts], len(group_starts)))
-    bounds = np.append(cuts, len(pair)).tolist()
-    return {
-        (i, g): (positions[a:b], units[a:b]) for i, g, a, b in zip(members, groups, bounds, bounds[1:], strict=False)
-    }
-
-
 def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int) -> None:
     if reason is None:
         return
@@ -316,37 +434,51 @@ def _note(frozen: dict[str, list[str]], reason: str | None, name: str, dim: int)
     frozen.setdefault(label, []).append(f"{name}[{dim}]")
 
 
-def unit_index(layout: GroupLayout, res: Resolution, space: int) -> np.ndarray:
-    """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen."""
-    root = res.roots[space]
-    start, size = res.offset[root], res.sizes[root]
-    if start < 0:
-        return np.full(size, layout.n_units, dtype=np.int64)
-    return layout.position_units[start : start + size].copy()
+def unit_index(layout: GroupLayout, space: int) -> np.ndarray:
+    """Flat unit of each channel of ``space``; ``layout.n_units`` (the always-kept slot) where frozen.
+
+    A view of the layout's table: read it, do not write to it.
+    """
+    start = layout.space_start[space]
+    return layout.unit_table[start : start + layout.space_size[space]]
 
 
-def groups_of_spaces(layout: GroupLayout, res: Resolution, spaces: Iterable[int]) -> set[int]:
+def prunable_spaces(layout: GroupLayout, res: Resolution) -> np.ndarray:
+    """Per space: whether it holds a channel of some group."""
+    prunable = np.zeros(len(res.roots), dtype=bool)
+    prunable[res.position_roots()[layout.position_units < layout.n_units]] = True
+    return prunable[res.roots]
+
+
+def groups_of_spaces(layout: GroupLayout, spaces: Iterable[int]) -> set[int]:
     """Indices of the groups that own a channel of any of ``spaces``."""
     if not layout.groups:
         return set()
     starts = np.asarray([start for start, _, _ in layout.groups])
-    units = [unit_index(layout, res, space) for space in spaces]
+    units = [unit_index(layout, space) for space in spaces]
     live = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
     live = live[live < layout.n_units]
     return set((np.searchsorted(starts, live, side="right") - 1).tolist())
 
 
 def groups_by_module(layout: GroupLayout) -> Callable[[str], set[int]]:
-    """``near(path)``: the groups with a tensor in module ``path`` or below it."""
-    owners: dict[str, set[int]] = {}
-    for index, (_, _, members) in enumerate(layout.groups):
-        for member in members:
-            owners.setdefault(member.module, set()).add(index)
+    """``near(path)``: the groups with a tensor in module ``path`` or below it.
+
+    The table is built at the first call: a trial export that succeeds never asks.
+    """
+
+    @functools.cache
+    def owners() -> dict[str, set[int]]:
+        found = collections.defaultdict(set)
+        for index, (_, _, members) in enumerate(layout.groups):
+            for member in members:
+                found[member.module].add(index)
+        return found
 
     def near(path: str) -> set[int]:
         prefix = f"{path}." if path else ""
         found: set[int] = set()
-        for module, groups in owners.items():
+        for module, groups in owners().items():
             if module == path or module.startswith(prefix):
                 found |= groups
         return found

@@ -23,7 +23,7 @@ still holds the weights at zero; only its optimizer state may then drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,18 +34,72 @@ from ._layers import masked_norm, rms_rescale
 from ._trace import LayerNormSite
 
 
-@dataclass
+@dataclass(eq=False)
 class DimMask:
-    """The mask of one dimension of one parameter."""
+    """The mask of one dimension of one parameter: ``values`` is shaped to broadcast along ``dim``."""
 
     tensor: torch.Tensor
     dim: int
     units: np.ndarray  # flat unit per position
-    index: torch.Tensor
-    values: torch.Tensor
-    shaped: torch.Tensor
     producer: bool = False
     active: bool = False
+    values: torch.Tensor = field(init=False)  # a view of its MaskBuffer's tensor
+
+
+@dataclass(eq=False)
+class NormMask:
+    """The kept channels of a layer norm's input."""
+
+    site: LayerNormSite
+    units: np.ndarray
+    active: bool = False
+    values: torch.Tensor = field(init=False)  # a view of its MaskBuffer's tensor
+
+
+@dataclass(eq=False)
+class MaskBuffer:
+    """The masks of many dimensions in one tensor, so that one gather refreshes them all.
+
+    The tensor has ``ndim`` dimensions, all of size one but ``dim``: split along it, it gives each slot
+    its values already shaped to broadcast against its parameter.
+    """
+
+    slots: list[DimMask] | list[NormMask]
+    units: np.ndarray  # every slot's units, concatenated
+    starts: np.ndarray  # where each slot's units start
+    dim: int
+    index: torch.Tensor = field(init=False)  # ``units`` on the buffer's device
+    values: torch.Tensor = field(init=False)
+
+    @classmethod
+    def of(
+        cls, slots: list[DimMask] | list[NormMask], device: torch.device, dtype: torch.dtype, ndim: int, dim: int
+    ) -> MaskBuffer:
+        sizes = [len(slot.units) for slot in slots]
+        units = np.concatenate([slot.units for slot in slots])
+        shape = [1] * ndim
+        shape[dim] = len(units)
+        buffer = cls(slots, units, np.cumsum(sizes) - sizes, dim)
+        buffer.move(torch.ones(shape, device=device, dtype=dtype), torch.as_tensor(units, device=device))
+        return buffer
+
+    def move(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Hold ``values`` (and ``index``): every slot's values become views of it."""
+        self.values, self.index = values, index
+        views = values.split([len(slot.units) for slot in self.slots], dim=self.dim)
+        for slot, view in zip(self.slots, views, strict=True):
+            slot.values = view
+
+    def refresh(self, keep_host: np.ndarray, keep: torch.Tensor) -> None:
+        """Copy the keep flags of ``units`` in; mark each slot active when it removes a channel."""
+        flags = keep_host[self.units]
+        if keep.device.type == "cpu":  # a torch gather may wake the intra-op thread pool; numpy's does not
+            self.values.view(-1).copy_(torch.from_numpy(flags))
+        else:
+            self.values.view(-1).copy_(keep[self.index.to(keep.device)])
+        active = ~np.logical_and.reduceat(flags, self.starts)
+        for slot, is_active in zip(self.slots, active.tolist(), strict=True):
+            slot.active = is_active
 
 
 @dataclass(eq=False)
@@ -70,15 +124,6 @@ class MaskedTensor:
         self.stamp = (self.tensor._version, self.tensor.data_ptr())
 
 
-@dataclass
-class NormMask:
-    site: LayerNormSite
-    units: np.ndarray
-    index: torch.Tensor
-    values: torch.Tensor
-    active: bool = False
-
-
 class MaskRuntime:
     """Mask buffers and hooks of one model.
 
@@ -95,44 +140,36 @@ class MaskRuntime:
         self.keep = torch.ones(n_units + 1, device=device)
         self.dims: list[DimMask] = []
         self.norms: list[NormMask] = []
+        self.buffers: list[MaskBuffer] = []
         self.handles: list[RemovableHandle] = []
         self.active: list[MaskedTensor] = []
         self.stepped: set[int] = set()  # ids of the tracked optimizers that stepped since the masks last changed
 
-    def add_dim(self, tensor: torch.Tensor, dim: int, units: np.ndarray, producer: bool) -> None:
-        device = tensor.device
-        index = torch.as_tensor(units, device=device)
-        values = torch.ones(len(units), device=device, dtype=tensor.dtype)
-        shape = [1] * tensor.dim()
-        shape[dim] = -1
-        self.dims.append(DimMask(tensor, dim, units, index, values, values.view(shape), producer))
+    def add_dims(self, dims: list[tuple[torch.Tensor, int, np.ndarray, bool]]) -> None:
+        """Mask these (tensor, dim, flat unit per position, is a producer): a buffer per device, dtype and shape."""
+        by_kind: dict[tuple[torch.device, torch.dtype, int, int], list[DimMask]] = {}
+        for tensor, dim, units, producer in dims:
+            mask = DimMask(tensor, dim, units, producer)
+            self.dims.append(mask)
+            by_kind.setdefault((tensor.device, tensor.dtype, tensor.dim(), dim), []).append(mask)
+        for kind, slots in by_kind.items():
+            self.buffers.append(MaskBuffer.of(slots, *kind))
 
-    def add_norm(self, site: LayerNormSite, units: np.ndarray) -> None:
-        index = torch.as_tensor(units, device=self.keep.device)
-        self.norms.append(NormMask(site, units, index, torch.ones(len(units), device=self.keep.device)))
+    def add_norms(self, norms: list[tuple[LayerNormSite, np.ndarray]]) -> None:
+        """Mask the statistics of these layer norms (site, flat unit per input channel)."""
+        slots = [NormMask(site, units) for site, units in norms]
+        if slots:
+            self.norms += slots
+            self.buffers.append(MaskBuffer.of(slots, self.keep.device, torch.get_default_dtype(), 1, 0))
 
     def refresh(self, keep_host: np.ndarray) -> None:
         """Copy the host keep flags into every derived mask (once per change, not per step)."""
         with torch.no_grad():
             self.keep.copy_(torch.as_tensor(keep_host, dtype=self.keep.dtype))
-            for d in self.dims:
-                d.values.copy_(self._gather(keep_host, d.units, d.index))
-                d.active = not keep_host[d.units].all()
-            for n in self.norms:
-                n.values.copy_(self._gather(keep_host, n.units, n.index))
-                n.active = not keep_host[n.units].all()
+            for buffer in self.buffers:
+                buffer.refresh(keep_host, self.keep)
         self._collect_active()
         self.stepped.clear()
-
-    def _gather(self, keep_host: np.ndarray, units: np.ndarray, index: torch.Tensor) -> torch.Tensor:
-        """The keep flags of ``units``: gathered on the host when the masks live there.
-
-        A torch gather of a few thousand flags may wake the intra-op thread pool, which costs
-        milliseconds when the cores are busy; numpy's does not.
-        """
-        if self.keep.device.type == "cpu":
-            return torch.from_numpy(keep_host[units])
-        return self.keep[index.to(self.keep.device)]
 
     def _collect_active(self) -> None:
         """One entry per parameter with removed channels, holding the masks of all its pruned dimensions."""
@@ -140,7 +177,7 @@ class MaskRuntime:
         for d in self.dims:
             if d.active:
                 entry = by_tensor.setdefault(id(d.tensor), MaskedTensor(d.tensor, []))
-                entry.masks.append(d.shaped)
+                entry.masks.append(d.values)
         self.active = list(by_tensor.values())
 
     def apply(self, only_stale: bool = False) -> None:
@@ -162,7 +199,7 @@ class MaskRuntime:
         with torch.no_grad():
             for d in self.dims:
                 if d.active and d.producer:
-                    d.tensor.data.mul_(d.shaped.to(d.tensor.device))
+                    d.tensor.data.mul_(d.values.to(d.tensor.device))
         for entry in self.active:
             entry.stamp = None
 
@@ -202,11 +239,8 @@ class MaskRuntime:
     def _follow_device(self, device: torch.device) -> None:
         """The model moved: move every mask with it (host-side metadata check only)."""
         self.keep = self.keep.to(device)
-        for d in self.dims:
-            d.index, d.values = d.index.to(device), d.values.to(device)
-            d.shaped = d.values.view(d.shaped.shape)
-        for n in self.norms:
-            n.index, n.values = n.index.to(device), n.values.to(device)
+        for buffer in self.buffers:
+            buffer.move(buffer.values.to(device), buffer.index.to(device))
         self._collect_active()
 
     def install(self) -> None:

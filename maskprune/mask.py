@@ -19,7 +19,16 @@ from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, GroupLayout, build_layout, format_names, groups_by_module, groups_of_spaces, unit_index
+from ._groups import (
+    Group,
+    GroupLayout,
+    build_layout,
+    format_names,
+    groups_by_module,
+    groups_of_spaces,
+    prunable_spaces,
+    unit_index,
+)
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups
@@ -158,9 +167,8 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
-        self._trace, self._res = tr, res
-        self._use_layout(layout)
-        suspects = groups_of_spaces(layout, res, tr.size_reads)
+        self._trace, self._res, self._layout = tr, res, layout
+        suspects = groups_of_spaces(layout, tr.size_reads)
         fixed, note = fixed_size_groups(
             self.model,
             self.example_inputs,
@@ -182,26 +190,10 @@ class Mask:
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._use_layout(layout)
+        self._layout = layout
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
-        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
-        for key, node in tr.param_nodes.items():
-            owned = tr.owned[key]
-            if not owned.is_param:
-                continue
-            for dim, space in enumerate(node.spaces):
-                units = self._units(space)
-                if (units < layout.n_units).any():
-                    runtime.add_dim(owned.tensor, dim, units, tr.roles.get((key, dim)) == "producer")
-        for site in tr.layer_norms:
-            units = self._units(site.space)
-            if (units < layout.n_units).any():
-                runtime.add_norm(site, units)
-        runtime.enforce = self.settings.semantics == "frozen"
-        runtime.refresh(self._keep)
-        runtime.install()
-        self._runtime = runtime
+        self._runtime = self._new_runtime()
         self._made = True
         _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
         self._pruner = Pruner(self)
@@ -378,15 +370,30 @@ class Mask:
                 self._runtime.install()
         return self._probe
 
-    def _use_layout(self, layout: GroupLayout) -> None:
-        self._layout = layout
-        self._space_units: dict[int, np.ndarray] = {}  # cached per layout
+    def _new_runtime(self) -> MaskRuntime:
+        """Masks of every parameter dimension and layer norm holding a group's channel, refreshed and installed."""
+        tr, layout = self._trace, self._layout
+        prunable = prunable_spaces(layout, self._res).tolist()
+        dims = []
+        for key, node in tr.param_nodes.items():
+            owned = tr.owned[key]
+            if owned.is_param:
+                dims += [
+                    (owned.tensor, dim, self._units(space), tr.roles.get((key, dim)) == "producer")
+                    for dim, space in enumerate(node.spaces)
+                    if prunable[space]
+                ]
+        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
+        runtime.add_dims(dims)
+        runtime.add_norms([(site, self._units(site.space)) for site in tr.layer_norms if prunable[site.space]])
+        runtime.enforce = self.settings.semantics == "frozen"
+        runtime.refresh(self._keep)
+        runtime.install()
+        return runtime
 
     def _units(self, space: int) -> np.ndarray:
-        units = self._space_units.get(space)
-        if units is None:
-            units = self._space_units[space] = unit_index(self._layout, self._res, space)
-        return units
+        """Flat unit of each channel of ``space`` (a view: read it, do not write to it)."""
+        return unit_index(self._layout, space)
 
     def _probe_plan(self, groups: list[int]) -> tuple[Plan, Attributes]:
         """The export that removes the last channel of each of ``groups`` (for the trial export)."""
