@@ -34,6 +34,18 @@ from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
 
+@dataclasses.dataclass
+class TensorDims:
+    """The dimensions of a model's parameters and buffers, each with the index of its units in ``units``.
+
+    ``units`` holds each distinct array of units once: a convolution's output channels, its batch norm's
+    weight, bias and statistics share one, so a plan gathers their keep flags once.
+    """
+
+    units: list[np.ndarray] = dataclasses.field(default_factory=list)
+    dims: list[tuple[tuple[str, str], int, int]] = dataclasses.field(default_factory=list)  # (name, dim, unit index)
+
+
 class Mask:
     """Soft masks over a model's dependency groups, and their export to a smaller model.
 
@@ -381,6 +393,7 @@ class Mask:
     def _use_layout(self, layout: GroupLayout) -> None:
         self._layout = layout
         self._space_units: dict[int, np.ndarray] = {}  # cached per layout
+        self._tensor_dims: TensorDims | None = None
 
     def _units(self, space: int) -> np.ndarray:
         units = self._space_units.get(space)
@@ -406,19 +419,35 @@ class Mask:
         )
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
-        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
+        """Kept positions per pruned dimension of every parameter and buffer, by first name.
+
+        Dimensions with the same units share one array of kept positions.
+        """
         keep_flags = self._keep if keep_flags is None else keep_flags
+        dims = self._dims_of_tensors()
+        kept = [None if keep.all() else np.flatnonzero(keep) for keep in (keep_flags[u] for u in dims.units)]
         plan: Plan = {}
-        tr = self._trace
-        for key, node in tr.param_nodes.items():
-            dims = []
-            for dim, space in enumerate(node.spaces):
-                keep = keep_flags[self._units(space)]
-                if not keep.all():
-                    dims.append((dim, np.flatnonzero(keep)))
-            if dims:
-                plan[tr.owned[key].names[0]] = dims
+        for name, dim, index in dims.dims:
+            if kept[index] is not None:
+                plan.setdefault(name, []).append((dim, kept[index]))
         return plan
+
+    def _dims_of_tensors(self) -> TensorDims:
+        """Every dimension of every traced parameter and buffer with its units, made once per layout."""
+        if self._tensor_dims is None:
+            dims = TensorDims()
+            distinct: dict[tuple[str, bytes], int] = {}
+            tr = self._trace
+            for key, node in tr.param_nodes.items():
+                name = tr.owned[key].names[0]
+                for dim, space in enumerate(node.spaces):
+                    units = self._units(space)
+                    index = distinct.setdefault((units.dtype.str, units.tobytes()), len(dims.units))
+                    if index == len(dims.units):
+                        dims.units.append(units)
+                    dims.dims.append((name, dim, index))
+            self._tensor_dims = dims
+        return self._tensor_dims
 
     def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
         nodes = self._trace.module_outputs.get(path) if self._trace else None
