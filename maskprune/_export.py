@@ -83,10 +83,11 @@ def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = No
         if dims:
             sliced += owned.names
     pruned = copy_modules(model, memo)
-    changed = {id(m): m for m in (pruned.get_submodule(path) for path, _ in sliced)}
+    modules = dict(pruned.named_modules(remove_duplicate=False))
+    changed = {id(m): m for m in (modules[path] for path, _ in sliced)}
     for module in changed.values():
         update_module(module)
-    set_attributes(dict(pruned.named_modules(remove_duplicate=False)), attributes or {}, [])
+    set_attributes(modules, attributes or {}, [])
     return pruned
 
 
