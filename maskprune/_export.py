@@ -22,6 +22,7 @@ from ._meta import copy_modules
 from ._trace import OwnedTensor, owned_tensors
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
+Dims = list[tuple[int, np.ndarray | torch.Tensor]]  # a tensor's pruned dimensions and their kept positions
 
 
 @dataclass
@@ -45,9 +46,10 @@ def apply_plan(model: nn.Module, plan: Plan, attributes: Attributes | None = Non
     log = UndoLog()
     modules = dict(model.named_modules(remove_duplicate=False))
     changed: dict[int, nn.Module] = {}
+    indices: dict[int, torch.Tensor] = {}
     try:
         for owned in owned_tensors(model).values():
-            dims = _planned_dims(owned, plan)
+            dims = _planned_dims(owned, plan, indices)
             if not dims:
                 continue
             new = _slice(owned.tensor, dims)
@@ -77,8 +79,9 @@ def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = No
     """
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
+    indices: dict[int, torch.Tensor] = {}
     for owned in owned_tensors(model).values():
-        dims = _planned_dims(owned, plan)
+        dims = _planned_dims(owned, plan, indices)
         memo[id(owned.tensor)] = _slice(owned.tensor, dims) if dims else copy.deepcopy(owned.tensor, memo)
         if dims:
             sliced += owned.names
@@ -91,12 +94,22 @@ def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = No
     return pruned
 
 
-def _planned_dims(owned: OwnedTensor, plan: Plan) -> list[tuple[int, np.ndarray]] | None:
-    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses."""
-    return next((plan[name] for name in owned.names if name in plan), None)
+def _planned_dims(owned: OwnedTensor, plan: Plan, indices: dict[int, torch.Tensor]) -> Dims | None:
+    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses.
+
+    Kept positions come as index tensors, each made once per array of the plan (``indices``, by ``id``:
+    the plan keeps its arrays alive) and shared by the tensors of one channel set.
+    """
+    dims = next((plan[name] for name in owned.names if name in plan), None)
+    if dims is None:
+        return None
+    for _, keep in dims:
+        if id(keep) not in indices:
+            indices[id(keep)] = torch.as_tensor(keep)
+    return [(dim, indices[id(keep)]) for dim, keep in dims]
 
 
-def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+def _slice(tensor: torch.Tensor, dims: Dims) -> torch.Tensor:
     """The kept positions of ``tensor`` along each pruned dimension, as a new tensor (``dims`` is not empty)."""
     if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
         shape = list(tensor.shape)
@@ -104,10 +117,9 @@ def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Te
             shape[dim] = len(keep)
         data = torch.empty(shape, dtype=tensor.dtype, device="meta")
     else:
-        with torch.no_grad():
-            data = tensor.detach()
-            for dim, keep in dims:
-                data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+        data = tensor.detach()  # detached: the selection records no autograd graph
+        for dim, keep in dims:
+            data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data
