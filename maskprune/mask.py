@@ -413,10 +413,11 @@ class Mask:
     def _attributes(self, keep_flags: np.ndarray | None = None) -> Attributes:
         """The counts held in module attributes (``num_heads`` …) that the export changes."""
         keep_flags = self._keep if keep_flags is None else keep_flags
+        sites = self._trace.size_sites
+        if not sites:  # no size written in the model's code: no count to update
+            return {}
         modules = dict(self.model.named_modules(remove_duplicate=False))
-        return attribute_updates(
-            modules, self._trace.size_sites, lambda space: int(keep_flags[self._units(space)].sum())
-        )
+        return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name.
