@@ -103,8 +103,9 @@ def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e
         if s.isnan().any() or h.isnan().any():
             return failed(f"output {i} contains NaN")
         if s.numel():
-            max_abs = max(max_abs, (s.double() - h.double()).abs().max().item())
-            scale = max(scale, h.double().abs().max().item())
+            hard_double = h.double()
+            max_abs = max(max_abs, (s.double() - hard_double).abs().max().item())
+            scale = max(scale, hard_double.abs().max().item())
     rel = max_abs / scale if scale > 0 else max_abs
     return VerifyResult(max_abs, rel, rtol, scale=scale)
 
