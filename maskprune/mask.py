@@ -17,7 +17,7 @@ from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
-from ._export import Plan, apply_plan, sliced_copy
+from ._export import Plan, TensorDims, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, GroupLayout, build_layout, format_names, groups_by_module, groups_of_spaces, unit_index
 from ._layers import leaf_rules
@@ -32,18 +32,6 @@ from ._state import load_mask_state, mask_state
 from ._trace import Trace, iter_tensors, trace
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
-
-
-@dataclasses.dataclass
-class TensorDims:
-    """The dimensions of a model's parameters and buffers, each with the index of its units in ``units``.
-
-    ``units`` holds each distinct array of units once: a convolution's output channels, its batch norm's
-    weight, bias and statistics share one, so a plan gathers their keep flags once.
-    """
-
-    units: list[np.ndarray] = dataclasses.field(default_factory=list)
-    dims: list[tuple[tuple[str, str], int, int]] = dataclasses.field(default_factory=list)  # (name, dim, unit index)
 
 
 class Mask:
@@ -393,7 +381,7 @@ class Mask:
     def _use_layout(self, layout: GroupLayout) -> None:
         self._layout = layout
         self._space_units: dict[int, np.ndarray] = {}  # cached per layout
-        self._tensor_dims: TensorDims | None = None
+        self._tensor_dims: TensorDims | None = None  # made at the first plan of the layout
 
     def _units(self, space: int) -> np.ndarray:
         units = self._space_units.get(space)
@@ -420,35 +408,16 @@ class Mask:
         return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
-        """Kept positions per pruned dimension of every parameter and buffer, by first name.
-
-        Dimensions with the same units share one array of kept positions.
-        """
+        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
         keep_flags = self._keep if keep_flags is None else keep_flags
-        dims = self._dims_of_tensors()
-        kept = [None if keep.all() else np.flatnonzero(keep) for keep in (keep_flags[u] for u in dims.units)]
-        plan: Plan = {}
-        for name, dim, index in dims.dims:
-            if kept[index] is not None:
-                plan.setdefault(name, []).append((dim, kept[index]))
-        return plan
-
-    def _dims_of_tensors(self) -> TensorDims:
-        """Every dimension of every traced parameter and buffer with its units, made once per layout."""
         if self._tensor_dims is None:
-            dims = TensorDims()
-            distinct: dict[tuple[str, bytes], int] = {}
             tr = self._trace
-            for key, node in tr.param_nodes.items():
-                name = tr.owned[key].names[0]
-                for dim, space in enumerate(node.spaces):
-                    units = self._units(space)
-                    index = distinct.setdefault((units.dtype.str, units.tobytes()), len(dims.units))
-                    if index == len(dims.units):
-                        dims.units.append(units)
-                    dims.dims.append((name, dim, index))
-            self._tensor_dims = dims
-        return self._tensor_dims
+            self._tensor_dims = TensorDims.of(
+                (tr.owned[key].names[0], dim, self._units(space))
+                for key, node in tr.param_nodes.items()
+                for dim, space in enumerate(node.spaces)
+            )
+        return self._tensor_dims.plan(keep_flags)
 
     def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
         nodes = self._trace.module_outputs.get(path) if self._trace else None
