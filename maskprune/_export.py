@@ -9,6 +9,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,49 @@ from ._meta import copy_modules
 from ._trace import OwnedTensor, owned_tensors
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
+Dims = list[tuple[int, np.ndarray | torch.Tensor]]  # a tensor's pruned dimensions and their kept positions
+Indices = dict[tuple[int, torch.device], torch.Tensor]  # (id of a plan's kept array, device) -> index tensor
+
+
+@dataclass
+class TensorDims:
+    """Every dimension of a model's parameters and buffers with its units: what a plan is computed from.
+
+    ``units`` holds each distinct array of units once (a convolution's output channels, its batch norm's
+    weight, bias and statistics share one), so a plan gathers their keep flags once and the tensors of one
+    channel set share one array of kept positions.
+
+    Example:
+        >>> channels = np.array([0, 1, 2])
+        >>> dims = TensorDims.of([(("conv", "weight"), 0, channels), (("bn", "bias"), 0, channels)])
+        >>> plan = dims.plan(np.array([True, False, True]))
+        >>> plan[("bn", "bias")], plan[("bn", "bias")][0][1] is plan[("conv", "weight")][0][1]
+        ([(0, array([0, 2]))], True)
+    """
+
+    units: list[np.ndarray] = field(default_factory=list)
+    dims: list[tuple[tuple[str, str], int, int]] = field(default_factory=list)  # (first name, dim, index in units)
+
+    @classmethod
+    def of(cls, dims: Iterable[tuple[tuple[str, str], int, np.ndarray]]) -> TensorDims:
+        """The table of ``(first name, dim, units)`` triples."""
+        table = cls()
+        distinct: dict[tuple[str, bytes], int] = {}
+        for name, dim, units in dims:
+            index = distinct.setdefault((units.dtype.str, units.tobytes()), len(table.units))
+            if index == len(table.units):
+                table.units.append(units)
+            table.dims.append((name, dim, index))
+        return table
+
+    def plan(self, keep_flags: np.ndarray) -> Plan:
+        """Kept positions per pruned dimension of every tensor, by first name (``keep_flags``: one per unit)."""
+        kept = [None if keep.all() else np.flatnonzero(keep) for keep in (keep_flags[units] for units in self.units)]
+        plan: Plan = {}
+        for name, dim, index in self.dims:
+            if kept[index] is not None:
+                plan.setdefault(name, []).append((dim, kept[index]))
+        return plan
 
 
 @dataclass
@@ -45,9 +89,10 @@ def apply_plan(model: nn.Module, plan: Plan, attributes: Attributes | None = Non
     log = UndoLog()
     modules = dict(model.named_modules(remove_duplicate=False))
     changed: dict[int, nn.Module] = {}
+    indices: Indices = {}
     try:
         for owned in owned_tensors(model).values():
-            dims = _planned_dims(owned, plan)
+            dims = _planned_dims(owned, plan, indices)
             if not dims:
                 continue
             new = _slice(owned.tensor, dims)
@@ -77,25 +122,39 @@ def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = No
     """
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
+    indices: Indices = {}
     for owned in owned_tensors(model).values():
-        dims = _planned_dims(owned, plan)
+        dims = _planned_dims(owned, plan, indices)
         memo[id(owned.tensor)] = _slice(owned.tensor, dims) if dims else copy.deepcopy(owned.tensor, memo)
         if dims:
             sliced += owned.names
     pruned = copy_modules(model, memo)
-    changed = {id(m): m for m in (pruned.get_submodule(path) for path, _ in sliced)}
+    modules = dict(pruned.named_modules(remove_duplicate=False))
+    changed = {id(m): m for m in (modules[path] for path, _ in sliced)}
     for module in changed.values():
         update_module(module)
-    set_attributes(dict(pruned.named_modules(remove_duplicate=False)), attributes or {}, [])
+    set_attributes(modules, attributes or {}, [])
     return pruned
 
 
-def _planned_dims(owned: OwnedTensor, plan: Plan) -> list[tuple[int, np.ndarray]] | None:
-    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses."""
-    return next((plan[name] for name in owned.names if name in plan), None)
+def _planned_dims(owned: OwnedTensor, plan: Plan, indices: Indices) -> Dims | None:
+    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses.
+
+    Kept positions come as index tensors on the tensor's device, each made once per array of the plan
+    and device (``indices``, by ``id``: the plan keeps its arrays alive), shared by the tensors of one
+    channel set.
+    """
+    dims = next((plan[name] for name in owned.names if name in plan), None)
+    if dims is None:
+        return None
+    device = owned.tensor.device
+    for _, keep in dims:
+        if (id(keep), device) not in indices:
+            indices[id(keep), device] = torch.as_tensor(keep, device=device)
+    return [(dim, indices[id(keep), device]) for dim, keep in dims]
 
 
-def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+def _slice(tensor: torch.Tensor, dims: Dims) -> torch.Tensor:
     """The kept positions of ``tensor`` along each pruned dimension, as a new tensor (``dims`` is not empty)."""
     if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
         shape = list(tensor.shape)
@@ -103,10 +162,9 @@ def _slice(tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Te
             shape[dim] = len(keep)
         data = torch.empty(shape, dtype=tensor.dtype, device="meta")
     else:
-        with torch.no_grad():
-            data = tensor.detach()
-            for dim, keep in dims:
-                data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+        data = tensor.detach()  # detached: the selection records no autograd graph
+        for dim, keep in dims:
+            data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data

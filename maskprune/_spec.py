@@ -73,9 +73,10 @@ class PruneSpec:
         """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
         tensors = []
         modules = dict(model.named_modules(remove_duplicate=False))
+        positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         for (path, attr), dims in sorted(plan.items()):
             tensor = getattr(modules[path], attr)
-            kept = tuple((int(dim), tuple(np.asarray(keep).tolist())) for dim, keep in dims)
+            kept = tuple((int(dim), _positions(keep, positions)) for dim, keep in dims)
             tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
         spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
@@ -119,24 +120,27 @@ class PruneSpec:
         }
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": FORMAT,
-                "version": self.version,
-                "architecture": self.architecture,
-                "tensors": [
-                    {
-                        "module": t.module,
-                        "attr": t.attr,
-                        "shape": list(t.shape),
-                        "kept": t.kept,
-                    }
-                    for t in self.tensors
-                ],
-                "attributes": self.attributes,
-                "info": self.info,
-            },
-            separators=(",", ":"),
+        """The spec as compact JSON, as ``json.dumps(..., separators=(",", ":"))`` writes it.
+
+        Shapes and kept positions that several tensors share (a convolution's output channels, its
+        batch norm's weight, bias and statistics) are encoded once.
+        """
+        encoded: dict[tuple, str] = {}
+
+        def once(key: tuple, value: Any) -> str:
+            if key not in encoded:
+                encoded[key] = _encode(value)
+            return encoded[key]
+
+        def tensor(t: TensorCut) -> str:
+            shape = once(("shape", t.shape), list(t.shape))
+            kept = ",".join(once(("kept", dim, id(keep)), (dim, keep)) for dim, keep in t.kept)
+            return f'{{"module":{_encode(t.module)},"attr":{_encode(t.attr)},"shape":{shape},"kept":[{kept}]}}'
+
+        return (
+            f'{{"format":{_encode(FORMAT)},"version":{_encode(self.version)},'
+            f'"architecture":{_encode(self.architecture)},"tensors":[{",".join(map(tensor, self.tensors))}],'
+            f'"attributes":{_encode(self.attributes)},"info":{_encode(self.info)}}}'
         )
 
     @classmethod
@@ -170,6 +174,16 @@ class PruneSpec:
             return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})))
         except (KeyError, TypeError, ValueError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(value, separators=(",", ":")) writes
+
+
+def _positions(keep: Any, converted: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
+    """``keep`` (an array or sequence of positions) as a tuple of ints, converted once per object."""
+    if id(keep) not in converted:
+        converted[id(keep)] = tuple(np.asarray(keep).tolist())
+    return converted[id(keep)]
 
 
 def architecture_of(model: nn.Module) -> str:

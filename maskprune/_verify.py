@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -103,16 +103,27 @@ def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e
         if s.isnan().any() or h.isnan().any():
             return failed(f"output {i} contains NaN")
         if s.numel():
-            max_abs = max(max_abs, (s.double() - h.double()).abs().max().item())
-            scale = max(scale, h.double().abs().max().item())
+            hard_double = h.double()
+            max_abs = max(max_abs, (s.double() - hard_double).abs().max().item())
+            scale = max(scale, hard_double.abs().max().item())
     rel = max_abs / scale if scale > 0 else max_abs
     return VerifyResult(max_abs, rel, rtol, scale=scale)
 
 
 def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     """Every output tensor of ``model`` on ``inputs``, in eval mode, without gradients."""
-    with torch.no_grad(), evaluating(model):
+    with torch.no_grad(), _eval_mode(model):
         return list(iter_tensors(call_model(model, inputs)))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block (:func:`evaluating`); nothing to switch when every module already is in it."""
+    if any(module.training for module in model.modules()):
+        with evaluating(model):
+            yield
+    else:
+        yield
 
 
 def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
@@ -176,7 +187,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
         torch.nn.modules.module.register_module_forward_hook(hook),
     ]
     try:
-        with torch.no_grad(), evaluating(model):
+        with torch.no_grad(), _eval_mode(model):
             call_model(model, inputs)
     except Exception as error:  # noqa: BLE001 - name the module that raised
         failing = next((n for n in reversed(running) if n), "<root>")

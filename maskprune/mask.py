@@ -17,7 +17,7 @@ from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
-from ._export import Plan, apply_plan, sliced_copy
+from ._export import Plan, TensorDims, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import (
     Group,
@@ -131,6 +131,7 @@ class Mask:
         self._made = False
         self._trace: Trace | None = None
         self._layout: GroupLayout | None = None
+        self._tensor_dims: TensorDims | None = None
         self._groups: list[Group] = []
         self._keep = np.ones(0, dtype=bool)
         self._runtime: MaskRuntime | None = None
@@ -167,7 +168,8 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
-        self._trace, self._res, self._layout = tr, res, layout
+        self._trace, self._res = tr, res
+        self._use_layout(layout)
         suspects = groups_of_spaces(layout, tr.size_reads)
         fixed, note = fixed_size_groups(
             self.model,
@@ -190,7 +192,7 @@ class Mask:
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._layout = layout
+        self._use_layout(layout)
         self._keep = np.ones(layout.n_units + 1, dtype=bool)
         self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
         self._runtime = self._new_runtime()
@@ -391,6 +393,10 @@ class Mask:
         runtime.install()
         return runtime
 
+    def _use_layout(self, layout: GroupLayout) -> None:
+        self._layout = layout
+        self._tensor_dims = None  # made at the first plan of the layout
+
     def _units(self, space: int) -> np.ndarray:
         """Flat unit of each channel of ``space`` (a view: read it, do not write to it)."""
         return unit_index(self._layout, space)
@@ -407,25 +413,23 @@ class Mask:
     def _attributes(self, keep_flags: np.ndarray | None = None) -> Attributes:
         """The counts held in module attributes (``num_heads`` …) that the export changes."""
         keep_flags = self._keep if keep_flags is None else keep_flags
+        sites = self._trace.size_sites
+        if not sites:  # no size written in the model's code: no count to update
+            return {}
         modules = dict(self.model.named_modules(remove_duplicate=False))
-        return attribute_updates(
-            modules, self._trace.size_sites, lambda space: int(keep_flags[self._units(space)].sum())
-        )
+        return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
         keep_flags = self._keep if keep_flags is None else keep_flags
-        plan: Plan = {}
-        tr = self._trace
-        for key, node in tr.param_nodes.items():
-            dims = []
-            for dim, space in enumerate(node.spaces):
-                keep = keep_flags[self._units(space)]
-                if not keep.all():
-                    dims.append((dim, np.flatnonzero(keep)))
-            if dims:
-                plan[tr.owned[key].names[0]] = dims
-        return plan
+        if self._tensor_dims is None:
+            tr = self._trace
+            self._tensor_dims = TensorDims.of(
+                (tr.owned[key].names[0], dim, self._units(space))
+                for key, node in tr.param_nodes.items()
+                for dim, space in enumerate(node.spaces)
+            )
+        return self._tensor_dims.plan(keep_flags)
 
     def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
         nodes = self._trace.module_outputs.get(path) if self._trace else None

@@ -143,6 +143,24 @@ def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Pat
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in pruned.state_dict().items()}
 
 
+def test_the_spec_text_is_the_compact_json_of_its_fields(tiny_cnn) -> None:
+    """to_json writes shared shapes and kept positions once each, and exactly what json.dumps writes."""
+    _, pruned = prune(tiny_cnn(), torch.randn(2, 3, 16, 16))
+    spec = PruneSpec.of(pruned)
+    spec.attributes = {"blocks.0.attn": {"num_heads": 2, "config.num_attention_heads": 2}}
+    spec.info = {"model": "tiny", "input": [1, 3, 16, 16], "tied": {"b.weight": "a.weight"}, "note": 'é"'}
+    fields = {
+        "format": "maskprune-pruned",
+        "version": spec.version,
+        "architecture": spec.architecture,
+        "tensors": [{"module": t.module, "attr": t.attr, "shape": list(t.shape), "kept": t.kept} for t in spec.tensors],
+        "attributes": spec.attributes,
+        "info": spec.info,
+    }
+    assert spec.to_json() == json.dumps(fields, separators=(",", ":"))
+    assert PruneSpec.from_json(spec.to_json()) == spec
+
+
 def test_a_version_1_folder_still_loads(tmp_path: Path, tiny_cnn) -> None:
     """Version 1 had a reserved, always empty ``heads`` list where version 2 has ``attributes``."""
     torch.manual_seed(0)
