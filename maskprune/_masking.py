@@ -23,6 +23,8 @@ still holds the weights at zero; only its optimizer state may then drift.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,6 +146,7 @@ class MaskRuntime:
         self.handles: list[RemovableHandle] = []
         self.active: list[MaskedTensor] = []
         self.stepped: set[int] = set()  # ids of the tracked optimizers that stepped since the masks last changed
+        self.zeroed_depth = 0  # inside zeroed(): the weights were just zeroed, the forward pre-hook need not
 
     def add_dims(self, dims: list[tuple[torch.Tensor, int, np.ndarray, bool]]) -> None:
         """Mask these (tensor, dim, flat unit per position, is a producer): a buffer per device, dtype and shape."""
@@ -193,6 +196,20 @@ class MaskRuntime:
                     return self.apply(only_stale)
                 if not only_stale or entry.stale():
                     entry.zero()
+
+    @contextmanager
+    def zeroed(self) -> Iterator[None]:
+        """Zero the removed channels now; inside the block, forwards do not zero them again.
+
+        For work that only reads the weights between its forwards (the export and its verification),
+        where the pre-hook's second pass over every masked parameter would find nothing to do.
+        """
+        self.apply()
+        self.zeroed_depth += 1
+        try:
+            yield
+        finally:
+            self.zeroed_depth -= 1
 
     def apply_producers(self) -> None:
         """Zero only the filters that compute removed channels (soft-filter semantics, as SFP and FPGM do)."""
@@ -256,6 +273,8 @@ class MaskRuntime:
         self.handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.zeroed_depth:
+            return
         # with a tracked optimizer, its steps re-zero what they write: only other writes remain to be caught
         self.apply(only_stale=bool(self.optimizer_handles))
 

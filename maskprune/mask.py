@@ -315,18 +315,17 @@ class Mask:
             finally:
                 if self._runtime is not None:
                     self.semantics = "soft"
-        self._runtime.apply()
-        plan, attributes = self._plan(), self._attributes()
-        spec = PruneSpec.from_plan(self.model, plan, attributes)  # the exported model carries it, for save_pruned()
-        if inplace:
-            pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
-            spec.attach(pruned)
-            return pruned
-        pruned = self._plain_copy(plan, attributes)
-        if verify:
-            result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
-            if not result:
-                raise ExportError(f"the exported model differs from the masked model: {result}")
+        with self._runtime.zeroed():  # the verification's masked forward needs no second zeroing
+            plan, attributes = self._plan(), self._attributes()
+            spec = PruneSpec.from_plan(self.model, plan, attributes)  # the exported model carries it (save_pruned)
+            if inplace:
+                pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
+            else:
+                pruned = self._plain_copy(plan, attributes)
+                if verify:
+                    result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
+                    if not result:
+                        raise ExportError(f"the exported model differs from the masked model: {result}")
         spec.attach(pruned)
         return pruned
 

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 import maskprune
 from maskprune import Mask
+from maskprune._masking import MaskRuntime
 from maskprune.callbacks import PruningCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,6 +241,28 @@ def test_with_a_tracked_optimizer_the_forward_rezeroes_what_something_else_wrote
     model(x)
     assert removed_values(mask).abs().max() == 0
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
+
+
+def test_the_export_zeroes_once_and_its_verification_forward_does_not_zero_again(monkeypatch) -> None:
+    model, x = net()
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    model.eval()
+    model.conv2.weight.data.add_(1.0)  # a write no version counter sees
+    calls: list[bool] = []
+    apply = MaskRuntime.apply
+
+    def counted(runtime: MaskRuntime, only_stale: bool = False) -> None:
+        calls.append(only_stale)
+        apply(runtime, only_stale)
+
+    monkeypatch.setattr(MaskRuntime, "apply", counted)
+    pruned = mask.generate_pruned_model()
+    assert calls == [False]  # the export's own pass; the masked forward of the verification adds none
+    assert removed_values(mask).abs().max() == 0
+    model(x)
+    assert calls == [False, False]  # outside the export, every forward zeroes again
+    assert maskprune.verify(model, pruned, x)
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
