@@ -73,6 +73,8 @@ _WATCH_HOOKS: set[int] = set()  # ids of the hooks watch() installed and not yet
 
 def strip_watch_hooks(model: nn.Module) -> None:
     """Drop :func:`watch` hooks that a deep copy of a watched model carried over (the copy is not watched)."""
+    if not _WATCH_HOOKS:
+        return
     for module in model.modules():
         for hooks in (
             module._forward_hooks,

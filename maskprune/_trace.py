@@ -208,6 +208,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         True
     """
     modes = [(m, m.training) for _, m in module_table(model)]
+    if not any(mode for _, mode in modes):  # already in eval mode: nothing to switch or restore
+        yield
+        return
     model.eval()
     try:
         yield

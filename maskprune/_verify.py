@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -112,18 +112,8 @@ def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e
 
 def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     """Every output tensor of ``model`` on ``inputs``, in eval mode, without gradients."""
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), evaluating(model):
         return list(iter_tensors(call_model(model, inputs)))
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block (:func:`evaluating`); nothing to switch when every module already is in it."""
-    if any(module.training for module in model.modules()):
-        with evaluating(model):
-            yield
-    else:
-        yield
 
 
 def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
@@ -187,7 +177,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
         torch.nn.modules.module.register_module_forward_hook(hook),
     ]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), evaluating(model):
             call_model(model, inputs)
     except Exception as error:  # noqa: BLE001 - name the module that raised
         failing = next((n for n in reversed(running) if n), "<root>")
