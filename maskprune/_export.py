@@ -21,6 +21,7 @@ from ._attributes import Attributes, set_attributes, undo_attributes
 from ._layers import update_module
 from ._meta import copy_modules
 from ._trace import OwnedTensor, owned_tensors
+from ._walk import module_table
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
 Dims = list[tuple[int, np.ndarray | torch.Tensor]]  # a tensor's pruned dimensions and their kept positions
@@ -87,11 +88,12 @@ class UndoLog:
 def apply_plan(model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> UndoLog:
     """Slice ``model``'s tensors by ``plan`` (ties stay tied), update the modules that changed and ``attributes``."""
     log = UndoLog()
-    modules = dict(model.named_modules(remove_duplicate=False))
+    table = module_table(model)
+    modules = dict(table)
     changed: dict[int, nn.Module] = {}
     indices: Indices = {}
     try:
-        for owned in owned_tensors(model).values():
+        for owned in owned_tensors(model, table).values():
             dims = _planned_dims(owned, plan, indices)
             if not dims:
                 continue
@@ -129,7 +131,7 @@ def sliced_copy(model: nn.Module, plan: Plan, attributes: Attributes | None = No
         if dims:
             sliced += owned.names
     pruned = copy_modules(model, memo)
-    modules = dict(pruned.named_modules(remove_duplicate=False))
+    modules = dict(module_table(pruned))
     changed = {id(m): m for m in (modules[path] for path, _ in sliced)}
     for module in changed.values():
         update_module(module)

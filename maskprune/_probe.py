@@ -41,7 +41,8 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
     saved = [(m, m.training) for _, m in module_table(model)]
     try:
         for mode in modes:
-            model.train(mode)
+            if any(m.training != mode for m, _ in saved):
+                model.train(mode)
             with torch.no_grad(), FastMeta():
                 out = call_model(model, inputs)
             for _ in iter_tensors(out):
@@ -51,7 +52,8 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
         return Failure(text, _raising_module(error, paths))
     finally:
         for m, mode in saved:
-            m.training = mode
+            if m.training != mode:
+                m.training = mode
     return None
 
 
