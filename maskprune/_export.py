@@ -85,15 +85,26 @@ class UndoLog:
             (module._parameters if is_param else module._buffers)[attr] = tensor
 
 
-def apply_plan(model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> UndoLog:
-    """Slice ``model``'s tensors by ``plan`` (ties stay tied), update the modules that changed and ``attributes``."""
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    attributes: Attributes | None = None,
+    tensors: tuple[dict[str, nn.Module], dict[int, OwnedTensor]] | None = None,
+) -> UndoLog:
+    """Slice ``model``'s tensors by ``plan`` (ties stay tied), update the modules that changed and ``attributes``.
+
+    ``tensors``: the model's modules by path and :func:`owned_tensors`, when the caller keeps them (a model
+    that plans are applied to and undone from many times).
+    """
     log = UndoLog()
-    table = module_table(model)
-    modules = dict(table)
+    if tensors is None:
+        table = module_table(model)
+        tensors = dict(table), owned_tensors(model, table)
+    modules, owned_by_id = tensors
     changed: dict[int, nn.Module] = {}
     indices: Indices = {}
     try:
-        for owned in owned_tensors(model, table).values():
+        for owned in owned_by_id.values():
             dims = _planned_dims(owned, plan, indices)
             if not dims:
                 continue
@@ -150,6 +161,8 @@ def _planned_dims(owned: OwnedTensor, plan: Plan, indices: Indices) -> Dims | No
     if dims is None:
         return None
     device = owned.tensor.device
+    if device.type == "meta":  # only the sizes matter: no index tensors
+        return dims
     for _, keep in dims:
         if (id(keep), device) not in indices:
             indices[id(keep), device] = torch.as_tensor(keep, device=device)

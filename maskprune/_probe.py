@@ -21,7 +21,7 @@ from torch import nn
 from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
-from ._trace import call_model, iter_tensors
+from ._trace import call_model, iter_tensors, owned_tensors
 from ._walk import module_table
 
 MAX_PROBES = 200
@@ -90,13 +90,15 @@ def fixed_size_groups(
         meta_inputs = to_meta(inputs)
     except Exception as error:  # noqa: BLE001
         return {}, f"no trial export on the meta device ({type(error).__name__}: {error})"
-    paths = {id(m): name for name, m in module_table(base)}
+    table = module_table(base)
+    paths = {id(m): name for name, m in table}
+    tensors = dict(table), owned_tensors(base, table)  # the same after every undo
     probes = 0
 
     def failing(subset: list[int]) -> Failure | None:
         nonlocal probes
         probes += 1
-        log = apply_plan(base, *plan_for(subset))
+        log = apply_plan(base, *plan_for(subset), tensors=tensors)
         try:
             return _runs(base, meta_inputs, modes, paths)
         finally:
