@@ -41,8 +41,7 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
     saved = [(m, m.training) for _, m in module_table(model)]
     try:
         for mode in modes:
-            if any(m.training != mode for m, _ in saved):
-                model.train(mode)
+            model.train(mode)  # also when already in it: an override may clear caches (timm's LeViT)
             with torch.no_grad(), FastMeta():
                 out = call_model(model, inputs)
             for _ in iter_tensors(out):

@@ -208,10 +208,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         True
     """
     modes = [(m, m.training) for _, m in module_table(model)]
-    if not any(mode for _, mode in modes):  # already in eval mode: nothing to switch or restore
-        yield
-        return
-    model.eval()
+    model.eval()  # also when already in eval mode: an override may clear caches (timm's LeViT)
     try:
         yield
     finally:

@@ -82,6 +82,44 @@ def test_meta_trace_of_a_self_copying_module_is_in_the_models_tensors() -> None:
     assert maskprune.verify(model, pruned, x).max_rel <= 1e-5
 
 
+class CachesInEval(nn.Module):
+    """Caches a derived per-channel bias in eval mode; ``train()``, in either mode, clears the cache (timm's LeViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> CachesInEval:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            scale = self.scale * 2
+        else:
+            scale = self.cache.setdefault("scale", self.scale * 2)
+        return self.head(self.conv(x) * scale.view(1, -1, 1, 1))
+
+
+def test_a_cache_cleared_by_train_is_cleared_before_the_trial_export_and_the_verification() -> None:
+    """The trace fills the cache of the meta copy with 8 channels; the trial export and the verification call
+    ``train()``/``eval()`` as the model expects (even when already in that mode), so its cache is rebuilt."""
+    torch.manual_seed(0)
+    model, x = CachesInEval().eval(), torch.randn(2, 3, 5, 5)
+    mask = Mask(model, x).make()
+    assert [g.size for g in mask.groups] == [8]  # not frozen by the trial export
+    with torch.no_grad():
+        model(x)  # the masked model's cache now holds all 8 channels
+    mask.groups[0].prune([1, 4])
+    pruned = mask.generate_pruned_model()
+    assert pruned.scale.shape == (6,)
+    assert maskprune.verify(model, pruned, x).max_rel <= 1e-5
+
+
 class ReadsValues(nn.Module):
     """A forward that branches on a tensor value and selects rows by a boolean mask (no meta kernel)."""
 
