@@ -23,6 +23,7 @@ from torch import nn
 
 from ._attributes import Attributes
 from ._export import Plan
+from ._walk import module_table
 from .errors import SpecError
 
 FORMAT = "maskprune-pruned"
@@ -72,7 +73,7 @@ class PruneSpec:
     def from_plan(cls, model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
         """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
         tensors = []
-        modules = dict(model.named_modules(remove_duplicate=False))
+        modules = dict(module_table(model))
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         for (path, attr), dims in sorted(plan.items()):
             tensor = getattr(modules[path], attr)

@@ -408,9 +408,7 @@ class Tracer:
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         leaf = self.leaf_rules.get(type(module))
         if leaf is None and self.leaf_depth:  # inside a leaf module: nothing to record
-            self.ops_in_call.pop()
-            self.pending_ln.pop()
-            self.stack.pop()
+            self.end_call()
             return
         with _rule_context():  # the shapes this hook reads are not the model's
             self._after_module(module, leaf, args, output)
@@ -422,9 +420,7 @@ class Tracer:
                 self.rules.run_leaf_rule(self, module, leaf, args, output)
                 if leaf is RMS_NORM_RULE:
                     self.record_rms_norm(module, args)
-        ops = self.ops_in_call.pop()
-        ln_sites = self.pending_ln.pop()
-        self.stack.pop()
+        ops, ln_sites = self.end_call()
         if self.leaf_depth:
             return
         path = self.module_paths.get(id(module))
@@ -438,6 +434,11 @@ class Tracer:
                     self.record_leaf_call(path, module, args, outputs)
         for space, kind in ln_sites:
             self.resolve_layer_norm(module, path, ops, space, kind, args, output)
+
+    def end_call(self) -> tuple[list[str], list[tuple[int, int]]]:
+        """Leave the innermost module call (the reverse of :meth:`pre_hook`): its op names and pending layer norms."""
+        self.stack.pop()
+        return self.ops_in_call.pop(), self.pending_ln.pop()
 
     def output_nodes(self, output: Any) -> list[TensorNode]:
         """The nodes of a module's output tensors that the trace knows."""

@@ -39,6 +39,7 @@ from ._settings import Settings
 from ._spec import PruneSpec, as_spec
 from ._state import load_mask_state, mask_state
 from ._trace import Trace, iter_tensors, trace
+from ._walk import module_table
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
@@ -415,7 +416,7 @@ class Mask:
         sites = self._trace.size_sites
         if not sites:  # no size written in the model's code: no count to update
             return {}
-        modules = dict(self.model.named_modules(remove_duplicate=False))
+        modules = dict(module_table(self.model))
         return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
