@@ -5,7 +5,8 @@ tensor and used to reshape another couples two spaces invisibly (Swin, MaxViT).
 So after grouping, a weightless copy of the model is exported with one channel
 removed from every group and run on meta tensors. If it fails, bisection finds
 the groups whose size the code fixes; they are frozen with the model's error
-as the reason. Costs one meta forward when nothing is wrong.
+as the reason. Costs one meta forward when nothing is wrong, and is skipped
+when the trace proves the export (:func:`needs_trial_export`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from torch import nn
 
 from ._attributes import Attributes
 from ._export import Plan, apply_plan
+from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
-from ._trace import call_model, iter_tensors, owned_tensors
+from ._trace import Trace, call_model, iter_tensors, owned_tensors
 from ._walk import module_table
 
 MAX_PROBES = 200
@@ -34,6 +36,28 @@ class Failure:
 
     text: str
     module: str | None
+
+
+def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[int]) -> bool:
+    """Whether the trace leaves a prunable channel count that only a trial export can check.
+
+    An export changes nothing but the sliced tensors and the attributes of the layers that hold them
+    (a conv's ``groups``, a norm's ``num_features``). The model's code could still fix a count the
+    rules do not see: an integer read from a tensor's size (``size_read_groups``: the groups whose
+    size was read), one written in the code (a size site: ``view(B, 8, -1)``), one the rules flagged
+    (``trace.unproven``: ``expand`` to a written shape, a group count outside its layer, a registered
+    module), or the work of an op the trace did not see. Without any of these the trial export
+    could only succeed, and is skipped; a trace of the model itself (not of a meta copy) always
+    runs it.
+
+    Example:
+        >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
+        >>> needs_trial_export(mask._trace, mask._layout, set())                          # doctest: +SKIP
+        False
+    """
+    if trace.shadow is None or trace.unproven or size_read_groups:
+        return True
+    return bool(groups_of_spaces(layout, (site.space for site in trace.size_sites if site.written)))
 
 
 def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str]) -> Failure | None:

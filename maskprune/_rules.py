@@ -201,6 +201,14 @@ class OpCall:
         if t is not None and self.is_param(t):
             self.tracer.roles.setdefault((id(t), dim % t.dim()), role)
 
+    def unproven(self, what: str) -> None:
+        """This call may fix a channel count the rule cannot see: make() runs the trial export."""
+        self.tracer.unproven.append(f"{what}: `{self.name}` in {self.tracer.path()}")
+
+    def in_module(self, module_type: type | tuple[type, ...]) -> bool:
+        """Whether the innermost running module of the model is a ``module_type`` (its own forward runs)."""
+        return isinstance(self.tracer.running_module()[1], module_type)
+
     def reason(self) -> str:
         """What froze a dimension here: the op and the module running it."""
         if self._reason is None:
@@ -227,6 +235,7 @@ def run_rule(call: OpCall) -> None:
 def run_leaf_rule(tracer: Tracer, module: torch.nn.Module, leaf: Any, args: tuple, output: Any) -> None:
     """Apply a user's :class:`~maskprune.LayerRule` to one call of a registered module."""
     call = OpCall(tracer, type(module).__name__, False, args, {}, output)
+    call.unproven("a registered module's code is not traced")
     named: dict[str, int] = {}
 
     def bind(t: torch.Tensor, dims: dict[int, str]) -> None:
@@ -366,6 +375,8 @@ def shape_from_other(call: OpCall) -> None:
     x = call.args[0]
     for other in call.inputs[1:]:
         call.claim_all(other)
+    if call.name != "type_as":
+        call.unproven("a shape taken from another tensor")
     if call.name == "type_as":
         call.set_out(call.outputs[0], [call.space(x, d) for d in range(x.dim())])
     elif call.name == "expand_as":
@@ -451,17 +462,20 @@ def reshape(call: OpCall) -> None:
                 heads_dim, spaces[heads_dim] = _split_into_heads(call, x, block_in[0][0], block_out)
             continue
         out_dim = block_out[0][0]
+        written = _written_size(call, out_dim)
         if len(block_in) == 1:
             spaces[out_dim] = call.space(x, block_in[0][0])
             if pb in literals:
                 call.tracer.size_site(pb, spaces[out_dim])
+            elif _fixes_count(written, spaces[out_dim]):
+                call.unproven("a size read from another tensor")
             continue
         carrier, size, stride = _merge_carrier(call, x, block_in)
         merged = call.graph.new_space(pb)
         idx = np.arange(pb)
         call.link(merged, idx, call.space(x, carrier), (idx // stride) % size)
         spaces[out_dim] = merged
-        call.tracer.size_site(pb, merged)
+        call.tracer.size_site(pb, merged, written=pb in literals or _fixes_count(written, merged))
     call.set_out(out, spaces)
 
 
@@ -476,6 +490,22 @@ def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]
     chosen = next((k for k, (d, _) in enumerate(block_in) if not graph.is_frozen(nodes[d])), 0)
     stride = int(np.prod([n for _, n in block_in[chosen + 1 :]], dtype=np.int64))
     return block_in[chosen][0], block_in[chosen][1], stride
+
+
+def _fixes_count(written: Any, space: int) -> bool:
+    """Whether a size given for a dim of ``space`` stays as it is when ``space`` loses channels: an
+    integer written in the code, or a size read from another space (``-1`` and absent sizes follow)."""
+    if isinstance(written, TracedSize):
+        return written.space != space
+    return type(written) is int and written > 1
+
+
+def _written_sizes(call: OpCall) -> tuple:
+    """The target shape written in an ``expand`` or ``broadcast_to`` call, as given."""
+    sizes = call.args[1:] if call.name == "expand" else (call.arg(1, "size"),)
+    if not sizes:
+        sizes = (call.kwargs.get("size"),)
+    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
 
 
 def _literal_sizes(args: tuple) -> set[int]:
@@ -560,10 +590,13 @@ def expand(call: OpCall) -> None:
     """Dims that keep their size pass through; broadcast or repeated dims become new (frozen) spaces."""
     x, out = call.args[0], call.outputs[0]
     lead = out.dim() - x.dim()
+    sizes = _written_sizes(call) if call.name in ("expand", "broadcast_to") else ()
     spaces: list[int | None] = [None] * out.dim()
     for k in range(x.dim()):
         if x.shape[k] == out.shape[k + lead]:
             spaces[k + lead] = call.space(x, k)
+            if len(sizes) == out.dim() and _fixes_count(sizes[k + lead], spaces[k + lead]):
+                call.unproven("a size written in the code")
         elif x.shape[k] == 1:
             call.claimed.add((id(x), k))
     call.set_out(out, spaces)
@@ -733,6 +766,7 @@ def gather(call: OpCall) -> None:
         return
     dim = int(dim) % x.dim()
     call.claim_all(index)
+    call.unproven("an index of the output's shape")
     spaces: list[int | None] = []
     for d in range(x.dim()):
         same = d != dim and x.shape[d] == out.shape[d]
@@ -898,6 +932,8 @@ def _conv_args(call: OpCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
 @rule("conv1d", "conv2d", "conv3d")
 def conv(call: OpCall) -> None:
     x, w, b, out, groups, c = _conv_args(call)
+    if groups > 1 and not call.in_module(torch.nn.modules.conv._ConvNd):
+        call.unproven("a group count outside a conv layer")
     out_ch, in_per_group = w.shape[0], w.shape[1]
     if groups == 1:
         call.unite(x, c, w, 1)
@@ -927,6 +963,8 @@ def _group_units(call: OpCall, in_space: int, in_per_group: int, out_space: int,
 @rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv_transpose(call: OpCall) -> None:
     x, w, b, out, groups, c = _conv_args(call)
+    if groups > 1 and not call.in_module(torch.nn.modules.conv._ConvNd):
+        call.unproven("a group count outside a conv layer")
     in_ch, out_per_group = w.shape[0], w.shape[1]
     call.unite(x, c, w, 0)
     call.role(w, 0, CONSUMER)
@@ -1069,6 +1107,8 @@ def group_norm(call: OpCall) -> None:
     if call.arg(2, "weight") is None:
         return  # without affine tensors the new group count could not be stored: keep it whole
     groups = int(call.arg(1, "num_groups"))
+    if not call.in_module(torch.nn.GroupNorm):
+        call.unproven("a group count outside a GroupNorm")
     channels = x.shape[1]
     per_group = channels // groups
     space = call.space(x, 1)
@@ -1133,6 +1173,8 @@ def multi_head_attention(call: OpCall) -> None:
     """
     query, key, value = call.args[0], call.arg(1, "key"), call.arg(2, "value")
     heads = int(call.arg(4, "num_heads"))
+    if not call.in_module(torch.nn.MultiheadAttention):
+        call.unproven("a head count outside a MultiheadAttention")
     out = call.outputs[0]
     width = query.shape[-1]
     if width % heads or out.shape[-1] != width:

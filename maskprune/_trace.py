@@ -87,6 +87,7 @@ class SizeSite:
     value: int
     space: int
     kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels
+    written: bool = True  # False: implied, not written (``flatten(1)``, ``view(B, -1)`` merging channels)
 
 
 class TracedSize(int):
@@ -137,6 +138,7 @@ class Trace:
     leaf_calls: list[LeafCall] = field(default_factory=list)
     size_sites: list[SizeSite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unproven: list[str] = field(default_factory=list)  # see Tracer.unproven
     shadow: nn.Module | None = None  # the meta copy that was traced, if any (shapes only: reused by the probes)
 
 
@@ -288,6 +290,9 @@ class Tracer:
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
+        # calls whose rule cannot prove that an export handles them (a trial export checks), besides the
+        # size reads and size sites
+        self.unproven: list[str] = []
         self.leaf_calls: list[LeafCall] = []
         self.first_pass = True
         self.calls: dict[str, int] = {}
@@ -309,9 +314,10 @@ class Tracer:
                 return path, module
         return "", None
 
-    def size_site(self, value: int, space: int, kind: str = WIDTH) -> None:
-        """Record that the running module's code wrote ``value``, a count of ``space``'s channels."""
-        self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind))
+    def size_site(self, value: int, space: int, kind: str = WIDTH, written: bool = True) -> None:
+        """Record that the running module's code wrote ``value`` (or, ``written=False``, implied it), a
+        count of ``space``'s channels."""
+        self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind, written))
 
     def node(self, t: torch.Tensor) -> TensorNode:
         node = self.nodes.get(id(t))
@@ -326,6 +332,7 @@ class Tracer:
                 self.param_nodes[key] = node
             return node
         reason = f"tensor of unknown origin in {self.path()}"
+        self.unproven.append(reason)  # made by an op the trace did not see: what it read is unknown
         return self.fresh(t, reason)
 
     def fresh(self, t: torch.Tensor, reason: str, tainted: bool = True) -> TensorNode:
@@ -622,6 +629,7 @@ def _trace_model(
         leaf_calls=tracer.leaf_calls,
         size_sites=tracer.size_sites,
         notes=notes,
+        unproven=tracer.unproven,
     )
 
 

@@ -31,7 +31,7 @@ from ._groups import (
 )
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
-from ._probe import fixed_size_groups
+from ._probe import fixed_size_groups, needs_trial_export
 from ._pruning import Pruner
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
@@ -172,16 +172,18 @@ class Mask:
         self._trace, self._res = tr, res
         self._use_layout(layout)
         suspects = groups_of_spaces(layout, tr.size_reads)
-        fixed, note = fixed_size_groups(
-            self.model,
-            self.example_inputs,
-            tr.modes,
-            len(layout.groups),
-            self._probe_plan,
-            suspects,
-            groups_by_module(layout),
-            tr.shadow,
-        )
+        fixed, note = {}, None
+        if needs_trial_export(tr, layout, suspects):
+            fixed, note = fixed_size_groups(
+                self.model,
+                self.example_inputs,
+                tr.modes,
+                len(layout.groups),
+                self._probe_plan,
+                suspects,
+                groups_by_module(layout),
+                tr.shadow,
+            )
         if note:
             tr.notes.append(note)
         if fixed:

@@ -90,6 +90,7 @@ class CachesInEval(nn.Module):
         self.conv = nn.Conv2d(3, 8, 1)
         self.scale = nn.Parameter(torch.rand(8) + 0.5)
         self.head = nn.Conv2d(8, 2, 1)
+        self.channels = 8  # written in the view below: make() runs its trial export
         self.cache: dict[str, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> CachesInEval:
@@ -102,7 +103,7 @@ class CachesInEval(nn.Module):
             scale = self.scale * 2
         else:
             scale = self.cache.setdefault("scale", self.scale * 2)
-        return self.head(self.conv(x) * scale.view(1, -1, 1, 1))
+        return self.head(self.conv(x) * scale.view(1, self.channels, 1, 1))
 
 
 def test_a_cache_cleared_by_train_is_cleared_before_the_trial_export_and_the_verification() -> None:
@@ -116,7 +117,7 @@ def test_a_cache_cleared_by_train_is_cleared_before_the_trial_export_and_the_ver
         model(x)  # the masked model's cache now holds all 8 channels
     mask.groups[0].prune([1, 4])
     pruned = mask.generate_pruned_model()
-    assert pruned.scale.shape == (6,)
+    assert pruned.scale.shape == (6,) and pruned.channels == 6  # the trial export set it too
     assert maskprune.verify(model, pruned, x).max_rel <= 1e-5
 
 
