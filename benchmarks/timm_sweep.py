@@ -22,8 +22,13 @@ sizes; not maskprune's failure), ``skip-huge``, ``fail-trace`` (``make()`` raise
 (``do_mask()`` raised), ``fail-export/verify`` (``generate_pruned_model()`` raised), ``timeout`` (in one of
 maskprune's steps; a timeout while timm builds or runs the model counts as ``build/skip``).
 
+With ``--audit-trial-export`` every make() runs its trial export, and each model records whether make()
+would have skipped it (``maskprune._probe.needs_trial_export``) and whether it would then have missed a
+channel count the model's code fixes: a check of the skip over many architectures.
+
 Usage:
     nice -n 10 .venv/bin/python benchmarks/timm_sweep.py --budget-min 20
+    nice -n 10 .venv/bin/python benchmarks/timm_sweep.py --budget-min 15 --audit-trial-export --output /tmp/audit.json
     .venv/bin/python benchmarks/timm_sweep.py --models resnet18 vit_tiny_patch16_224 --limit-s 120
 """
 
@@ -71,6 +76,37 @@ class Row:
     params_after: int | None = None
     groups: int | None = None
     seconds: float = 0.0
+    trial_export: str = ""  # with --audit-trial-export: "needed", "skipped", or "MISSED: <what it would freeze>"
+
+
+TRIAL: dict[str, Any] = {}  # the current model's trial export, under --audit-trial-export
+
+
+def audit_trial_export() -> None:
+    """Make every make() run its trial export, noting in TRIAL whether make() would skip it and what it froze."""
+    import maskprune.mask as mask_module
+
+    needs, fixed_size_groups = mask_module.needs_trial_export, mask_module.fixed_size_groups
+
+    def always(*args: Any) -> bool:
+        TRIAL["skippable"] = not needs(*args)
+        return True
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        fixed, note = fixed_size_groups(*args, **kwargs)
+        TRIAL["froze"] = next(iter(fixed.values()), None)
+        return fixed, note
+
+    mask_module.needs_trial_export, mask_module.fixed_size_groups = always, recorded
+
+
+def trial_verdict() -> str:
+    """The current model's audit result (empty when make() did not get as far as the trial export)."""
+    if "skippable" not in TRIAL:
+        return ""
+    if not TRIAL["skippable"]:
+        return "needed"
+    return f"MISSED: {TRIAL['froze']}" if TRIAL.get("froze") else "skipped"
 
 
 def sweep_order(models: Sequence[str], module_of: dict[str, str], seed: int) -> list[str]:
@@ -153,6 +189,7 @@ def sweep_model(name: str, max_params: float | None, conn: Connection) -> Row:
     from maskprune import NothingToPruneError
 
     stages: list[str] = []
+    TRIAL.clear()
 
     def step(stage: str) -> None:
         stages.append(stage)
@@ -179,10 +216,11 @@ def sweep_model(name: str, max_params: float | None, conn: Connection) -> Row:
         row.error = f"{first_line(exc)} [{Path(frame.filename).name}:{frame.lineno}]"
     if row.outcome == "pass" and row.params_after is not None and row.params_after >= row.params_before:
         row.outcome = "nothing-pruned"
+    row.trial_export = trial_verdict()
     return row
 
 
-def worker(conn: Connection, max_params: float | None, threads: int) -> None:
+def worker(conn: Connection, max_params: float | None, threads: int, audit: bool) -> None:
     """Sweep the models the parent sends, one at a time, until it sends None; says "ready" after its imports."""
     import warnings
 
@@ -193,6 +231,8 @@ def worker(conn: Connection, max_params: float | None, threads: int) -> None:
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
+    if audit:
+        audit_trial_export()
     conn.send(("ready", None))
     for name in iter(conn.recv, None):
         start = time.perf_counter()
@@ -205,8 +245,8 @@ def worker(conn: Connection, max_params: float | None, threads: int) -> None:
 class Workers:
     """One worker process at a time, replaced after a timeout, a crash or ``restart_every`` models."""
 
-    def __init__(self, max_params: float | None, threads: int, restart_every: int) -> None:
-        self.args, self.restart_every = (max_params, threads), restart_every
+    def __init__(self, max_params: float | None, threads: int, restart_every: int, audit: bool = False) -> None:
+        self.args, self.restart_every = (max_params, threads, audit), restart_every
         self.context = mp.get_context("spawn")
         self.process: Any = None
         self.served = 0
@@ -269,7 +309,7 @@ class Workers:
 def sweep(order: Sequence[str], args: argparse.Namespace) -> Iterator[Row]:
     """Rows of the models in ``order`` until the budget runs out."""
     max_params = None if args.include_huge else args.max_params * 1e6
-    workers = Workers(max_params, args.threads, args.restart_every)
+    workers = Workers(max_params, args.threads, args.restart_every, args.audit_trial_export)
     deadline = time.monotonic() + args.budget_min * 60
     try:
         for index, name in enumerate(order):
@@ -312,6 +352,15 @@ def summary(rows: Sequence[Row], total: int, order_note: str) -> str:
     for (outcome, stage, key), models in sorted(by_error.items(), key=lambda item: -len(item[1])):
         cell = key.replace("|", "\\|")
         lines.append(f"| {outcome} | {stage} | {cell} | {len(models)} | {', '.join(models[:3])} |")
+    audited = [row for row in rows if row.trial_export]
+    if audited:
+        skipped = [row for row in audited if row.trial_export != "needed"]
+        missed = [f"{row.model} ({row.trial_export})" for row in skipped if row.trial_export.startswith("MISSED")]
+        lines += [
+            "",
+            f"trial export audit: make() skips it on {len(skipped)} of {len(audited)} models that reached it; "
+            f"it would have frozen channels in {len(missed)} of those{': ' if missed else ''}{'; '.join(missed)}",
+        ]
     return "\n".join(lines)
 
 
@@ -349,6 +398,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sweep order (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker (default 1)")
     parser.add_argument("--restart-every", type=int, default=20, help="fresh worker after N models (default 20)")
+    parser.add_argument("--audit-trial-export", action="store_true",
+                        help="always run make()'s trial export; report where skipping it misses a count")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS / "timm_sweep.json",
                         help="per-model results (JSON; the summary goes to the .md next to it)")  # fmt: skip
     return parser.parse_args(argv)
