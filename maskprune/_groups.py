@@ -443,6 +443,27 @@ def unit_index(layout: GroupLayout, space: int) -> np.ndarray:
     return layout.unit_table[start : start + layout.space_size[space]]
 
 
+def unit_views(layout: GroupLayout, spaces: Iterable[int]) -> list[np.ndarray]:
+    """:func:`unit_index` of each of ``spaces``; spaces over one stretch of the layout's table share one view.
+
+    Example:
+        >>> layout = GroupLayout([], 2, np.zeros(0), {}, np.zeros(0), np.array([0, 1, 2, 2]), [0, 0, 2], [2, 2, 2])
+        >>> a, b, c = unit_views(layout, [0, 1, 2])
+        >>> a is b, c.tolist()
+        (True, [2, 2])
+    """
+    views: dict[tuple[int, int], np.ndarray] = {}
+    starts, sizes, table = layout.space_start, layout.space_size, layout.unit_table
+    found = []
+    for space in spaces:
+        start, size = starts[space], sizes[space]
+        view = views.get((start, size))
+        if view is None:
+            view = views[start, size] = table[start : start + size]
+        found.append(view)
+    return found
+
+
 def prunable_spaces(layout: GroupLayout, res: Resolution) -> np.ndarray:
     """Per space: whether it holds a channel of some group."""
     prunable = np.zeros(len(res.roots), dtype=bool)

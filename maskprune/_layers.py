@@ -143,45 +143,60 @@ def rms_rescale(x: torch.Tensor, y: torch.Tensor, dim: int, keep: torch.Tensor, 
 
 
 # ---- attribute updates after slicing -----------------------------------------------------------
+def _set_counts(module: nn.Module, **counts: int | tuple[int, ...]) -> None:
+    """``setattr(module, name, count)`` for each count in turn, sooner where ``nn.Module.__setattr__`` only stores it.
+
+    That ``__setattr__`` first looks for a parameter, submodule or buffer of the name (2 us an attribute, most of
+    a layer's update): a count named like none of them goes to ``object.__setattr__`` all the same.
+    """
+    direct = type(module).__setattr__ is nn.Module.__setattr__
+    for name, count in counts.items():
+        if direct and name not in module._parameters and name not in module._modules and name not in module._buffers:
+            object.__setattr__(module, name, count)
+        else:
+            setattr(module, name, count)
+
+
 def _update_conv(m: _ConvNd) -> None:
     w = m.weight
     if m.transposed:
         new_in = w.shape[0]
         groups = m.groups if m.groups == 1 else m.groups * new_in // m.in_channels
-        m.in_channels, m.out_channels, m.groups = new_in, w.shape[1] * groups, groups
+        _set_counts(m, in_channels=new_in, out_channels=w.shape[1] * groups, groups=groups)
     else:
         new_out = w.shape[0]
         groups = m.groups if m.groups == 1 else m.groups * new_out // m.out_channels
-        m.in_channels, m.out_channels, m.groups = w.shape[1] * groups, new_out, groups
+        _set_counts(m, in_channels=w.shape[1] * groups, out_channels=new_out, groups=groups)
 
 
 def _update_linear(m: nn.Linear) -> None:
-    m.out_features, m.in_features = m.weight.shape
+    out_features, in_features = m.weight.shape
+    _set_counts(m, out_features=out_features, in_features=in_features)
 
 
 def _update_batch_norm(m: nn.Module) -> None:
     tensor = m.weight if m.weight is not None else m.running_mean
     if tensor is not None:
-        m.num_features = tensor.shape[0]
+        _set_counts(m, num_features=tensor.shape[0])
 
 
 def _update_group_norm(m: nn.GroupNorm) -> None:
     channels = m.weight.shape[0]
-    m.num_groups = m.num_groups * channels // m.num_channels
-    m.num_channels = channels
+    _set_counts(m, num_groups=m.num_groups * channels // m.num_channels, num_channels=channels)
 
 
 def _update_layer_norm(m: nn.Module) -> None:
     if m.weight is not None:
-        m.normalized_shape = tuple(m.weight.shape)
+        _set_counts(m, normalized_shape=tuple(m.weight.shape))
 
 
 def _update_prelu(m: nn.PReLU) -> None:
-    m.num_parameters = m.weight.numel()
+    _set_counts(m, num_parameters=m.weight.numel())
 
 
 def _update_embedding(m: nn.Embedding) -> None:
-    m.num_embeddings, m.embedding_dim = m.weight.shape
+    num_embeddings, embedding_dim = m.weight.shape
+    _set_counts(m, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
 
 
 def _update_multihead_attention(m: nn.MultiheadAttention) -> None:

@@ -23,6 +23,9 @@ still holds the weights at zero; only its optimizer state may then drift.
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +37,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ._layers import masked_norm, rms_rescale
 from ._trace import LayerNormSite
+
+JOINT_FRACTION = 4  # masks of a tensor are multiplied together when their product is at most 1/4 of its size
 
 
 @dataclass(eq=False)
@@ -111,13 +116,20 @@ class MaskedTensor:
     tensor: torch.Tensor
     masks: list[torch.Tensor]
     stamp: tuple[int, int] | None = None
+    joint: bool = False  # multiply the masks together first (see mask_)
 
     def stale(self) -> bool:
         """Whether something may have written to the tensor since it was last zeroed (host metadata only)."""
         return self.stamp != (self.tensor._version, self.tensor.data_ptr())
 
     def mask_(self, target: torch.Tensor) -> None:
-        """Zero the removed positions of ``target`` (the parameter's data, gradient or an optimizer state)."""
+        """Zero the removed positions of ``target`` (the parameter's data, gradient or an optimizer state).
+
+        With ``joint``, the masks' product multiplies ``target`` in one pass: the same values, as masks hold 0 and 1.
+        """
+        if self.joint:
+            target.mul_(functools.reduce(operator.mul, self.masks))
+            return
         for mask in self.masks:
             target.mul_(mask)
 
@@ -181,6 +193,10 @@ class MaskRuntime:
             if d.active:
                 entry = by_tensor.setdefault(id(d.tensor), MaskedTensor(d.tensor, []))
                 entry.masks.append(d.values)
+        for entry in by_tensor.values():
+            # one pass with the product where it is a fraction of the tensor (a kernel's positions per channel pair)
+            joint_size = math.prod(mask.numel() for mask in entry.masks)
+            entry.joint = len(entry.masks) > 1 and joint_size * JOINT_FRACTION <= entry.tensor.numel()
         self.active = list(by_tensor.values())
 
     def apply(self, only_stale: bool = False) -> None:

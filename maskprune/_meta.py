@@ -59,18 +59,18 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(module, memo)  # a module that copies itself its own way
     new = cls.__new__(cls)
     memo[id(module)] = new
-    state = {}
-    for key, value in module.__dict__.items():
+    state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
+    for key, value in state.items():
         kind = type(value)
         if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
-            state[key] = value
+            continue
+        if key in _TENSOR_STORES:
+            state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
         elif key == "_modules":
             state[key] = {name: None if m is None else copy_modules(m, memo) for name, m in value.items()}
-        elif key in ("_parameters", "_buffers"):
-            state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
         elif kind in _CONTAINERS and not value:  # empty hook dicts
             state[key] = kind()
-        else:
+        elif kind is not tuple or not _EXACT_ATOMS.issuperset(map(type, value)):  # a tuple of sizes stays shared
             state[key] = _copy_value(value, memo)
     new.__dict__.update(state)
     return new
@@ -79,6 +79,7 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 _ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
 _EXACT_ATOMS = frozenset((*_ATOMS, bool))  # the same, looked up by exact type first (most attributes are these)
 _CONTAINERS = frozenset((dict, OrderedDict, set, list))
+_TENSOR_STORES = frozenset(("_parameters", "_buffers"))
 _PLAIN = _EXACT_ATOMS | _CONTAINERS | {tuple}  # types of module attributes that are never tensors
 
 

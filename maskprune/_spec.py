@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,25 @@ class PruneSpec:
     version: int = FORMAT_VERSION
 
     @classmethod
-    def from_plan(cls, model: nn.Module, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
-        """The spec of exporting ``model`` (still at its original shapes) by ``plan``."""
+    def from_plan(
+        cls,
+        model: nn.Module,
+        plan: Plan,
+        attributes: Attributes | None = None,
+        table: list[tuple[str, nn.Module]] | None = None,
+    ) -> PruneSpec:
+        """The spec of exporting ``model`` (still at its original shapes) by ``plan``.
+
+        ``table``: the model's :func:`module_table`, when the caller has it.
+        """
         tensors = []
-        modules = dict(module_table(model))
+        modules = dict(module_table(model) if table is None else table)
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         for (path, attr), dims in sorted(plan.items()):
-            tensor = getattr(modules[path], attr)
-            kept = tuple((int(dim), _positions(keep, positions)) for dim, keep in dims)
-            tensors.append(TensorCut(path, attr, tuple(tensor.shape), kept))
+            shape = tuple(getattr(modules[path], attr).shape)
+            tensors.append(
+                TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
+            )
         spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
@@ -126,21 +137,26 @@ class PruneSpec:
         Shapes and kept positions that several tensors share (a convolution's output channels, its
         batch norm's weight, bias and statistics) are encoded once.
         """
-        encoded: dict[tuple, str] = {}
-
-        def once(key: tuple, value: Any) -> str:
-            if key not in encoded:
-                encoded[key] = _encode(value)
-            return encoded[key]
-
-        def tensor(t: TensorCut) -> str:
-            shape = once(("shape", t.shape), list(t.shape))
-            kept = ",".join(once(("kept", dim, id(keep)), (dim, keep)) for dim, keep in t.kept)
-            return f'{{"module":{_encode(t.module)},"attr":{_encode(t.attr)},"shape":{shape},"kept":[{kept}]}}'
-
+        shapes: dict[tuple[int, ...], str] = {}
+        positions: dict[int, str] = {}  # by id: one tuple of kept positions serves the dims of many tensors
+        texts = []
+        for t in self.tensors:
+            shape = shapes.get(t.shape)
+            if shape is None:
+                shape = shapes[t.shape] = _encode(list(t.shape))
+            kept = []
+            for dim, keep in t.kept:
+                text = positions.get(id(keep))
+                if text is None:
+                    text = positions[id(keep)] = _encode(keep)
+                kept.append(f"[{_encode_atom(dim)},{text}]")  # what _encode((dim, keep)) writes
+            texts.append(
+                f'{{"module":{_encode_atom(t.module)},"attr":{_encode_atom(t.attr)},"shape":{shape},'
+                f'"kept":[{",".join(kept)}]}}'
+            )
         return (
             f'{{"format":{_encode(FORMAT)},"version":{_encode(self.version)},'
-            f'"architecture":{_encode(self.architecture)},"tensors":[{",".join(map(tensor, self.tensors))}],'
+            f'"architecture":{_encode(self.architecture)},"tensors":[{",".join(texts)}],'
             f'"attributes":{_encode(self.attributes)},"info":{_encode(self.info)}}}'
         )
 
@@ -180,11 +196,20 @@ class PruneSpec:
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(value, separators=(",", ":")) writes
 
 
+def _encode_atom(value: Any) -> str:
+    """``_encode(value)``, sooner for a ``str`` or an ``int``: what ``_encode`` itself calls for them."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    return int.__repr__(value) if kind is int else _encode(value)
+
+
 def _positions(keep: Any, converted: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
     """``keep`` (an array or sequence of positions) as a tuple of ints, converted once per object."""
-    if id(keep) not in converted:
-        converted[id(keep)] = tuple(np.asarray(keep).tolist())
-    return converted[id(keep)]
+    positions = converted.get(id(keep))
+    if positions is None:
+        positions = converted[id(keep)] = tuple(np.asarray(keep).tolist())
+    return positions
 
 
 def architecture_of(model: nn.Module) -> str:

@@ -215,7 +215,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, mode in modes:
-            m.training = mode
+            if m.training is not mode:  # Module.__setattr__ is slow (6 us): only the flags that changed
+                m.training = mode
 
 
 @contextmanager
@@ -233,7 +234,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, mode in modes:
-            module.training = mode
+            if module.training is not mode:  # Module.__setattr__ is slow: only the flags that changed
+                module.training = mode
         with torch.no_grad():
             for buf, saved in buffers:
                 buf.copy_(saved)

@@ -28,6 +28,7 @@ from ._groups import (
     groups_of_spaces,
     prunable_spaces,
     unit_index,
+    unit_views,
 )
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
@@ -319,12 +320,13 @@ class Mask:
                 if self._runtime is not None:
                     self.semantics = "soft"
         with self._runtime.zeroed():  # the verification's masked forward needs no second zeroing
-            plan, attributes = self._plan(), self._attributes()
-            spec = PruneSpec.from_plan(self.model, plan, attributes)  # the exported model carries it (save_pruned)
+            table = module_table(self.model)  # one walk of the model for the plan's attributes, spec and copy
+            plan, attributes = self._plan(), self._attributes(table=table)
+            spec = PruneSpec.from_plan(self.model, plan, attributes, table)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
             else:
-                pruned = self._plain_copy(plan, attributes)
+                pruned = self._plain_copy(plan, attributes, table)
                 if verify:
                     result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
                     if not result:
@@ -412,26 +414,37 @@ class Mask:
                 keep[start + size - 1] = False
         return self._plan(keep), self._attributes(keep)
 
-    def _attributes(self, keep_flags: np.ndarray | None = None) -> Attributes:
-        """The counts held in module attributes (``num_heads`` …) that the export changes."""
+    def _attributes(
+        self, keep_flags: np.ndarray | None = None, table: list[tuple[str, nn.Module]] | None = None
+    ) -> Attributes:
+        """The counts held in module attributes (``num_heads`` …) that the export changes.
+
+        ``table``: the model's :func:`module_table`, when the caller has it.
+        """
         keep_flags = self._keep if keep_flags is None else keep_flags
         sites = self._trace.size_sites
         if not sites:  # no size written in the model's code: no count to update
             return {}
-        modules = dict(module_table(self.model))
+        modules = dict(module_table(self.model) if table is None else table)
         return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
         keep_flags = self._keep if keep_flags is None else keep_flags
         if self._tensor_dims is None:
-            tr = self._trace
-            self._tensor_dims = TensorDims.of(
-                (tr.owned[key].names[0], dim, self._units(space))
-                for key, node in tr.param_nodes.items()
-                for dim, space in enumerate(node.spaces)
-            )
+            self._tensor_dims = self._dims_table()
         return self._tensor_dims.plan(keep_flags)
+
+    def _dims_table(self) -> TensorDims:
+        """Every dimension of the traced parameters and buffers with its units (made at the layout's first plan)."""
+        tr = self._trace
+        names, spaces = [], []
+        for key, node in tr.param_nodes.items():
+            name = tr.owned[key].names[0]
+            names += [(name, dim) for dim in range(len(node.spaces))]
+            spaces += node.spaces
+        units = unit_views(self._layout, spaces)  # spaces over one stretch of units share an array: compared once
+        return TensorDims.of((name, dim, view) for (name, dim), view in zip(names, units, strict=True))
 
     def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
         nodes = self._trace.module_outputs.get(path) if self._trace else None
@@ -443,11 +456,11 @@ class Mask:
             keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
         return keeps
 
-    def _plain_copy(self, plan: Plan, attributes: Attributes) -> nn.Module:
-        """A deep copy of the model sliced by ``plan``, without maskprune's hooks."""
+    def _plain_copy(self, plan: Plan, attributes: Attributes, table: list[tuple[str, nn.Module]]) -> nn.Module:
+        """A deep copy of the model (whose :func:`module_table` is ``table``) sliced by ``plan``, without hooks."""
         self._runtime.uninstall()
         try:
-            plain = sliced_copy(self.model, plan, attributes)
+            plain = sliced_copy(self.model, plan, attributes, table)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only

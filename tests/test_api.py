@@ -619,3 +619,34 @@ def test_registered_layer_is_pruned_with_its_neighbours(registered_scaled_linear
     assert layer.inner.weight.shape == (5, 4) and (layer.inner.out_features, layer.inner.in_features) == (5, 4)
     assert pruned[0].out_features == 4 and pruned[4].in_features == 5
     assert isinstance(layer.scale, nn.Parameter) and isinstance(layer.bias, nn.Parameter)
+
+
+def test_the_sliced_copy_copies_unsliced_buffers_as_deepcopy_does() -> None:
+    """Shared storages stay shared, strides and values stay, odd buffers (views, subclasses) take deepcopy's path."""
+
+    class Buffers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("whole", torch.arange(6.0))
+            self.register_buffer("view", self.whole.view(2, 3))  # the same storage
+            self.register_buffer("part", self.whole[2:])  # a part of it
+            self.register_buffer("strided", torch.arange(6.0).view(2, 3).t())
+            self.register_buffer("count", torch.tensor(3))
+            self.register_buffer("tagged", torch.ones(2))
+            self.tagged.note = "kept"
+
+    model = Buffers()
+    new, old = maskprune._export.sliced_copy(model, {}), copy.deepcopy(model)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        copied, reference = getattr(new, name), getattr(old, name)
+        assert (
+            torch.equal(copied, buffer) and copied.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        )
+        assert (copied.stride(), copied.storage_offset(), copied.dtype) == (
+            reference.stride(),
+            reference.storage_offset(),
+            reference.dtype,
+        )
+    pointer = new.whole.untyped_storage().data_ptr()
+    assert new.view.untyped_storage().data_ptr() == new.part.untyped_storage().data_ptr() == pointer
+    assert new.tagged.note == "kept"

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 import maskprune
 from maskprune import Mask
-from maskprune._masking import MaskRuntime
+from maskprune._masking import MaskedTensor, MaskRuntime
 from maskprune.callbacks import PruningCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -541,3 +541,20 @@ def test_callback_rejects_bad_options() -> None:
         PruningCallback(mask, every=0)
     with pytest.raises(TypeError, match="maskprune.Mask"):
         PruningCallback(model, every=2)
+
+
+def test_a_kernels_masks_multiplied_together_zero_the_same_bits() -> None:
+    """Joint masks (one pass over a 3x3 kernel) give what one mask at a time gives: NaN, infinities, -0, denormals."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    mask = Mask(model, torch.randn(1, 3, 12, 12), algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    (entry,) = [e for e in mask._runtime.active if e.tensor is model[2].weight]
+    assert entry.joint and len(entry.masks) == 2
+    assert not next(e for e in mask._runtime.active if e.tensor is model[4].weight).joint  # 1x1: a pass per mask
+    values = torch.randn(8, 8, 3, 3)
+    values.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0, -0.0, 1e-42])
+    joint, apart = values.clone(), values.clone()
+    entry.mask_(joint)
+    MaskedTensor(apart, entry.masks).mask_(apart)
+    assert torch.equal(joint.view(torch.int32), apart.view(torch.int32))
+    assert joint.count_nonzero() < values.count_nonzero()
