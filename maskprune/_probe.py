@@ -24,7 +24,7 @@ from ._export import Plan, apply_plan
 from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import Trace, call_model, iter_tensors, owned_tensors
-from ._walk import module_table
+from ._walk import module_table, restore_training, training_flags
 
 MAX_PROBES = 200
 MAX_NEAR = 16  # groups of the raising module tried one by one before bisecting
@@ -62,7 +62,7 @@ def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[
 
 def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str]) -> Failure | None:
     """None if the model runs in every mode, else the first error. ``paths``: module id -> name."""
-    saved = [(m, m.training) for _, m in module_table(model)]
+    flags = training_flags(module_table(model))
     try:
         for mode in modes:
             model.train(mode)  # also when already in it: an override may clear caches (timm's LeViT)
@@ -74,9 +74,7 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
         text = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return Failure(text, _raising_module(error, paths))
     finally:
-        for m, mode in saved:
-            if m.training != mode:
-                m.training = mode
+        restore_training(flags)
     return None
 
 

@@ -462,12 +462,11 @@ def reshape(call: OpCall) -> None:
                 heads_dim, spaces[heads_dim] = _split_into_heads(call, x, block_in[0][0], block_out)
             continue
         out_dim = block_out[0][0]
-        written = _written_size(call, out_dim)
         if len(block_in) == 1:
             spaces[out_dim] = call.space(x, block_in[0][0])
             if pb in literals:
                 call.tracer.size_site(pb, spaces[out_dim])
-            elif _fixes_count(written, spaces[out_dim]):
+            elif _fixes_count(_written_size(call, out_dim), spaces[out_dim]):
                 call.unproven("a size read from another tensor")
             continue
         carrier, size, stride = _merge_carrier(call, x, block_in)
@@ -475,7 +474,8 @@ def reshape(call: OpCall) -> None:
         idx = np.arange(pb)
         call.link(merged, idx, call.space(x, carrier), (idx // stride) % size)
         spaces[out_dim] = merged
-        call.tracer.size_site(pb, merged, written=pb in literals or _fixes_count(written, merged))
+        written = pb in literals or _fixes_count(_written_size(call, out_dim), merged)
+        call.tracer.size_site(pb, merged, written=written)
     call.set_out(out, spaces)
 
 
@@ -498,14 +498,6 @@ def _fixes_count(written: Any, space: int) -> bool:
     if isinstance(written, TracedSize):
         return written.space != space
     return type(written) is int and written > 1
-
-
-def _written_sizes(call: OpCall) -> tuple:
-    """The target shape written in an ``expand`` or ``broadcast_to`` call, as given."""
-    sizes = call.args[1:] if call.name == "expand" else (call.arg(1, "size"),)
-    if not sizes:
-        sizes = (call.kwargs.get("size"),)
-    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
 
 
 def _literal_sizes(args: tuple) -> set[int]:
@@ -540,8 +532,8 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
 def _written_size(call: OpCall, out_dim: int) -> Any:
     """What the call wrote for output dim ``out_dim``: an int, -1, a traced size, or None when not written."""
     out = call.outputs[0]
-    if call.name in ("view", "reshape"):
-        shape = call.args[1:] or (call.kwargs.get("shape"),)
+    if call.name in ("view", "reshape", "expand", "broadcast_to"):
+        shape = call.args[1:] or (call.kwargs.get("size" if call.name in ("expand", "broadcast_to") else "shape"),)
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = shape[0]
         return shape[out_dim] if len(shape) == out.dim() else None
@@ -590,12 +582,11 @@ def expand(call: OpCall) -> None:
     """Dims that keep their size pass through; broadcast or repeated dims become new (frozen) spaces."""
     x, out = call.args[0], call.outputs[0]
     lead = out.dim() - x.dim()
-    sizes = _written_sizes(call) if call.name in ("expand", "broadcast_to") else ()
     spaces: list[int | None] = [None] * out.dim()
     for k in range(x.dim()):
         if x.shape[k] == out.shape[k + lead]:
             spaces[k + lead] = call.space(x, k)
-            if len(sizes) == out.dim() and _fixes_count(sizes[k + lead], spaces[k + lead]):
+            if _fixes_count(_written_size(call, k + lead), spaces[k + lead]):
                 call.unproven("a size written in the code")
         elif x.shape[k] == 1:
             call.claimed.add((id(x), k))

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ._graph import ChannelGraph
 from ._layers import RMS_NORM_RULE, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
-from ._walk import module_table, tensors_of
+from ._walk import module_table, restore_training, tensors_of, training_flags
 from .errors import TraceError
 
 MODEL_INPUT = "model input"
@@ -209,14 +209,12 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         >>> m.training
         True
     """
-    modes = [(m, m.training) for _, m in module_table(model)]
+    flags = training_flags(module_table(model))
     model.eval()  # also when already in eval mode: an override may clear caches (timm's LeViT)
     try:
         yield
     finally:
-        for m, mode in modes:
-            if m.training is not mode:  # Module.__setattr__ is slow (6 us): only the flags that changed
-                m.training = mode
+        restore_training(flags)
 
 
 @contextmanager
@@ -226,16 +224,14 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     Buffers on the meta device hold no values: there is nothing of theirs to restore.
     """
     table = module_table(model)
-    modes = [(m, m.training) for _, m in table]
+    flags = training_flags(table)
     buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
-        for module, mode in modes:
-            if module.training is not mode:  # Module.__setattr__ is slow: only the flags that changed
-                module.training = mode
+        restore_training(flags)
         with torch.no_grad():
             for buf, saved in buffers:
                 buf.copy_(saved)

