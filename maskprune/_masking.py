@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._layers import masked_norm, rms_rescale
+from ._layers import kept_norm, masked_norm, rms_rescale
 from ._trace import LayerNormSite
 
 JOINT_FRACTION = 4  # masks of a tensor are multiplied together when their product is at most 1/4 of its size
@@ -61,6 +61,11 @@ class NormMask:
     units: np.ndarray
     active: bool = False
     values: torch.Tensor = field(init=False)  # a view of its MaskBuffer's tensor
+    index: torch.Tensor = field(init=False)  # the kept positions (while active)
+
+    def refresh(self, keep_host: np.ndarray, device: torch.device) -> None:
+        if self.active:
+            self.index = torch.as_tensor(np.flatnonzero(keep_host[self.units]), device=device)
 
 
 @dataclass(eq=False)
@@ -184,6 +189,8 @@ class MaskRuntime:
             self.keep.copy_(torch.as_tensor(keep_host, dtype=self.keep.dtype))
             for buffer in self.buffers:
                 buffer.refresh(keep_host, self.keep)
+        for norm in self.norms:
+            norm.refresh(keep_host, self.keep.device)
         self._collect_active()
         self.stepped.clear()
 
@@ -275,6 +282,9 @@ class MaskRuntime:
         self.keep = self.keep.to(device)
         for buffer in self.buffers:
             buffer.move(buffer.values.to(device), buffer.index.to(device))
+        for norm in self.norms:
+            if norm.active:
+                norm.index = norm.index.to(device)
         self._collect_active()
 
     def install(self) -> None:
@@ -302,11 +312,14 @@ class MaskRuntime:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not norm.active:
                 return None
-            values = norm.values if norm.values.device == args[0].device else norm.values.to(args[0].device)
+            x, weight, bias = args[0], getattr(module, "weight", None), getattr(module, "bias", None)
+            if site.kind != "rms_scale" and not torch.compiler.is_compiling():
+                index = norm.index if norm.index.device == x.device else norm.index.to(x.device)
+                return kept_norm(x, site.in_dim, index, weight, bias, site.eps, site.kind)
+            # by the 0/1 flags, which change by value: a compiled graph's shapes must not change with the mask
+            values = norm.values if norm.values.device == x.device else norm.values.to(x.device)
             if site.kind == "rms_scale":
-                return rms_rescale(args[0], output, site.in_dim, values, site.eps)
-            return masked_norm(
-                args[0], site.in_dim, values, module.weight, getattr(module, "bias", None), site.eps, site.kind
-            )
+                return rms_rescale(x, output, site.in_dim, values, site.eps)
+            return masked_norm(x, site.in_dim, values, weight, bias, site.eps, site.kind)
 
         return hook

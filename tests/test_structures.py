@@ -551,6 +551,22 @@ def test_layer_norm_uses_masked_statistics() -> None:
     assert pruned.norm.normalized_shape == (5,)
 
 
+def test_masked_layer_norm_computes_the_exported_norm_exactly() -> None:
+    """Eager masked forwards normalise the gathered kept channels as the export does: bit for bit, zero elsewhere."""
+    mask, model, inputs = make("layer_norm")
+    mask.groups[0].prune([0, 5, 6])
+    pruned = mask.generate_pruned_model()
+    with torch.no_grad():
+        soft, hard = model.norm(model.fc(inputs)), pruned.norm(pruned.fc(inputs))
+    kept = [1, 2, 3, 4, 7]
+    assert torch.equal(soft[..., kept], hard)
+    assert not soft[..., [0, 5, 6]].any()
+    with torch.no_grad():  # the 0/1 flags, as compiled graphs use them
+        x, norm = model.fc(inputs), model.norm
+        by_flags = maskprune.masked_norm(x, 2, mask.groups[0].mask, norm.weight, norm.bias, norm.eps, "layer_norm")
+    torch.testing.assert_close(by_flags, soft, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("name", "attribute"),
     [

@@ -285,7 +285,8 @@ def test_compiled_masked_model_matches_eager_and_do_mask_does_not_recompile() ->
     mask.do_mask()
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
-    assert torch.equal(compiled(x), model(x))
+    # eager norms gather the kept channels, the compiled graph masks them by value: equal but for rounding
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
     graphs = backend.graphs
     for _ in range(2):
         before = [g.kept for g in mask.groups]
