@@ -24,7 +24,7 @@ from ._export import Plan, apply_plan
 from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import Trace, call_model, iter_tensors, owned_tensors
-from ._walk import module_table, restore_training, training_flags
+from ._walk import module_table, restore_training, set_mode, training_flags
 
 MAX_PROBES = 200
 MAX_NEAR = 16  # groups of the raising module tried one by one before bisecting
@@ -65,7 +65,7 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
     flags = training_flags(module_table(model))
     try:
         for mode in modes:
-            model.train(mode)  # also when already in it: an override may clear caches (timm's LeViT)
+            set_mode(model, mode)  # also when already in it: an override may clear caches (timm's LeViT)
             with torch.no_grad(), FastMeta():
                 out = call_model(model, inputs)
             for _ in iter_tensors(out):

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ._graph import ChannelGraph
 from ._layers import RMS_NORM_RULE, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
-from ._walk import module_table, restore_training, tensors_of, training_flags
+from ._walk import module_table, restore_training, set_mode, tensors_of, training_flags
 from .errors import TraceError
 
 MODEL_INPUT = "model input"
@@ -210,7 +210,10 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         True
     """
     flags = training_flags(module_table(model))
-    model.eval()  # also when already in eval mode: an override may clear caches (timm's LeViT)
+    if type(model).eval is nn.Module.eval:
+        set_mode(model, False)  # also when already in eval mode: an override may clear caches (timm's LeViT)
+    else:
+        model.eval()
     try:
         yield
     finally:
@@ -592,7 +595,7 @@ def _trace_model(
         tracer.first_pass = False
         if unreached:
             other = not model.training
-            model.train(other)
+            set_mode(model, other)
             reached_before = set(tracer.param_nodes)
             try:
                 tracer.run(inputs)
