@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -319,7 +320,8 @@ class Mask:
             finally:
                 if self._runtime is not None:
                     self.semantics = "soft"
-        with self._runtime.zeroed():  # the verification's masked forward needs no second zeroing
+        # the slices leave out every masked position: only the verification's masked forward needs them zero
+        with self._runtime.zeroed() if verify else contextlib.nullcontext():
             table = module_table(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._plan(), self._attributes(table=table)
             spec = PruneSpec.from_plan(self.model, plan, attributes, table)  # the exported model carries it

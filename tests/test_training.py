@@ -265,6 +265,23 @@ def test_the_export_zeroes_once_and_its_verification_forward_does_not_zero_again
     assert maskprune.verify(model, pruned, x)
 
 
+def test_an_export_without_verification_slices_without_zeroing(monkeypatch) -> None:
+    """The slices leave out every masked position, so verify=False skips the pass over the weights: same model."""
+    model, x = net()
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    model.eval()
+    model.conv2.weight.data.add_(1.0)  # removed positions no longer zero, and no version counter saw it
+    monkeypatch.setattr(MaskRuntime, "apply", lambda *args, **kwargs: pytest.fail("verify=False zeroed the weights"))
+    unverified = mask.generate_pruned_model(verify=False)
+    assert removed_values(mask).abs().max() > 0
+    monkeypatch.undo()
+    verified = mask.generate_pruned_model()
+    assert removed_values(mask).abs().max() == 0
+    assert unverified.state_dict().keys() == verified.state_dict().keys()
+    assert all(torch.equal(t, verified.state_dict()[k]) for k, t in unverified.state_dict().items())
+
+
 # ---- torch.compile ---------------------------------------------------------------------------------------------
 class CountingBackend:
     """A torch.compile backend that counts the graphs it is given and runs them as they are."""
