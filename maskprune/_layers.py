@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -272,35 +271,3 @@ def masked_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y
-
-
-def kept_norm(
-    x: torch.Tensor,
-    dim: int,
-    index: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    kind: str,
-) -> torch.Tensor:
-    """:func:`masked_norm` by the kept positions ``index``: torch's own norm on the kept channels, zero elsewhere.
-
-    The kept channels are gathered, normalised by ``F.layer_norm`` (or ``F.rms_norm``, ``kind="rms_norm"``)
-    as the exported model normalises them, and put back in place: a third of :func:`masked_norm`'s passes
-    over ``x``. No value is read on the host. The shape of ``index`` changes with the mask, so a compiled
-    graph uses :func:`masked_norm` instead, whose 0/1 flags change by value.
-
-    Example:
-        >>> x = torch.randn(2, 3, 4)
-        >>> y = kept_norm(x, 1, torch.tensor([0, 2]), None, None, 1e-5, "layer_norm")
-        >>> torch.equal(y[:, [0, 2]], torch.nn.functional.layer_norm(x[:, [0, 2]].movedim(1, -1), (2,)).movedim(-1, 1))
-        True
-    """
-    kept = x.index_select(dim, index).movedim(dim, -1)
-    weight = weight.index_select(0, index) if weight is not None else None
-    if kind == "rms_norm":
-        y = F.rms_norm(kept, (len(index),), weight, eps)
-    else:
-        bias = bias.index_select(0, index) if bias is not None else None
-        y = F.layer_norm(kept, (len(index),), weight, bias, eps)
-    return y.new_zeros(x.shape).index_copy_(dim, index, y.movedim(-1, dim))

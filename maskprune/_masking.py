@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._layers import kept_norm, masked_norm, rms_rescale
+from ._layers import masked_norm, rms_rescale
 from ._trace import LayerNormSite
 
 JOINT_FRACTION = 4  # masks of a tensor are multiplied together when their product is at most 1/4 of its size
@@ -312,14 +313,40 @@ class MaskRuntime:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not norm.active:
                 return None
-            x, weight, bias = args[0], getattr(module, "weight", None), getattr(module, "bias", None)
+            x = args[0]
             if site.kind != "rms_scale" and not torch.compiler.is_compiling():
-                index = norm.index if norm.index.device == x.device else norm.index.to(x.device)
-                return kept_norm(x, site.in_dim, index, weight, bias, site.eps, site.kind)
+                return kept_norm(x, site, norm.index if norm.index.device == x.device else norm.index.to(x.device))
             # by the 0/1 flags, which change by value: a compiled graph's shapes must not change with the mask
             values = norm.values if norm.values.device == x.device else norm.values.to(x.device)
             if site.kind == "rms_scale":
                 return rms_rescale(x, output, site.in_dim, values, site.eps)
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
             return masked_norm(x, site.in_dim, values, weight, bias, site.eps, site.kind)
 
         return hook
+
+
+def kept_norm(x: torch.Tensor, site: LayerNormSite, index: torch.Tensor) -> torch.Tensor:
+    """The layer norm (or RMS norm) of ``site`` on its input ``x``, over the kept channels ``index``; zero elsewhere.
+
+    The kept channels are gathered and normalised by torch's own ``F.layer_norm`` or ``F.rms_norm``, bit for bit
+    as the exported model normalises them, then put back in place: a third of the passes over ``x`` that
+    :func:`~maskprune._layers.masked_norm` makes. No value is read on the host. The shape of ``index`` changes with
+    the mask, so a compiled graph uses ``masked_norm`` instead, whose 0/1 flags change by value.
+
+    Example:
+        >>> norm, x = nn.LayerNorm(4), torch.randn(2, 4)
+        >>> y = kept_norm(x, LayerNormSite("layer_norm", norm, "norm", 0, 1, 1e-5), torch.tensor([0, 2, 3]))
+        >>> torch.equal(y[:, [0, 2, 3]], F.layer_norm(x[:, [0, 2, 3]], (3,))), y[:, 1].abs().sum().item()
+        (True, 0.0)
+    """
+    weight = getattr(site.module, "weight", None)
+    weight = weight.index_select(0, index) if weight is not None else None
+    kept = x.index_select(site.in_dim, index).movedim(site.in_dim, -1)
+    if site.kind == "rms_norm":
+        y = F.rms_norm(kept, (len(index),), weight, site.eps)
+    else:
+        bias = getattr(site.module, "bias", None)
+        bias = bias.index_select(0, index) if bias is not None else None
+        y = F.layer_norm(kept, (len(index),), weight, bias, site.eps)
+    return y.new_zeros(x.shape).index_copy_(site.in_dim, index, y.movedim(-1, site.in_dim))
