@@ -318,10 +318,10 @@ class Tracer:
         self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind, written))
 
     def node(self, t: torch.Tensor) -> TensorNode:
-        node = self.nodes.get(id(t))
+        key = id(t)
+        node = self.nodes.get(key)
         if node is not None and node.shape == t.shape:
             return node
-        key = id(t)
         if key in self.owned:
             node = self.param_nodes.get(key)
             if node is None:
@@ -376,7 +376,7 @@ class Tracer:
                 out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
             if self.ops_in_call:
                 self.ops_in_call[-1].append(name)
-            self.rules.run_rule(self.rules.OpCall(self, name, inplace, args, kwargs, out))
+            self.rules.apply_rule(self, name, inplace, args, kwargs, out)
         return out
 
     def traced_size(self, t: torch.Tensor, out: Any, rest: tuple) -> Any:
