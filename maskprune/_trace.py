@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -513,8 +513,11 @@ class Tracer:
                 self.fresh(t, MODEL_INPUT, tainted=False)
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self.pre_hook)
         post = torch.nn.modules.module.register_module_forward_hook(self.post_hook)
+        # a meta trace enters FastMeta for the forward only: around it (preserved_state() reads every buffer's
+        # ``is_meta``) each read of a tensor attribute would pass through its Python __torch_function__
+        kernels = FastMeta() if self.fast else nullcontext()
         try:
-            with torch.no_grad(), _Recorder(self):
+            with torch.no_grad(), kernels, _Recorder(self):
                 output = call_model(self.model, inputs)
         finally:
             pre.remove()
@@ -553,10 +556,9 @@ def trace(
             originals: dict[int, torch.Tensor] = {}
             shadow = meta_copy(model, originals)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
-            with FastMeta():
-                shadow_trace = _trace_model(
-                    shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
-                )
+            shadow_trace = _trace_model(
+                shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
+            )
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
@@ -576,7 +578,8 @@ def _trace_model(
 ) -> Trace:
     """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached.
 
-    ``fast``: shape-only kernels the tracer calls directly (inside :class:`FastMeta`, on a meta copy).
+    ``fast``: shape-only kernels the tracer calls directly (on a meta copy; its forward then runs inside
+    :class:`FastMeta`).
     """
     tracer = Tracer(model, leaf_rules, fast)
     notes: list[str] = []
