@@ -107,6 +107,11 @@ def op_name(func: Any) -> tuple[str, bool]:
 class OpCall:
     """One traced call, as its rule sees it."""
 
+    __slots__ = (
+        "tracer", "graph", "name", "inplace", "args", "kwargs", "out", "inputs", "outputs",
+        "claimed", "done", "_tainted", "_reason", "_nodes",
+    )  # fmt: skip
+
     def __init__(self, tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any):
         self.tracer = tracer
         self.graph = tracer.graph
@@ -125,9 +130,10 @@ class OpCall:
 
     def node(self, t: torch.Tensor) -> TensorNode:
         """The traced node of ``t``, as this call sees it (its own outputs once set)."""
-        node = self._nodes.get(id(t))
+        key = id(t)
+        node = self._nodes.get(key)
         if node is None:
-            node = self._nodes[id(t)] = self.tracer.node(t)
+            node = self._nodes[key] = self.tracer.node(t)
         return node
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
@@ -137,13 +143,22 @@ class OpCall:
 
     def space(self, t: torch.Tensor, dim: int) -> int:
         """The space of ``t``'s dimension ``dim``, claimed by this rule."""
+        key = id(t)
         dim %= t.dim()
-        self.claimed.add((id(t), dim))
-        return self.node(t).spaces[dim]
+        self.claimed.add((key, dim))
+        node = self._nodes.get(key)  # self.node(t), inlined: the commonest call of every rule
+        if node is None:
+            node = self._nodes[key] = self.tracer.node(t)
+        return node.spaces[dim]
 
     def claim_all(self, t: torch.Tensor) -> None:
-        for dim in range(t.dim()):
-            self.claimed.add((id(t), dim))
+        key = id(t)
+        self.claimed.update([(key, dim) for dim in range(t.dim())])
+
+    def spaces(self, t: torch.Tensor) -> list[int]:
+        """The spaces of every dimension of ``t``, all claimed by this rule (``space(t, d)`` for each ``d``)."""
+        self.claim_all(t)
+        return list(self.node(t).spaces)
 
     def unite(self, a: torch.Tensor, da: int, b: torch.Tensor, db: int) -> int:
         sa = self.space(a, da)
@@ -214,6 +229,19 @@ class OpCall:
         if self._reason is None:
             self._reason = f"`{self.name}` in {self.tracer.path()}"
         return self._reason
+
+
+def apply_rule(tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any) -> None:
+    """Run the rule of one traced call: :func:`run_rule` on an :class:`OpCall`, or the same without one.
+
+    A call that returns no tensor needs nothing, and the commonest calls (an activation, an eval-mode
+    batch norm) have a shortcut that gives the same spaces as their rule (see :data:`_SHORTCUTS`).
+    """
+    if isinstance(out, NO_TENSORS) and name != "setitem":
+        return  # sizes, booleans: no channels flow through them (what run_rule does first)
+    shortcut = _SHORTCUTS.get(RULES.get(name))
+    if shortcut is None or not shortcut(tracer, args, kwargs, out):
+        run_rule(OpCall(tracer, name, inplace, args, kwargs, out))
 
 
 def run_rule(call: OpCall) -> None:
@@ -378,7 +406,7 @@ def shape_from_other(call: OpCall) -> None:
     if call.name != "type_as":
         call.unproven("a shape taken from another tensor")
     if call.name == "type_as":
-        call.set_out(call.outputs[0], [call.space(x, d) for d in range(x.dim())])
+        call.set_out(call.outputs[0], call.spaces(x))
     elif call.name == "expand_as":
         expand(call)
     else:
@@ -604,21 +632,25 @@ def cat(call: OpCall) -> None:
             call.claim_all(t)  # legacy empty tensor, ignored by cat
         else:
             parts.append(t)
+    graph = call.graph
+    # the concatenated dim's space is made before the parts' spaces are looked up (a parameter's are made then)
+    merged = graph.new_space(out.shape[d]) if d == 0 and len(parts) > 1 else None
+    part_spaces = [call.spaces(t) for t in parts]  # every dim of every part is claimed
     spaces: list[int | None] = []
     for j in range(out.dim()):
         if j != d:
-            first = call.space(parts[0], j)
-            for t in parts[1:]:
-                call.graph.unite(first, call.space(t, j))
+            first = part_spaces[0][j]
+            for other in part_spaces[1:]:
+                graph.unite(first, other[j])
             spaces.append(first)
         elif len(parts) == 1:
-            spaces.append(call.space(parts[0], d))
+            spaces.append(part_spaces[0][d])
         else:
-            merged = call.graph.new_space(out.shape[d])
+            merged = graph.new_space(out.shape[d]) if merged is None else merged
             offset = 0
-            for t in parts:
+            for t, t_spaces in zip(parts, part_spaces, strict=True):
                 n = t.shape[d]
-                call.link(merged, np.arange(offset, offset + n), call.space(t, d), np.arange(n))
+                call.link(merged, np.arange(offset, offset + n), t_spaces[d], np.arange(n))
                 offset += n
             spaces.append(merged)
     call.set_out(out, spaces)
@@ -1080,15 +1112,19 @@ def batch_norm(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
     if x.dim() < 2:
         return
+    channels = x.shape[1]
     for t in call.inputs[1:]:
-        if t.dim() == 1 and t.shape[0] == x.shape[1]:
+        if t.dim() == 1 and t.shape[0] == channels:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
     if call.name == "batch_norm":
         from_input = call.arg(5, "training", False) or call.arg(1, "running_mean") is None
     else:
         from_input = call.arg(5, "use_input_stats", True)
-    call.set_out(out, [call.space(x, d) if d == 1 or not from_input else None for d in range(x.dim())])
+    if from_input:
+        call.set_out(out, [call.space(x, d) if d == 1 else None for d in range(x.dim())])
+    else:
+        call.set_out(out, call.spaces(x))
 
 
 @rule("group_norm")
@@ -1110,7 +1146,7 @@ def group_norm(call: OpCall) -> None:
         if t.dim() == 1 and t.shape[0] == channels:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
-    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+    call.set_out(out, call.spaces(x))
 
 
 @rule("layer_norm", "rms_norm")
@@ -1126,7 +1162,7 @@ def layer_norm(call: OpCall) -> None:
         if t.dim() == 1:
             call.unite(x, -1, t, 0)
             call.role(t, 0, NORM)
-    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+    call.set_out(out, call.spaces(x))
     pending = call.tracer.pending_ln
     if pending:
         pending[-1].append((call.space(x, -1), call.name))
@@ -1143,7 +1179,7 @@ def prelu(call: OpCall) -> None:
         call.role(w, 0, NORM)
     else:
         call.claim_all(w)
-    call.set_out(out, [call.space(x, d) for d in range(x.dim())])
+    call.set_out(out, call.spaces(x))
 
 
 @rule("embedding")
@@ -1230,3 +1266,60 @@ def scaled_dot_product_attention(call: OpCall) -> None:
             elif mask.shape[dim] == 1:
                 call.claimed.add((id(mask), mask.dim() + dim))
     call.set_out(out, batch + [call.space(q, -2), call.space(v, -1)])
+
+
+# ---- shortcuts: the commonest calls, ruled without an OpCall ----------------------------------------
+def _only_tensors(args: tuple, kwargs: dict, count: int) -> list[torch.Tensor] | None:
+    """The tensors among ``args[1:]`` and ``kwargs`` when there are ``count`` of them and nothing else may
+    hold one (each argument a tensor or a plain value); else None."""
+    found: list[torch.Tensor] = []
+    for value in (*args[1:], *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif not isinstance(value, NO_TENSORS):
+            return None
+    return found if len(found) == count else None
+
+
+def _unary_elementwise(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> bool:
+    """An :func:`elementwise` op of one tensor whose output has its shape (activations, dropout): the output
+    takes the input's spaces."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return False
+    if _only_tensors(args, kwargs, 0) is None:
+        return False
+    node = tracer.node(x)
+    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), node.tainted))
+    return True
+
+
+def _eval_batch_norm(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> bool:
+    """:func:`batch_norm` with running statistics and affine tensors (four distinct 1-D tensors of the channel
+    count) in eval mode: every dim passes, the four tensors share the channels."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() < 2 or out.shape != x.shape:
+        return False
+    stats = _only_tensors(args, kwargs, 4)
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    if stats is None or training or len({id(t) for t in (x, *stats)}) != 5:
+        return False
+    channels = x.shape[1]
+    if any(t.dim() != 1 or t.shape[0] != channels for t in stats):
+        return False
+    node = tracer.node(x)
+    tainted = node.tainted
+    for t in stats:  # in the order run_rule looks them up: their nodes are made in that order
+        t_node = tracer.node(t)
+        tracer.graph.unite(node.spaces[1], t_node.spaces[0])
+        if id(t) in tracer.owned:
+            tracer.roles.setdefault((id(t), 0), NORM)
+        tainted = tainted or t_node.tainted
+    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), tainted))
+    return True
+
+
+_SHORTCUTS: dict[Any, Callable[[Tracer, tuple, dict, Any], bool]] = {
+    elementwise: _unary_elementwise,
+    batch_norm: _eval_batch_norm,
+}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -321,10 +321,10 @@ class Tracer:
         self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind, written))
 
     def node(self, t: torch.Tensor) -> TensorNode:
-        node = self.nodes.get(id(t))
+        key = id(t)
+        node = self.nodes.get(key)
         if node is not None and node.shape == t.shape:
             return node
-        key = id(t)
         if key in self.owned:
             node = self.param_nodes.get(key)
             if node is None:
@@ -379,7 +379,7 @@ class Tracer:
                 out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
             if self.ops_in_call:
                 self.ops_in_call[-1].append(name)
-            self.rules.run_rule(self.rules.OpCall(self, name, inplace, args, kwargs, out))
+            self.rules.apply_rule(self, name, inplace, args, kwargs, out)
         return out
 
     def traced_size(self, t: torch.Tensor, out: Any, rest: tuple) -> Any:
@@ -516,8 +516,11 @@ class Tracer:
                 self.fresh(t, MODEL_INPUT, tainted=False)
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self.pre_hook)
         post = torch.nn.modules.module.register_module_forward_hook(self.post_hook)
+        # a meta trace enters FastMeta for the forward only: around it (preserved_state() reads every buffer's
+        # ``is_meta``) each read of a tensor attribute would pass through its Python __torch_function__
+        kernels = FastMeta() if self.fast else nullcontext()
         try:
-            with torch.no_grad(), _Recorder(self):
+            with torch.no_grad(), kernels, _Recorder(self):
                 output = call_model(self.model, inputs)
         finally:
             pre.remove()
@@ -556,10 +559,9 @@ def trace(
             originals: dict[int, torch.Tensor] = {}
             shadow = meta_copy(model, originals)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
-            with FastMeta():
-                shadow_trace = _trace_model(
-                    shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
-                )
+            shadow_trace = _trace_model(
+                shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
+            )
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
@@ -579,7 +581,8 @@ def _trace_model(
 ) -> Trace:
     """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached.
 
-    ``fast``: shape-only kernels the tracer calls directly (inside :class:`FastMeta`, on a meta copy).
+    ``fast``: shape-only kernels the tracer calls directly (on a meta copy; its forward then runs inside
+    :class:`FastMeta`).
     """
     tracer = Tracer(model, leaf_rules, fast)
     notes: list[str] = []
