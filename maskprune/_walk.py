@@ -64,7 +64,7 @@ def set_mode(module: nn.Module, training: bool) -> None:
 
     A module whose class overrides ``train`` (or ``__setattr__``) has its own ``train`` called, as torch
     would: an override may clear caches also when the mode does not change (timm's LeViT). About five
-    times sooner than ``train`` on a model already in the mode (EfficientNet-B0's ``eval()``: 1.1 ms).
+    times sooner than ``train`` on a model already in the mode (EfficientNet-B0's ``eval()``: 0.88 ms, this 0.17 ms).
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Dropout())

@@ -15,6 +15,7 @@ from torch import nn
 
 import maskprune
 import maskprune._export
+import maskprune._walk
 from maskprune import Mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,6 +233,31 @@ def test_lifecycle_preserves_every_training_flag(train: bool, tiny_cnn) -> None:
     assert modes(model) == flags
     pruned = mask.generate_pruned_model()
     assert modes(model) == flags and modes(pruned) == flags
+
+
+class CachesOnTrain(nn.Module):
+    """Rebuilds a cache in ``train()`` whatever the mode was (as timm's LeViT attention does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Dropout()
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True) -> CachesOnTrain:
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["eval", "train"])
+def test_set_mode_sets_the_flags_train_sets_and_calls_overrides(mode: bool) -> None:
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), shared, nn.Sequential(shared, CachesOnTrain()), CachesOnTrain())
+    model[0].train(not mode)  # mixed flags: set_mode writes only the ones that differ
+    reference = copy.deepcopy(model).train(mode)
+    maskprune._walk.set_mode(model, mode)
+    assert [m.training for m in model.modules()] == [m.training for m in reference.modules()]
+    assert all(m.training == mode for m in model.modules())
+    assert model[2][1].calls == [mode] and model[3].calls == [mode]  # called also where the mode did not change
 
 
 class LayerNormMLP(nn.Module):
