@@ -240,7 +240,7 @@ def apply_rule(tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: di
     if isinstance(out, NO_TENSORS) and name != "setitem":
         return  # sizes, booleans: no channels flow through them (what run_rule does first)
     shortcut = _SHORTCUTS.get(RULES.get(name))
-    if shortcut is None or not shortcut(tracer, args, kwargs, out):
+    if shortcut is None or not shortcut(tracer, name, args, kwargs, out):
         run_rule(OpCall(tracer, name, inplace, args, kwargs, out))
 
 
@@ -1117,14 +1117,21 @@ def batch_norm(call: OpCall) -> None:
         if t.dim() == 1 and t.shape[0] == channels:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
-    if call.name == "batch_norm":
-        from_input = call.arg(5, "training", False) or call.arg(1, "running_mean") is None
-    else:
-        from_input = call.arg(5, "use_input_stats", True)
-    if from_input:
+    if _statistics_from_input(call.name, call.args, call.kwargs):
         call.set_out(out, [call.space(x, d) if d == 1 else None for d in range(x.dim())])
     else:
         call.set_out(out, call.spaces(x))
+
+
+def _statistics_from_input(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a ``batch_norm`` or ``instance_norm`` call normalises by the input's own statistics."""
+
+    def arg(index: int, key: str, default: Any) -> Any:
+        return args[index] if len(args) > index else kwargs.get(key, default)
+
+    if name == "batch_norm":
+        return bool(arg(5, "training", False)) or arg(1, "running_mean", None) is None
+    return bool(arg(5, "use_input_stats", True))
 
 
 @rule("group_norm")
@@ -1281,7 +1288,7 @@ def _only_tensors(args: tuple, kwargs: dict, count: int) -> list[torch.Tensor] |
     return found if len(found) == count else None
 
 
-def _unary_elementwise(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> bool:
+def _unary_elementwise(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
     """An :func:`elementwise` op of one tensor whose output has its shape (activations, dropout): the output
     takes the input's spaces."""
     x = args[0] if args else None
@@ -1294,15 +1301,14 @@ def _unary_elementwise(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> b
     return True
 
 
-def _eval_batch_norm(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> bool:
+def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
     """:func:`batch_norm` with running statistics and affine tensors (four distinct 1-D tensors of the channel
-    count) in eval mode: every dim passes, the four tensors share the channels."""
+    count) that normalises by the running statistics: every dim passes, the four tensors share the channels."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() < 2 or out.shape != x.shape:
         return False
     stats = _only_tensors(args, kwargs, 4)
-    training = args[5] if len(args) > 5 else kwargs.get("training", False)
-    if stats is None or training or len({id(t) for t in (x, *stats)}) != 5:
+    if stats is None or _statistics_from_input(name, args, kwargs) or len({id(t) for t in (x, *stats)}) != 5:
         return False
     channels = x.shape[1]
     if any(t.dim() != 1 or t.shape[0] != channels for t in stats):
@@ -1319,7 +1325,7 @@ def _eval_batch_norm(tracer: Tracer, args: tuple, kwargs: dict, out: Any) -> boo
     return True
 
 
-_SHORTCUTS: dict[Any, Callable[[Tracer, tuple, dict, Any], bool]] = {
+_SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
     elementwise: _unary_elementwise,
     batch_norm: _eval_batch_norm,
 }

@@ -282,3 +282,31 @@ def test_fast_meta_leaves_linear_and_convolutions_to_flop_counters() -> None:
         F.linear(x, w)
         F.conv2d(image, kernel)
     assert counter.get_total_flops() == 2 * 4 * 6 * 3 + 2 * (3 * 3 * 3) * (2 * 3 * 3)
+
+
+class InstanceNormByKeyword(nn.Module):
+    """``torch.instance_norm`` with running statistics and affine tensors, its flag given by position or keyword."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.weight, self.bias = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+        self.register_buffer("running_mean", torch.zeros(8))
+        self.register_buffer("running_var", torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = (self.running_mean, self.running_var, self.weight, self.bias)
+        y = self.conv(x)
+        if self.keyword:
+            return torch.instance_norm(y, *stats, use_input_stats=True, momentum=0.1, eps=1e-5, cudnn_enabled=False)
+        return torch.instance_norm(y, *stats, True, 0.1, 1e-5, False)
+
+
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "keyword"])
+def test_input_statistics_freeze_the_dims_they_average_over_however_the_flag_is_given(keyword: bool) -> None:
+    tr = trace(InstanceNormByKeyword(keyword).eval(), torch.randn(2, 3, 10, 10), leaf_rules(), {})
+    (conv_out,), (out,) = tr.module_outputs["conv"], tr.module_outputs["<root>"]
+    find = tr.graph.find
+    same = [find(a) == find(b) for a, b in zip(conv_out.spaces, out.spaces, strict=True)]
+    assert same == [False, True, False, False]  # the channels pass; batch and positions are averaged over
