@@ -18,6 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ._walk import store
+
 Updater = Callable[[nn.Module], None]
 
 
@@ -143,60 +145,46 @@ def rms_rescale(x: torch.Tensor, y: torch.Tensor, dim: int, keep: torch.Tensor, 
 
 
 # ---- attribute updates after slicing -----------------------------------------------------------
-def _set_counts(module: nn.Module, **counts: int | tuple[int, ...]) -> None:
-    """``setattr(module, name, count)`` for each count in turn, sooner where ``nn.Module.__setattr__`` only stores it.
-
-    That ``__setattr__`` first looks for a parameter, submodule or buffer of the name (2 us an attribute, most of
-    a layer's update): a count named like none of them goes to ``object.__setattr__`` all the same.
-    """
-    direct = type(module).__setattr__ is nn.Module.__setattr__
-    for name, count in counts.items():
-        if direct and name not in module._parameters and name not in module._modules and name not in module._buffers:
-            object.__setattr__(module, name, count)
-        else:
-            setattr(module, name, count)
-
-
 def _update_conv(m: _ConvNd) -> None:
     w = m.weight
     if m.transposed:
         new_in = w.shape[0]
         groups = m.groups if m.groups == 1 else m.groups * new_in // m.in_channels
-        _set_counts(m, in_channels=new_in, out_channels=w.shape[1] * groups, groups=groups)
+        store(m, in_channels=new_in, out_channels=w.shape[1] * groups, groups=groups)
     else:
         new_out = w.shape[0]
         groups = m.groups if m.groups == 1 else m.groups * new_out // m.out_channels
-        _set_counts(m, in_channels=w.shape[1] * groups, out_channels=new_out, groups=groups)
+        store(m, in_channels=w.shape[1] * groups, out_channels=new_out, groups=groups)
 
 
 def _update_linear(m: nn.Linear) -> None:
     out_features, in_features = m.weight.shape
-    _set_counts(m, out_features=out_features, in_features=in_features)
+    store(m, out_features=out_features, in_features=in_features)
 
 
 def _update_batch_norm(m: nn.Module) -> None:
     tensor = m.weight if m.weight is not None else m.running_mean
     if tensor is not None:
-        _set_counts(m, num_features=tensor.shape[0])
+        store(m, num_features=tensor.shape[0])
 
 
 def _update_group_norm(m: nn.GroupNorm) -> None:
     channels = m.weight.shape[0]
-    _set_counts(m, num_groups=m.num_groups * channels // m.num_channels, num_channels=channels)
+    store(m, num_groups=m.num_groups * channels // m.num_channels, num_channels=channels)
 
 
 def _update_layer_norm(m: nn.Module) -> None:
     if m.weight is not None:
-        _set_counts(m, normalized_shape=tuple(m.weight.shape))
+        store(m, normalized_shape=tuple(m.weight.shape))
 
 
 def _update_prelu(m: nn.PReLU) -> None:
-    _set_counts(m, num_parameters=m.weight.numel())
+    store(m, num_parameters=m.weight.numel())
 
 
 def _update_embedding(m: nn.Embedding) -> None:
     num_embeddings, embedding_dim = m.weight.shape
-    _set_counts(m, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+    store(m, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
 
 
 def _update_multihead_attention(m: nn.MultiheadAttention) -> None:

@@ -77,7 +77,7 @@ class Mask:
 
     Example:
         >>> model = torchvision.models.resnet18()                               # doctest: +SKIP
-        >>> mask = Mask(model, input_shape=(1, 3, 224, 224), algorithm=L1Norm(), ratio=0.5)
+        >>> mask = Mask(model, input_shape=(1, 3, 224, 224), algorithm=L1Norm(), ratio=0.5)  # doctest: +SKIP
         >>> mask.make().do_mask()                                               # doctest: +SKIP
         >>> pruned = mask.generate_pruned_model()                               # doctest: +SKIP
     """
