@@ -223,13 +223,16 @@ class MaskRuntime:
                     entry.zero()
 
     @contextmanager
-    def zeroed(self) -> Iterator[None]:
+    def zeroed(self, only_stale: bool = False) -> Iterator[None]:
         """Zero the removed channels now; inside the block, forwards do not zero them again.
 
         For work that only reads the weights between its forwards (the export and its verification),
         where the pre-hook's second pass over every masked parameter would find nothing to do.
+        ``only_stale`` zeroes only the parameters whose version counter or storage changed since they were
+        last zeroed: a write past both (through ``.data``, a fused optimizer step) is then missed, so the
+        caller must be able to tell (the export's verification zeroes all and runs again where outputs differ).
         """
-        self.apply()
+        self.apply(only_stale)
         self.zeroed_depth += 1
         try:
             yield

@@ -82,17 +82,35 @@ class PruneSpec:
 
         ``table``: the model's :func:`module_table`, when the caller has it.
         """
-        tensors = []
-        modules = dict(module_table(model) if table is None else table)
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
-        for (path, attr), dims in sorted(plan.items()):
-            shape = tuple(getattr(modules[path], attr).shape)
-            tensors.append(
-                TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
-            )
+        tensors = [
+            TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
+            for path, attr, shape, dims in _planned_tensors(model, plan, table)
+        ]
         spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
+
+    @classmethod
+    def text_of_plan(
+        cls,
+        model: nn.Module,
+        plan: Plan,
+        attributes: Attributes | None = None,
+        table: list[tuple[str, nn.Module]] | None = None,
+    ) -> str:
+        """``from_plan(...).to_json()``, written straight from the plan where ``model`` is an original.
+
+        Example:
+            >>> keep = [(0, np.array([0, 2]))]
+            >>> text = PruneSpec.text_of_plan(nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep})
+            >>> text == PruneSpec.from_plan(nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep}).to_json()
+            True
+        """
+        if isinstance(getattr(model, SPEC_ATTRIBUTE, None), str):  # relative to the first original: the long way
+            return cls.from_plan(model, plan, attributes, table).to_json()
+        rows = _planned_tensors(model, plan, table)
+        return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION)
 
     def then(self, later: PruneSpec) -> PruneSpec:
         """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
@@ -137,28 +155,8 @@ class PruneSpec:
         Shapes and kept positions that several tensors share (a convolution's output channels, its
         batch norm's weight, bias and statistics) are encoded once.
         """
-        shapes: dict[tuple[int, ...], str] = {}
-        positions: dict[int, str] = {}  # by id: one tuple of kept positions serves the dims of many tensors
-        texts = []
-        for t in self.tensors:
-            shape = shapes.get(t.shape)
-            if shape is None:
-                shape = shapes[t.shape] = _encode(list(t.shape))
-            kept = []
-            for dim, keep in t.kept:
-                text = positions.get(id(keep))
-                if text is None:
-                    text = positions[id(keep)] = _encode(keep)
-                kept.append(f"[{_encode_atom(dim)},{text}]")  # what _encode((dim, keep)) writes
-            texts.append(
-                f'{{"module":{_encode_atom(t.module)},"attr":{_encode_atom(t.attr)},"shape":{shape},'
-                f'"kept":[{",".join(kept)}]}}'
-            )
-        return (
-            f'{{"format":{_encode(FORMAT)},"version":{_encode(self.version)},'
-            f'"architecture":{_encode(self.architecture)},"tensors":[{",".join(texts)}],'
-            f'"attributes":{_encode(self.attributes)},"info":{_encode(self.info)}}}'
-        )
+        rows = [(t.module, t.attr, t.shape, t.kept) for t in self.tensors]
+        return _json_text(self.architecture, rows, self.attributes, self.info, self.version)
 
     @classmethod
     def from_json(cls, text: str) -> PruneSpec:
@@ -194,6 +192,41 @@ class PruneSpec:
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(value, separators=(",", ":")) writes
+
+Row = tuple[str, str, tuple[int, ...], Any]  # module path, attribute, original shape, [(dim, kept positions)]
+
+
+def _planned_tensors(model: nn.Module, plan: Plan, table: list[tuple[str, nn.Module]] | None) -> list[Row]:
+    """The plan's tensors in spec order, with their original shapes; kept positions as the plan holds them."""
+    modules = dict(module_table(model) if table is None else table)
+    planned = sorted(plan.items())
+    return [(path, attr, tuple(getattr(modules[path], attr).shape), dims) for (path, attr), dims in planned]
+
+
+def _json_text(architecture: str, rows: list[Row], attributes: Attributes, info: dict[str, Any], version: int) -> str:
+    """A spec's JSON from its rows; each shape and each object of kept positions (tuple or array) encoded once."""
+    shapes: dict[tuple[int, ...], str] = {}
+    positions: dict[int, str] = {}  # by id: one object of kept positions serves the dims of many tensors
+    texts = []
+    for module, attr, shape, dims in rows:
+        shape_text = shapes.get(shape)
+        if shape_text is None:
+            shape_text = shapes[shape] = _encode(list(shape))
+        kept = []
+        for dim, keep in dims:
+            text = positions.get(id(keep))
+            if text is None:
+                text = positions[id(keep)] = _encode(keep.tolist() if isinstance(keep, np.ndarray) else keep)
+            kept.append(f"[{_encode_atom(int(dim))},{text}]")  # what _encode((dim, keep)) writes
+        texts.append(
+            f'{{"module":{_encode_atom(module)},"attr":{_encode_atom(attr)},"shape":{shape_text},'
+            f'"kept":[{",".join(kept)}]}}'
+        )
+    return (
+        f'{{"format":{_encode(FORMAT)},"version":{_encode(version)},'
+        f'"architecture":{_encode(architecture)},"tensors":[{",".join(texts)}],'
+        f'"attributes":{_encode(attributes)},"info":{_encode(info)}}}'
+    )
 
 
 def _encode_atom(value: Any) -> str:

@@ -38,7 +38,7 @@ from ._pruning import Pruner
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
-from ._spec import PruneSpec, as_spec
+from ._spec import SPEC_ATTRIBUTE, PruneSpec, as_spec
 from ._state import load_mask_state, mask_state
 from ._trace import Trace, iter_tensors, trace
 from ._walk import module_table
@@ -320,20 +320,21 @@ class Mask:
             finally:
                 if self._runtime is not None:
                     self.semantics = "soft"
-        # the slices leave out every masked position: only the verification's masked forward needs them zero
-        with self._runtime.zeroed() if verify else contextlib.nullcontext():
+        # the slices leave out every masked position: only the verification's masked forward needs them zero,
+        # and there they mostly are already (since the last do_mask() or tracked optimizer step)
+        with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             table = module_table(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._plan(), self._attributes(table=table)
-            spec = PruneSpec.from_plan(self.model, plan, attributes, table)  # the exported model carries it
+            spec_text = PruneSpec.text_of_plan(self.model, plan, attributes, table)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
             else:
                 pruned = self._plain_copy(plan, attributes, table)
-                if verify:
-                    result = _verify.verify(self.model, pruned, inputs, rtol=rtol)
+                if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
+                    result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=self._runtime.apply)
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
-        spec.attach(pruned)
+        setattr(pruned, SPEC_ATTRIBUTE, spec_text)
         return pruned
 
     def apply_spec(self, spec: PruneSpec | str | os.PathLike | nn.Module) -> Mask:

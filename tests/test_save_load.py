@@ -161,6 +161,16 @@ def test_the_spec_text_is_the_compact_json_of_its_fields(tiny_cnn) -> None:
     assert PruneSpec.from_json(spec.to_json()) == spec
 
 
+@pytest.mark.parametrize("case", ["resnet18", "multihead_attention", "fused_qkv_attention", "tied_parameters"])
+def test_an_export_writes_the_spec_text_its_fields_give(case: str) -> None:
+    """The export writes its spec straight from the plan: the text the spec's fields write, attributes included."""
+    model, inputs = build(case)
+    mask, pruned = prune(model, inputs)
+    long_way = PruneSpec.from_plan(model, mask._plan(), mask._attributes())
+    assert pruned.maskprune_spec == long_way.to_json()
+    assert PruneSpec.of(pruned) == long_way and long_way.tensors
+
+
 def test_a_version_1_folder_still_loads(tmp_path: Path, tiny_cnn) -> None:
     """Version 1 had a reserved, always empty ``heads`` list where version 2 has ``attributes``."""
     torch.manual_seed(0)

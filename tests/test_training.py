@@ -243,26 +243,60 @@ def test_with_a_tracked_optimizer_the_forward_rezeroes_what_something_else_wrote
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
 
 
-def test_the_export_zeroes_once_and_its_verification_forward_does_not_zero_again(monkeypatch) -> None:
+def count_zeroing(monkeypatch) -> tuple[list[bool], list[torch.Tensor]]:
+    """Record each MaskRuntime.apply (its ``only_stale``) and each parameter it zeroed."""
+    calls: list[bool] = []
+    zeroed: list[torch.Tensor] = []
+    apply, zero = MaskRuntime.apply, MaskedTensor.zero
+
+    def counted_apply(runtime: MaskRuntime, only_stale: bool = False) -> None:
+        calls.append(only_stale)
+        apply(runtime, only_stale)
+
+    def counted_zero(entry: MaskedTensor) -> None:
+        zeroed.append(entry.tensor)
+        zero(entry)
+
+    monkeypatch.setattr(MaskRuntime, "apply", counted_apply)
+    monkeypatch.setattr(MaskedTensor, "zero", counted_zero)
+    return calls, zeroed
+
+
+def test_the_export_zeroes_only_weights_written_since_and_its_verification_forward_does_not_zero_again(
+    monkeypatch,
+) -> None:
     model, x = net()
     mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
     mask.do_mask()
     model.eval()
-    model.conv2.weight.data.add_(1.0)  # a write no version counter sees
-    calls: list[bool] = []
-    apply = MaskRuntime.apply
-
-    def counted(runtime: MaskRuntime, only_stale: bool = False) -> None:
-        calls.append(only_stale)
-        apply(runtime, only_stale)
-
-    monkeypatch.setattr(MaskRuntime, "apply", counted)
+    calls, zeroed = count_zeroing(monkeypatch)
     pruned = mask.generate_pruned_model()
-    assert calls == [False]  # the export's own pass; the masked forward of the verification adds none
+    assert calls == [True] and zeroed == []  # do_mask() zeroed them: nothing was written since
+    with torch.no_grad():
+        model.conv2.weight.add_(1.0)  # a write its version counter sees
+    pruned = mask.generate_pruned_model()
+    assert calls == [True, True] and [t is model.conv2.weight for t in zeroed] == [True]
     assert removed_values(mask).abs().max() == 0
     model(x)
-    assert calls == [False, False]  # outside the export, every forward zeroes again
+    assert calls[2:] == [False]  # outside the export, every forward zeroes again
     assert maskprune.verify(model, pruned, x)
+
+
+def test_an_export_after_a_write_no_version_counter_saw_zeroes_all_and_verifies_again(monkeypatch) -> None:
+    """Writes through ``.data`` leave removed weights non-zero unseen: the outputs differ, so the export zeroes
+    every masked weight and runs the masked model again, and the export passes."""
+    model, x = net()
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.data.add_(1.0)  # writes no version counter sees, to producers and consumers of removed channels
+    calls, _ = count_zeroing(monkeypatch)
+    pruned = mask.generate_pruned_model()
+    assert calls == [True, False]  # the stale pass found nothing, then all were zeroed where the outputs differed
+    assert removed_values(mask).abs().max() == 0
+    assert maskprune.verify(model, pruned, x)
+    assert torch.allclose(model(x), pruned(x), rtol=1e-5, atol=1e-6)
 
 
 def test_an_export_without_verification_slices_without_zeroing(monkeypatch) -> None:
@@ -271,7 +305,8 @@ def test_an_export_without_verification_slices_without_zeroing(monkeypatch) -> N
     mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
     mask.do_mask()
     model.eval()
-    model.conv2.weight.data.add_(1.0)  # removed positions no longer zero, and no version counter saw it
+    for parameter in model.parameters():
+        parameter.data.add_(1.0)  # removed positions no longer zero, and no version counter saw it
     monkeypatch.setattr(MaskRuntime, "apply", lambda *args, **kwargs: pytest.fail("verify=False zeroed the weights"))
     unverified = mask.generate_pruned_model(verify=False)
     assert removed_values(mask).abs().max() > 0
