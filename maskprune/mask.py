@@ -380,7 +380,7 @@ class Mask:
         return self._probe
 
     def _new_runtime(self) -> MaskRuntime:
-        """Masks of every parameter dimension and layer norm holding a group's channel, refreshed and installed."""
+        """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
         tr, layout = self._trace, self._layout
         prunable = prunable_spaces(layout, self._res).tolist()
         dims = []
@@ -396,8 +396,7 @@ class Mask:
         runtime.add_dims(dims)
         runtime.add_norms([(site, self._units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
-        runtime.refresh(self._keep)
-        runtime.install()
+        runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
         return runtime
 
     def _use_layout(self, layout: GroupLayout) -> None:
