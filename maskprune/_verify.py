@@ -143,8 +143,8 @@ def verify(
         True
         >>> maskprune.verify(detector, pruned, images, within="backbone")  # doctest: +SKIP
     """
-    with full_float32():
-        if within is not None:
+    if within is not None:
+        with full_float32():
             return _verify_within(masked_model, pruned_model, inputs, rtol, within)
     return verify_outputs(masked_model, pruned_model, inputs, rtol)
 
