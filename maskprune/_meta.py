@@ -119,8 +119,9 @@ class FastMeta(TorchFunctionMode):
     a weightless forward would spend most of its time there. Only shapes matter here: an activation
     returns an empty tensor like its input (the input itself when in place), a norm or ``linear`` checks
     its parameters' shapes as the real kernel does and returns an empty tensor of the output's shape.
-    Convolutions, adaptive average pooling and ``cat`` compute their output's shape where every argument is
-    plain, and leave anything unusual (and so every error) to the real kernel. Everything else, and every
+    Convolutions, pooling and ``cat`` compute their output's shape where every argument is plain, training-mode
+    dropout returns an empty tensor like its input, an int64 counter stepped in place (``num_batches_tracked``)
+    returns itself; anything unusual (and so every error) is left to the real kernel. Everything else, and every
     call on real tensors, runs as usual. ``products=False`` leaves ``linear`` and convolutions to their
     kernels, for a FLOPs counter that must see their products.
 
@@ -165,6 +166,8 @@ def _elementwise(inplace: bool) -> Any:
     """
 
     def run(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        if inplace and _long_step(a, b, args, kwargs):
+            return a
         if "out" in kwargs or not _plain_operand(a) or not _plain_operand(b):
             return NotImplemented
         tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
@@ -179,6 +182,14 @@ def _elementwise(inplace: bool) -> Any:
         return _like(same) if same is not None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
 
     return run
+
+
+def _long_step(a: Any, b: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``a.add_(b)`` (or ``sub_``, ``mul_``) is an int64 tensor stepped by a small int (a batch norm's
+    ``num_batches_tracked.add_(1)``): the result is ``a`` itself."""
+    if args or kwargs or type(b) is not int or not -(2**31) < b < 2**31:
+        return False
+    return isinstance(a, torch.Tensor) and a.dtype == torch.int64 and _plain_operand(a)
 
 
 def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size:
@@ -337,6 +348,63 @@ def _adaptive_avg_pool2d(input, output_size) -> Any:
     return torch.empty((*input.shape[:-2], *spatial), dtype=input.dtype, device="meta")
 
 
+def _pool2d_shape(input, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[int, ...] | None:
+    """The output shape of a 2-d max or average pooling of a plain 4-d input whose layout is unambiguously
+    contiguous; None where the real kernel must check, decide the layout or raise."""
+    if not _plain_operand(input) or input.dim() != 4 or not input.is_floating_point() or not input.numel():
+        return None
+    if not input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last):
+        return None  # a channels-last (or both) layout gives a channels-last output: the real kernel decides
+    kernel = _per_dim(kernel_size, 2)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else _per_dim(stride, 2)
+    padding, dilation = _per_dim(padding, 2), _per_dim(dilation, 2)
+    if kernel is None or stride is None or padding is None or dilation is None or type(ceil_mode) is not bool:
+        return None
+    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return None
+    sizes = []
+    for size, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation, strict=True):
+        if p > k // 2:
+            return None
+        out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        if out < 1:
+            return None
+        sizes.append(out)
+    return (*input.shape[:2], *sizes)
+
+
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False) -> Any:
+    """``F.max_pool2d`` without indices (its meta kernel is a Python decomposition); else NotImplemented."""
+    if return_indices is not False:
+        return NotImplemented
+    shape = _pool2d_shape(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return NotImplemented if shape is None else torch.empty(shape, dtype=input.dtype, device="meta")
+
+
+def _avg_pool2d(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+) -> Any:
+    """``F.avg_pool2d`` with a plain (or no) divisor; else NotImplemented."""
+    if type(count_include_pad) is not bool or not (divisor_override is None or type(divisor_override) is int):
+        return NotImplemented
+    if divisor_override == 0:
+        return NotImplemented
+    shape = _pool2d_shape(input, kernel_size, stride, padding, 1, ceil_mode)
+    return NotImplemented if shape is None else torch.empty(shape, dtype=input.dtype, device="meta")
+
+
+def _dropout(input, p=0.5, training=True, inplace=False) -> Any:
+    """``F.dropout`` in training with ``0 < p < 1`` on a non-empty floating input (the meta kernel draws its noise
+    in Python); else NotImplemented (in eval mode the real call returns at once)."""
+    if training is not True or type(inplace) is not bool or type(p) not in (int, float) or not 0 < p < 1:
+        return NotImplemented
+    if not _plain_operand(input) or not input.is_floating_point() or not input.numel():
+        return NotImplemented
+    return input if inplace else _like(input)
+
+
 def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
     """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented."""
     if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or type(dim) is not int:
@@ -372,6 +440,9 @@ FAST_KERNELS.update(
         F.linear: _linear,
         F.adaptive_avg_pool2d: _adaptive_avg_pool2d,
         torch.cat: _cat,
+        F.max_pool2d: _max_pool2d,
+        F.avg_pool2d: _avg_pool2d,
+        F.dropout: _dropout,
         torch.conv1d: _conv,
         torch.conv2d: _conv,
         torch.conv3d: _conv,
