@@ -406,21 +406,29 @@ def _dropout(input, p=0.5, training=True, inplace=False) -> Any:
 
 
 def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
-    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented."""
+    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented.
+
+    One pass over the parts (DenseNet concatenates up to 32 of them per call).
+    """
     if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or type(dim) is not int:
         return NotImplemented
     first = tensors[0]
-    if not all(_plain_operand(t) and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+    if not isinstance(first, torch.Tensor):
         return NotImplemented
-    ndim = first.dim()
-    if ndim == 0 or not -ndim <= dim < ndim or any(t.dim() != ndim for t in tensors):
+    ndim, dtype, shape = first.dim(), first.dtype, first.shape
+    if ndim == 0 or not -ndim <= dim < ndim:
         return NotImplemented
     dim %= ndim
-    shape = list(first.shape)
-    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
-        return NotImplemented
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device="meta")
+    head, tail = shape[:dim], shape[dim + 1 :]
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or not _plain_operand(t) or t.dtype != dtype or not t.is_contiguous():
+            return NotImplemented
+        size = t.shape
+        if len(size) != ndim or size[:dim] != head or size[dim + 1 :] != tail:
+            return NotImplemented
+        total += size[dim]
+    return torch.empty((*head, total, *tail), dtype=dtype, device="meta")
 
 
 # activation -> position of its ``inplace`` argument (None: it has none)

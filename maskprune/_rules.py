@@ -1325,7 +1325,40 @@ def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: 
     return True
 
 
+def _concatenation(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+    """:func:`cat` of two or more tensors of the output's rank (no legacy empty tensor), its ``dim`` an int given by
+    position or keyword: the other dims are united across the parts, the parts' channels are linked into a new
+    space along ``dim``; every dim of every part is claimed, so nothing is frozen."""
+    tensors = args[0] if args else None
+    if not isinstance(out, torch.Tensor) or type(tensors) not in (list, tuple) or len(tensors) < 2:
+        return False
+    if len(args) > 2 or (kwargs and (len(args) == 2 or kwargs.keys() != {"dim"})):
+        return False
+    dim = args[1] if len(args) == 2 else kwargs.get("dim", 0)
+    ndim = out.dim()
+    if type(dim) is not int or not ndim or not all(isinstance(t, torch.Tensor) and t.dim() == ndim for t in tensors):
+        return False
+    d = dim % ndim
+    graph = tracer.graph
+    merged = graph.new_space(out.shape[d]) if d == 0 else None  # made first, as the rule does
+    nodes = [tracer.node(t) for t in tensors]
+    spaces = list(nodes[0].spaces)
+    for j, first in enumerate(spaces):
+        if j != d:
+            for node in nodes[1:]:
+                graph.unite(first, node.spaces[j])
+    spaces[d] = merged = graph.new_space(out.shape[d]) if merged is None else merged
+    offset = 0
+    for t, node in zip(tensors, nodes, strict=True):
+        n = t.shape[d]
+        graph.link(merged, np.arange(offset, offset + n), node.spaces[d], np.arange(n))
+        offset += n
+    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), any(node.tainted for node in nodes)))
+    return True
+
+
 _SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
     elementwise: _unary_elementwise,
     batch_norm: _eval_batch_norm,
+    cat: _concatenation,
 }

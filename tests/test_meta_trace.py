@@ -275,6 +275,12 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "cat": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 3))),
     "cat_negative_dim": (lambda a, b, c: torch.cat((a, b, c), dim=-1), (_t(2, 3), _t(2, 1), _t(2, 4))),
     "cat_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 4))),
+    "cat_many_parts": (
+        lambda a, b, c, d: torch.cat([a, b, c, d, b], 1),
+        (_t(1, 4, 3), _t(1, 2, 3), _t(1, 1, 3), _t(1, 7, 3)),
+    ),
+    "cat_rank_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3), _t(2, 5, 3, 1))),
+    "cat_scalar_part": (lambda a: torch.cat([a, 1.0], 0), (_t(2, 3),)),
     "cat_legacy_empty": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(0))),
     "cat_mixed_dtypes": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(1, 3).double())),
     "cat_channels_last": (

@@ -1,0 +1,125 @@
+"""The tracer's shortcuts (``_rules._SHORTCUTS``) give exactly what their rules give: the same spaces, unions,
+links, freeze reasons, roles and taint, numbered the same, for the common calls they take and the unusual
+ones they must leave to the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maskprune import _rules
+from maskprune._layers import leaf_rules
+from maskprune._trace import Trace, trace
+from maskprune.testing import TINY_MODELS
+
+
+def _fingerprint(tr: Trace) -> tuple[Any, ...]:
+    """Everything a trace decided, as plain values (spaces by number, tensors by name)."""
+    graph = tr.graph
+    res = graph.resolve()
+    name = {key: owned.qualname for key, owned in tr.owned.items()}
+    nodes = sorted((name[key], node.spaces, node.shape, node.tainted) for key, node in tr.param_nodes.items())
+    outputs = {path: [(n.spaces, n.shape, n.tainted) for n in ns] for path, ns in tr.module_outputs.items()}
+    return (
+        graph._size,
+        [graph.find(s) for s in range(len(graph._size))],
+        list(graph._reason.items()),
+        [(a, ia.tolist(), b, ib.tolist()) for a, ia, b, ib in graph._links],
+        res.labels.tolist(),
+        res.comp_reason.tolist(),
+        res.reasons,
+        nodes,
+        sorted((name[key], dim, role) for (key, dim), role in tr.roles.items()),
+        outputs,
+        sorted(tr.size_reads),
+        tr.unproven,
+        sorted(tr.unknown_ops.items()),
+    )
+
+
+def _same_with_and_without_shortcuts(
+    model: nn.Module, inputs: Any, monkeypatch: pytest.MonkeyPatch, on_meta: bool = True
+) -> None:
+    fast = _fingerprint(trace(model, inputs, leaf_rules(), {}, on_meta=on_meta))
+    with monkeypatch.context() as patch:
+        patch.setattr(_rules, "_SHORTCUTS", {})
+        ruled = _fingerprint(trace(model, inputs, leaf_rules(), {}, on_meta=on_meta))
+    assert fast == ruled
+
+
+class Concatenation(nn.Module):
+    """Two convolutions' outputs (and the model's parameters) concatenated in the way ``join`` says."""
+
+    def __init__(self, join: Callable[[Concatenation, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.join = join
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.w1, self.w2 = nn.Parameter(torch.randn(2, 6)), nn.Parameter(torch.randn(3, 6))
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.join(self, self.a(x), self.b(x))
+        return (
+            y.flatten(1).sum(1, keepdim=True)
+            + F.linear(torch.ones(1, 6, device=x.device), torch.cat([self.w1, self.w2]))[:, :1]
+        )
+
+
+CAT_CASES: dict[str, Callable[[Concatenation, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "list_positional_dim": lambda m, a, b: torch.cat([a, b], 1),
+    "tuple_keyword_dim": lambda m, a, b: torch.cat((a, b), dim=1),
+    "negative_dim": lambda m, a, b: torch.cat([a, b], -3),
+    "last_dim": lambda m, a, b: torch.cat([a, b, a], 3),
+    "batch_dim": lambda m, a, b: torch.cat([a, b], 0),
+    "repeated_part": lambda m, a, b: torch.cat([a, b, a, a], 1),
+    "three_parts_of_three_sizes": lambda m, a, b: torch.cat([a, b[:, :1], b[:, 1:]], 1),
+    "one_part": lambda m, a, b: torch.cat([a], 1) + b,
+    "parameters": lambda m, a, b: (
+        torch.cat([a, b], 1) * torch.cat([m.bn.weight, m.bn.bias, m.bn.bias[:2]])[:, None, None]
+    ),
+    "unknown_part": lambda m, a, b: torch.cat([a, b, torch.zeros_like(a).detach()], 1),
+    "not_contiguous": lambda m, a, b: torch.cat([a.transpose(2, 3), b.transpose(2, 3)], 1),
+    "concat_alias": lambda m, a, b: torch.concat([a, b], dim=1),
+    "concatenate_axis": lambda m, a, b: torch.concatenate([a, b], axis=1),
+    "out_keyword": lambda m, a, b: torch.cat([a, b], 1, out=torch.empty(a.shape[0], 8, *a.shape[2:])),
+    "legacy_empty_part": lambda m, a, b: torch.cat([a.flatten(1), torch.empty(0)], 1),
+    "method_after_norm": lambda m, a, b: torch.cat([m.bn(a[:, :3]), b], 1),
+}
+
+
+@pytest.mark.parametrize("on_meta", [True, False], ids=["meta", "real"])
+@pytest.mark.parametrize("case", list(CAT_CASES))
+def test_concatenation_shortcut_gives_what_the_cat_rule_gives(
+    case: str, on_meta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = Concatenation(CAT_CASES[case]).eval()
+    _same_with_and_without_shortcuts(model, torch.randn(2, 3, 5, 5), monkeypatch, on_meta)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_shortcuts_give_what_the_rules_give_on_the_tiny_models(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = TINY_MODELS[name]()
+    _same_with_and_without_shortcuts(model, inputs, monkeypatch)
+
+
+def test_the_fingerprint_sees_a_wrong_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shortcut that forgets to link the parts is caught (the comparison is not vacuous)."""
+
+    def forgetful(tracer: Any, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+        links = list(tracer.graph._links)
+        done = _rules._concatenation(tracer, name, args, kwargs, out)
+        tracer.graph._links[:] = links
+        return done
+
+    monkeypatch.setitem(_rules._SHORTCUTS, _rules.cat, forgetful)
+    with pytest.raises(AssertionError):
+        _same_with_and_without_shortcuts(
+            Concatenation(CAT_CASES["list_positional_dim"]).eval(), torch.randn(2, 3, 5, 5), monkeypatch
+        )
