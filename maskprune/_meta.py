@@ -22,17 +22,22 @@ from torch.overrides import TorchFunctionMode
 from ._walk import module_table, tensors_of
 
 
-def meta_copy(model: nn.Module, originals: dict[int, torch.Tensor] | None = None) -> nn.Module:
+def meta_copy(
+    model: nn.Module,
+    originals: dict[int, torch.Tensor] | None = None,
+    table: list[tuple[str, nn.Module]] | None = None,
+) -> nn.Module:
     """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
 
     ``originals``, when given, is filled with each meta tensor's original, by the meta tensor's ``id``.
+    ``table``: the model's :func:`module_table`, when the caller has it.
 
     Example:
         >>> meta_copy(torch.nn.Linear(4, 3)).weight.device
         device(type='meta')
     """
     memo: dict[int, Any] = {}
-    table = module_table(model)
+    table = module_table(model) if table is None else table
     tensors = itertools.chain(
         (t for t, _ in tensors_of(table)),
         (v for _, m in table for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
@@ -41,10 +46,18 @@ def meta_copy(model: nn.Module, originals: dict[int, torch.Tensor] | None = None
         if id(t) in memo:
             continue
         meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # empty_like is slow
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        if _is_parameter(t):
+            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
         if originals is not None:
-            originals[id(memo[id(t)])] = t
+            originals[id(meta)] = t
     return copy_modules(model, memo)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without its Python ``__instancecheck__`` for the commonest types."""
+    kind = type(t)
+    return kind is nn.Parameter or (kind is not torch.Tensor and isinstance(t, nn.Parameter))
 
 
 def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -52,28 +65,42 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
     ``memo`` must map every parameter and buffer (by ``id``) to its copy; other attributes are deep-copied.
     """
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    if getattr(cls, "__deepcopy__", None) is not None or isinstance(module, torch.jit.ScriptModule):
-        return copy.deepcopy(module, memo)  # a module that copies itself its own way
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
-    for key, value in state.items():
-        kind = type(value)
-        if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
-            continue
-        if key in _TENSOR_STORES:
-            state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
-        elif key == "_modules":
-            state[key] = {name: None if m is None else copy_modules(m, memo) for name, m in value.items()}
-        elif kind in _CONTAINERS and not value:  # empty hook dicts
-            state[key] = kind()
-        elif kind is not tuple or not _EXACT_ATOMS.issuperset(map(type, value)):  # a tuple of sizes stays shared
-            state[key] = _copy_value(value, memo)
-    new.__dict__.update(state)
-    return new
+    copies_itself: dict[type, bool] = {}  # by class: has its own __deepcopy__ (or is a ScriptModule)
+
+    def copy_one(module: nn.Module) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        cls = type(module)
+        custom = copies_itself.get(cls)
+        if custom is None:
+            custom = copies_itself[cls] = getattr(cls, "__deepcopy__", None) is not None or isinstance(
+                module, torch.jit.ScriptModule
+            )
+        if custom:
+            return copy.deepcopy(module, memo)  # a module that copies itself its own way
+        new = cls.__new__(cls)
+        memo[id(module)] = new
+        state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
+        for key, value in state.items():
+            kind = type(value)
+            if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
+                continue
+            if kind in _CONTAINERS and not value:  # empty hook dicts, stores and sets
+                state[key] = kind()
+            elif key in _TENSOR_STORES:
+                state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
+            elif key == "_modules":
+                state[key] = {name: None if m is None else copy_one(m) for name, m in value.items()}
+            elif kind is not tuple or not _EXACT_ATOMS.issuperset(map(type, value)):  # a tuple of sizes stays shared
+                state[key] = _copy_value(value, memo)
+        attributes = vars(new)
+        if attributes:  # set by the class's __new__
+            attributes.update(state)
+        else:
+            object.__setattr__(new, "__dict__", state)
+        return new
+
+    return copy_one(module)
 
 
 _ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
@@ -108,8 +135,9 @@ def to_meta(inputs: Any) -> Any:
     return inputs
 
 
-def has_meta_tensors(model: nn.Module) -> bool:
-    return any(t.is_meta for t, _ in tensors_of(module_table(model)))
+def has_meta_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> bool:
+    """Whether a parameter or buffer of the model is on the meta device (``table``: its :func:`module_table`)."""
+    return any(t.is_meta for t, _ in tensors_of(module_table(model) if table is None else table))
 
 
 class FastMeta(TorchFunctionMode):
@@ -204,7 +232,7 @@ def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size:
 
 def _plain_operand(x: Any) -> bool:
     if isinstance(x, torch.Tensor):
-        return x.is_meta and (type(x) is torch.Tensor or isinstance(x, nn.Parameter))
+        return x.is_meta and (type(x) is torch.Tensor or _is_parameter(x))
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
