@@ -227,8 +227,13 @@ class OpCall:
     def reason(self) -> str:
         """What froze a dimension here: the op and the module running it."""
         if self._reason is None:
-            self._reason = f"`{self.name}` in {self.tracer.path()}"
+            self._reason = call_reason(self.tracer, self.name)
         return self._reason
+
+
+def call_reason(tracer: Tracer, name: str) -> str:
+    """Why a call of op ``name`` froze a dimension: the op and the module running it."""
+    return f"`{name}` in {tracer.path()}"
 
 
 def apply_rule(tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any) -> None:
@@ -1357,8 +1362,64 @@ def _concatenation(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: An
     return True
 
 
+def _convolution(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+    """:func:`conv` of a batched input by an ungrouped weight, or a depthwise one in a conv layer, every argument
+    given by position (as ``nn.Conv2d`` calls it): channels flow from the input to the weight's columns (its rows,
+    depthwise) and from the weight's rows to the output; the positions and the kernel's dims freeze."""
+    if kwargs or not 2 <= len(args) <= 7 or not isinstance(out, torch.Tensor):
+        return False
+    x, w = args[0], args[1]
+    b = args[2] if len(args) > 2 else None
+    groups = args[6] if len(args) > 6 else 1
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (b is None or isinstance(b, torch.Tensor))):
+        return False
+    if type(groups) is not int or groups < 1 or not all(_holds_no_tensor(a) for a in args[3:6]):
+        return False
+    ndim = int(name[-2]) + 2
+    if x.dim() != ndim or w.dim() != ndim or out.dim() != ndim or (b is not None and b.dim() != 1):
+        return False
+    if x is w or b is x or b is w:
+        return False
+    depthwise = groups > 1
+    if depthwise and (w.shape[1] != 1 or w.shape[0] != groups or not _in_conv_layer(tracer)):
+        return False
+    graph, roles, owned = tracer.graph, tracer.roles, tracer.owned
+    x_node, w_node = tracer.node(x), tracer.node(w)
+    graph.unite(x_node.spaces[1], w_node.spaces[0 if depthwise else 1])
+    if id(w) in owned:
+        if not depthwise:
+            roles.setdefault((id(w), 1), CONSUMER)
+        roles.setdefault((id(w), 0), PRODUCER)
+    tainted = x_node.tainted or w_node.tainted
+    if b is not None:
+        b_node = tracer.node(b)
+        graph.unite(b_node.spaces[0], w_node.spaces[0])
+        if id(b) in owned:
+            roles.setdefault((id(b), 0), BIAS)
+        tainted = tainted or b_node.tainted
+    reason = call_reason(tracer, name)
+    positions = [graph.new_space(n, reason) for n in out.shape[2:]]
+    tracer.bind(out, TensorNode((x_node.spaces[0], w_node.spaces[0], *positions), tuple(out.shape), tainted))
+    for space in (*x_node.spaces[2:], *w_node.spaces[1 + (not depthwise) :]):  # what the rule leaves unclaimed
+        graph.freeze(space, reason)
+    return True
+
+
+def _holds_no_tensor(value: Any) -> bool:
+    """Whether ``value`` is a plain argument: a number, string or the like, or a tuple or list of ints."""
+    if isinstance(value, (tuple, list)):
+        return all(type(v) is int for v in value)
+    return isinstance(value, NO_TENSORS)
+
+
+def _in_conv_layer(tracer: Tracer) -> bool:
+    """Whether the innermost running module of the model is a conv layer (see :meth:`OpCall.in_module`)."""
+    return isinstance(tracer.running_module()[1], torch.nn.modules.conv._ConvNd)
+
+
 _SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
     elementwise: _unary_elementwise,
     batch_norm: _eval_batch_norm,
     cat: _concatenation,
+    conv: _convolution,
 }

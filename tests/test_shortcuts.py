@@ -103,6 +103,50 @@ def test_concatenation_shortcut_gives_what_the_cat_rule_gives(
     _same_with_and_without_shortcuts(model, torch.randn(2, 3, 5, 5), monkeypatch, on_meta)
 
 
+class Convolutions(nn.Module):
+    """Convolution layers, and the functional calls ``convolve`` makes with their weights."""
+
+    def __init__(self, convolve: Callable[[Convolutions, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.convolve = convolve
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.grouped = nn.Conv2d(4, 6, 1, groups=2)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", bias=False)
+        self.line = nn.Conv1d(4, 5, 3)
+        self.volume = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(self, self.stem(x)).flatten(1).sum(1, keepdim=True)
+
+
+CONV_CASES: dict[str, Callable[[Convolutions, torch.Tensor], torch.Tensor]] = {
+    "layers": lambda m, y: m.grouped(m.depthwise(y)) + 1,
+    "padding_mode": lambda m, y: m.reflect(m.reflect(y)),
+    "conv1d": lambda m, y: m.line(y.flatten(2)),
+    "conv3d": lambda m, y: m.volume(y[:, :1, None]),
+    "strided_tuple_arguments": lambda m, y: F.conv2d(y, m.reflect.weight, None, (2, 1), [1, 0], (1, 1), 1),
+    "keyword_arguments": lambda m, y: F.conv2d(y, m.reflect.weight, padding=1, groups=1),
+    "padding_same": lambda m, y: F.conv2d(y, m.reflect.weight, None, 1, "same"),
+    "depthwise_outside_a_layer": lambda m, y: F.conv2d(y, m.depthwise.weight, m.depthwise.bias, 1, 1, 1, 4),
+    "grouped_functional": lambda m, y: F.conv2d(y, m.grouped.weight, None, 1, 0, 1, 2),
+    "unbatched": lambda m, y: F.conv2d(y[0], m.reflect.weight, None, 1, 1),
+    "weight_from_an_op": lambda m, y: F.conv2d(y, m.reflect.weight * 2, m.stem.bias[:4] + 1, 1, 1),
+    "input_as_weight": lambda m, y: F.conv2d(m.reflect.weight, m.reflect.weight, None, 1, 1),
+    "shared_weight": lambda m, y: m.reflect(y) + F.conv2d(y, m.reflect.weight, None, 1, 1),
+}
+
+
+@pytest.mark.parametrize("on_meta", [True, False], ids=["meta", "real"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_convolution_shortcut_gives_what_the_conv_rule_gives(
+    case: str, on_meta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = Convolutions(CONV_CASES[case]).eval()
+    _same_with_and_without_shortcuts(model, torch.randn(2, 3, 6, 6), monkeypatch, on_meta)
+
+
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_shortcuts_give_what_the_rules_give_on_the_tiny_models(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model, inputs = TINY_MODELS[name]()
