@@ -1306,14 +1306,15 @@ def _unary_elementwise(tracer: Tracer, name: str, args: tuple, kwargs: dict, out
     return True
 
 
-def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+def _full_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
     """:func:`batch_norm` with running statistics and affine tensors (four distinct 1-D tensors of the channel
-    count) that normalises by the running statistics: every dim passes, the four tensors share the channels."""
+    count): the four tensors share the input's channels, which pass to the output. Normalised by the running
+    statistics, every other dim passes too; by the input's own (training), the others freeze."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() < 2 or out.shape != x.shape:
         return False
     stats = _only_tensors(args, kwargs, 4)
-    if stats is None or _statistics_from_input(name, args, kwargs) or len({id(t) for t in (x, *stats)}) != 5:
+    if stats is None or len({id(t) for t in (x, *stats)}) != 5:
         return False
     channels = x.shape[1]
     if any(t.dim() != 1 or t.shape[0] != channels for t in stats):
@@ -1326,7 +1327,18 @@ def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: 
         if id(t) in tracer.owned:
             tracer.roles.setdefault((id(t), 0), NORM)
         tainted = tainted or t_node.tainted
-    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), tainted))
+    if not _statistics_from_input(name, args, kwargs):
+        tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), tainted))
+        return True
+    graph, reason = tracer.graph, call_reason(tracer, name)
+    spaces = [
+        space if d == 1 else graph.new_space(n, reason)
+        for d, (space, n) in enumerate(zip(node.spaces, out.shape, strict=True))
+    ]
+    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), tainted))
+    for d, space in enumerate(node.spaces):  # averaged over: what the rule leaves unclaimed
+        if d != 1:
+            graph.freeze(space, reason)
     return True
 
 
@@ -1419,7 +1431,7 @@ def _in_conv_layer(tracer: Tracer) -> bool:
 
 _SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
     elementwise: _unary_elementwise,
-    batch_norm: _eval_batch_norm,
+    batch_norm: _full_batch_norm,
     cat: _concatenation,
     conv: _convolution,
 }

@@ -223,12 +223,13 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> Iterator[None]:
     """Restore training flags, buffers and the random state after the block, whatever happens.
 
-    Buffers on the meta device hold no values: there is nothing of theirs to restore.
+    Buffers on the meta device hold no values: there is nothing of theirs to restore. ``table``: the model's
+    :func:`module_table`, when the caller has it.
     """
-    table = module_table(model)
+    table = module_table(model) if table is None else table
     flags = training_flags(table)
     buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
     cpu_rng = torch.get_rng_state()
@@ -272,7 +273,7 @@ class Tracer:
         self.model = model
         self.fast = fast or {}  # shape-only kernels to call directly (a trace on the meta device, see FastMeta)
         self.graph = ChannelGraph()
-        modules = module_table(model)
+        self.modules = modules = module_table(model)
         self.owned = owned_tensors(model, modules)
         self.param_nodes: dict[int, TensorNode] = {}
         self.nodes: dict[int, TensorNode] = {}
@@ -591,7 +592,7 @@ def _trace_model(
     tracer = Tracer(model, leaf_rules, fast)
     notes: list[str] = []
     modes = [model.training]
-    with preserved_state(model):
+    with preserved_state(model, tracer.modules):
         try:
             tracer.run(inputs)
         except TraceError:

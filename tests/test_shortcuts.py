@@ -147,6 +147,63 @@ def test_convolution_shortcut_gives_what_the_conv_rule_gives(
     _same_with_and_without_shortcuts(model, torch.randn(2, 3, 6, 6), monkeypatch, on_meta)
 
 
+NORM_CASES: dict[str, Callable[[nn.BatchNorm2d, torch.Tensor], torch.Tensor]] = {
+    "module_eval": lambda bn, y: bn.eval()(y),
+    "module_training": lambda bn, y: bn.train()(y),
+    "training_by_keyword": lambda bn, y: F.batch_norm(
+        y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True, momentum=0.0
+    ),
+    "statistics_by_keyword": lambda bn, y: F.batch_norm(
+        y, running_mean=bn.running_mean, running_var=bn.running_var, weight=bn.weight, bias=bn.bias
+    ),
+    "no_running_statistics": lambda bn, y: F.batch_norm(y, None, None, bn.weight, bn.bias, True),
+    "shared_tensor": lambda bn, y: F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.weight, True),
+    "instance_norm_with_statistics": lambda bn, y: torch.instance_norm(
+        y, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, 0.0, 1e-5, False
+    ),
+    "instance_norm_running": lambda bn, y: torch.instance_norm(
+        y,
+        bn.weight,
+        bn.bias,
+        bn.running_mean,
+        bn.running_var,
+        use_input_stats=False,
+        momentum=0.0,
+        eps=1e-5,
+        cudnn_enabled=False,
+    ),
+    "weight_from_an_op": lambda bn, y: F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight * 2, bn.bias, True),
+    "parameter_input": lambda bn, y: (
+        y
+        + F.batch_norm(bn.extra, bn.running_mean, bn.running_var, bn.weight, bn.bias, True).sum((0, 2))[
+            None, :, None, None
+        ]
+    ),
+}
+
+
+class Normalised(nn.Module):
+    """A convolution's output normalised the way ``norm`` says."""
+
+    def __init__(self, norm: Callable[[nn.BatchNorm2d, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.norm = norm
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn.extra = nn.Parameter(torch.randn(5, 4, 3))  # dims no other op freezes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.bn, self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("on_meta", [True, False], ids=["meta", "real"])
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_batch_norm_shortcut_gives_what_the_batch_norm_rule_gives(
+    case: str, on_meta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    _same_with_and_without_shortcuts(Normalised(NORM_CASES[case]), torch.randn(2, 3, 6, 6), monkeypatch, on_meta)
+
+
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_shortcuts_give_what_the_rules_give_on_the_tiny_models(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model, inputs = TINY_MODELS[name]()
