@@ -652,11 +652,7 @@ def cat(call: OpCall) -> None:
             spaces.append(part_spaces[0][d])
         else:
             merged = graph.new_space(out.shape[d]) if merged is None else merged
-            offset = 0
-            for t, t_spaces in zip(parts, part_spaces, strict=True):
-                n = t.shape[d]
-                call.link(merged, np.arange(offset, offset + n), t_spaces[d], np.arange(n))
-                offset += n
+            graph.concat(merged, [t_spaces[d] for t_spaces in part_spaces], [t.shape[d] for t in parts])
             spaces.append(merged)
     call.set_out(out, spaces)
 
@@ -1365,11 +1361,7 @@ def _concatenation(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: An
             for node in nodes[1:]:
                 graph.unite(first, node.spaces[j])
     spaces[d] = merged = graph.new_space(out.shape[d]) if merged is None else merged
-    offset = 0
-    for t, node in zip(tensors, nodes, strict=True):
-        n = t.shape[d]
-        graph.link(merged, np.arange(offset, offset + n), node.spaces[d], np.arange(n))
-        offset += n
+    graph.concat(merged, [node.spaces[d] for node in nodes], [t.shape[d] for t in tensors])
     tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), any(node.tainted for node in nodes)))
     return True
 
