@@ -73,6 +73,21 @@ class ChannelGraph:
         """Channel ``ia[k]`` of ``a`` goes with channel ``ib[k]`` of ``b``."""
         self._links.append((a, np.asarray(ia, dtype=np.int64), b, np.asarray(ib, dtype=np.int64)))
 
+    def concat(self, merged: int, parts: list[int], sizes: list[int]) -> None:
+        """Channel ``offset + i`` of ``merged`` goes with channel ``i`` of ``parts[k]``, the parts of ``sizes``
+        channels lying end to end in it (a concatenation): one :meth:`link` per part, in order.
+
+        Example:
+            >>> g = ChannelGraph(); a, b, ab = g.new_space(2), g.new_space(3), g.new_space(5)
+            >>> g.concat(ab, [a, b], [2, 3]); [(ia.tolist(), ib.tolist()) for _, ia, _, ib in g._links]
+            [([0, 1], [0, 1]), ([2, 3, 4], [0, 1, 2])]
+        """
+        positions = np.arange(sum(sizes), dtype=np.int64)  # every part's indices are views of it
+        offset = 0
+        for part, n in zip(parts, sizes, strict=True):
+            self._links.append((merged, positions[offset : offset + n], part, positions[:n]))
+            offset += n
+
     def is_frozen(self, space: int) -> bool:
         """Whether the whole space is frozen so far (links solved later may freeze more)."""
         return self.find(space) in self._reason

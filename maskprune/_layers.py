@@ -96,6 +96,20 @@ def leaf_rules() -> dict[type, LayerRule]:
 RMS_NORM_RULE = LayerRule(inputs={0: {-1: "c"}}, outputs={0: {-1: "c"}}, params={"weight": {0: "c"}})
 
 
+def named_like_rms_norm(kind: type) -> bool:
+    """Whether a module class is named like an RMS norm (``*RMSNorm``, ``T5LayerNorm``) and is not one of torch's
+    norms (traced through their ``layer_norm`` / ``rms_norm`` op): its modules may be RMS norms of the model's own.
+
+    Example:
+        >>> named_like_rms_norm(type("LlamaRMSNorm", (nn.Module,), {})), named_like_rms_norm(nn.LayerNorm)
+        (True, False)
+    """
+    name = kind.__name__.lower()
+    if "rmsnorm" not in name and name != "t5layernorm":
+        return False
+    return not issubclass(kind, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+
+
 def rms_norm_eps(module: nn.Module) -> float | None:
     """The epsilon of a model's own RMS norm module (Llama's ``LlamaRMSNorm``, T5's ``T5LayerNorm`` …), else None.
 
@@ -110,10 +124,7 @@ def rms_norm_eps(module: nn.Module) -> float | None:
         >>> rms_norm_eps(MyRMSNorm(4)), rms_norm_eps(nn.LayerNorm(4))
         (1e-06, None)
     """
-    name = type(module).__name__.lower()
-    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-        return None  # traced through their ``layer_norm`` / ``rms_norm`` op
-    if "rmsnorm" not in name and name != "t5layernorm":
+    if not named_like_rms_norm(type(module)):
         return None
     params = dict(module.named_parameters())
     if list(params) != ["weight"] or params["weight"].dim() != 1 or next(module.children(), None) is not None:

@@ -22,17 +22,22 @@ from torch.overrides import TorchFunctionMode
 from ._walk import module_table, tensors_of
 
 
-def meta_copy(model: nn.Module, originals: dict[int, torch.Tensor] | None = None) -> nn.Module:
+def meta_copy(
+    model: nn.Module,
+    originals: dict[int, torch.Tensor] | None = None,
+    table: list[tuple[str, nn.Module]] | None = None,
+) -> nn.Module:
     """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
 
     ``originals``, when given, is filled with each meta tensor's original, by the meta tensor's ``id``.
+    ``table``: the model's :func:`module_table`, when the caller has it.
 
     Example:
         >>> meta_copy(torch.nn.Linear(4, 3)).weight.device
         device(type='meta')
     """
     memo: dict[int, Any] = {}
-    table = module_table(model)
+    table = module_table(model) if table is None else table
     tensors = itertools.chain(
         (t for t, _ in tensors_of(table)),
         (v for _, m in table for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
@@ -41,10 +46,18 @@ def meta_copy(model: nn.Module, originals: dict[int, torch.Tensor] | None = None
         if id(t) in memo:
             continue
         meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # empty_like is slow
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        if _is_parameter(t):
+            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
         if originals is not None:
-            originals[id(memo[id(t)])] = t
+            originals[id(meta)] = t
     return copy_modules(model, memo)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``, without its Python ``__instancecheck__`` for the commonest types."""
+    kind = type(t)
+    return kind is nn.Parameter or (kind is not torch.Tensor and isinstance(t, nn.Parameter))
 
 
 def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -52,28 +65,42 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
     ``memo`` must map every parameter and buffer (by ``id``) to its copy; other attributes are deep-copied.
     """
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    if getattr(cls, "__deepcopy__", None) is not None or isinstance(module, torch.jit.ScriptModule):
-        return copy.deepcopy(module, memo)  # a module that copies itself its own way
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
-    for key, value in state.items():
-        kind = type(value)
-        if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
-            continue
-        if key in _TENSOR_STORES:
-            state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
-        elif key == "_modules":
-            state[key] = {name: None if m is None else copy_modules(m, memo) for name, m in value.items()}
-        elif kind in _CONTAINERS and not value:  # empty hook dicts
-            state[key] = kind()
-        elif kind is not tuple or not _EXACT_ATOMS.issuperset(map(type, value)):  # a tuple of sizes stays shared
-            state[key] = _copy_value(value, memo)
-    new.__dict__.update(state)
-    return new
+    copies_itself: dict[type, bool] = {}  # by class: has its own __deepcopy__ (or is a ScriptModule)
+
+    def copy_one(module: nn.Module) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        cls = type(module)
+        custom = copies_itself.get(cls)
+        if custom is None:
+            custom = copies_itself[cls] = getattr(cls, "__deepcopy__", None) is not None or isinstance(
+                module, torch.jit.ScriptModule
+            )
+        if custom:
+            return copy.deepcopy(module, memo)  # a module that copies itself its own way
+        new = cls.__new__(cls)
+        memo[id(module)] = new
+        state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
+        for key, value in state.items():
+            kind = type(value)
+            if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names
+                continue
+            if kind in _CONTAINERS and not value:  # empty hook dicts, stores and sets
+                state[key] = kind()
+            elif key in _TENSOR_STORES:
+                state[key] = {name: None if t is None else memo[id(t)] for name, t in value.items()}
+            elif key == "_modules":
+                state[key] = {name: None if m is None else copy_one(m) for name, m in value.items()}
+            elif kind is not tuple or not _EXACT_ATOMS.issuperset(map(type, value)):  # a tuple of sizes stays shared
+                state[key] = _copy_value(value, memo)
+        attributes = vars(new)
+        if attributes:  # set by the class's __new__
+            attributes.update(state)
+        else:
+            object.__setattr__(new, "__dict__", state)
+        return new
+
+    return copy_one(module)
 
 
 _ATOMS = (int, float, str, bytes, type(None), torch.dtype, torch.device, type, types.FunctionType)
@@ -108,8 +135,9 @@ def to_meta(inputs: Any) -> Any:
     return inputs
 
 
-def has_meta_tensors(model: nn.Module) -> bool:
-    return any(t.is_meta for t, _ in tensors_of(module_table(model)))
+def has_meta_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> bool:
+    """Whether a parameter or buffer of the model is on the meta device (``table``: its :func:`module_table`)."""
+    return any(t.is_meta for t, _ in tensors_of(module_table(model) if table is None else table))
 
 
 class FastMeta(TorchFunctionMode):
@@ -119,8 +147,9 @@ class FastMeta(TorchFunctionMode):
     a weightless forward would spend most of its time there. Only shapes matter here: an activation
     returns an empty tensor like its input (the input itself when in place), a norm or ``linear`` checks
     its parameters' shapes as the real kernel does and returns an empty tensor of the output's shape.
-    Convolutions, adaptive average pooling and ``cat`` compute their output's shape where every argument is
-    plain, and leave anything unusual (and so every error) to the real kernel. Everything else, and every
+    Convolutions, pooling and ``cat`` compute their output's shape where every argument is plain, training-mode
+    dropout returns an empty tensor like its input, an int64 counter stepped in place (``num_batches_tracked``)
+    returns itself; anything unusual (and so every error) is left to the real kernel. Everything else, and every
     call on real tensors, runs as usual. ``products=False`` leaves ``linear`` and convolutions to their
     kernels, for a FLOPs counter that must see their products.
 
@@ -165,6 +194,8 @@ def _elementwise(inplace: bool) -> Any:
     """
 
     def run(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        if inplace and _long_step(a, b, args, kwargs):
+            return a
         if "out" in kwargs or not _plain_operand(a) or not _plain_operand(b):
             return NotImplemented
         tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
@@ -181,6 +212,14 @@ def _elementwise(inplace: bool) -> Any:
     return run
 
 
+def _long_step(a: Any, b: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``a.add_(b)`` (or ``sub_``, ``mul_``) is an int64 tensor stepped by a small int (a batch norm's
+    ``num_batches_tracked.add_(1)``): the result is ``a`` itself."""
+    if args or kwargs or type(b) is not int or not -(2**31) < b < 2**31:
+        return False
+    return isinstance(a, torch.Tensor) and a.dtype == torch.int64 and _plain_operand(a)
+
+
 def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size:
     if a == b:
         return a
@@ -193,7 +232,7 @@ def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size:
 
 def _plain_operand(x: Any) -> bool:
     if isinstance(x, torch.Tensor):
-        return x.is_meta and (type(x) is torch.Tensor or isinstance(x, nn.Parameter))
+        return x.is_meta and (type(x) is torch.Tensor or _is_parameter(x))
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -337,22 +376,87 @@ def _adaptive_avg_pool2d(input, output_size) -> Any:
     return torch.empty((*input.shape[:-2], *spatial), dtype=input.dtype, device="meta")
 
 
+def _pool2d_shape(input, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[int, ...] | None:
+    """The output shape of a 2-d max or average pooling of a plain 4-d input whose layout is unambiguously
+    contiguous; None where the real kernel must check, decide the layout or raise."""
+    if not _plain_operand(input) or input.dim() != 4 or not input.is_floating_point() or not input.numel():
+        return None
+    if not input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last):
+        return None  # a channels-last (or both) layout gives a channels-last output: the real kernel decides
+    kernel = _per_dim(kernel_size, 2)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else _per_dim(stride, 2)
+    padding, dilation = _per_dim(padding, 2), _per_dim(dilation, 2)
+    if kernel is None or stride is None or padding is None or dilation is None or type(ceil_mode) is not bool:
+        return None
+    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return None
+    sizes = []
+    for size, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation, strict=True):
+        if p > k // 2:
+            return None
+        out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        if out < 1:
+            return None
+        sizes.append(out)
+    return (*input.shape[:2], *sizes)
+
+
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False) -> Any:
+    """``F.max_pool2d`` without indices (its meta kernel is a Python decomposition); else NotImplemented."""
+    if return_indices is not False:
+        return NotImplemented
+    shape = _pool2d_shape(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return NotImplemented if shape is None else torch.empty(shape, dtype=input.dtype, device="meta")
+
+
+def _avg_pool2d(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+) -> Any:
+    """``F.avg_pool2d`` with a plain (or no) divisor; else NotImplemented."""
+    if type(count_include_pad) is not bool or not (divisor_override is None or type(divisor_override) is int):
+        return NotImplemented
+    if divisor_override == 0:
+        return NotImplemented
+    shape = _pool2d_shape(input, kernel_size, stride, padding, 1, ceil_mode)
+    return NotImplemented if shape is None else torch.empty(shape, dtype=input.dtype, device="meta")
+
+
+def _dropout(input, p=0.5, training=True, inplace=False) -> Any:
+    """``F.dropout`` in training with ``0 < p < 1`` on a non-empty floating input (the meta kernel draws its noise
+    in Python); else NotImplemented (in eval mode the real call returns at once)."""
+    if training is not True or type(inplace) is not bool or type(p) not in (int, float) or not 0 < p < 1:
+        return NotImplemented
+    if not _plain_operand(input) or not input.is_floating_point() or not input.numel():
+        return NotImplemented
+    return input if inplace else _like(input)
+
+
 def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
-    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented."""
+    """Contiguous tensors of one dtype and one shape but along ``dim``: a contiguous output; else NotImplemented.
+
+    One pass over the parts (DenseNet concatenates up to 32 of them per call).
+    """
     if kwargs or not isinstance(tensors, (tuple, list)) or not tensors or type(dim) is not int:
         return NotImplemented
     first = tensors[0]
-    if not all(_plain_operand(t) and t.dtype == first.dtype and t.is_contiguous() for t in tensors):
+    if not isinstance(first, torch.Tensor):
         return NotImplemented
-    ndim = first.dim()
-    if ndim == 0 or not -ndim <= dim < ndim or any(t.dim() != ndim for t in tensors):
+    ndim, dtype, shape = first.dim(), first.dtype, first.shape
+    if ndim == 0 or not -ndim <= dim < ndim:
         return NotImplemented
     dim %= ndim
-    shape = list(first.shape)
-    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
-        return NotImplemented
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device="meta")
+    head, tail = shape[:dim], shape[dim + 1 :]
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or not _plain_operand(t) or t.dtype != dtype or not t.is_contiguous():
+            return NotImplemented
+        size = t.shape
+        if len(size) != ndim or size[:dim] != head or size[dim + 1 :] != tail:
+            return NotImplemented
+        total += size[dim]
+    return torch.empty((*head, total, *tail), dtype=dtype, device="meta")
 
 
 # activation -> position of its ``inplace`` argument (None: it has none)
@@ -372,6 +476,9 @@ FAST_KERNELS.update(
         F.linear: _linear,
         F.adaptive_avg_pool2d: _adaptive_avg_pool2d,
         torch.cat: _cat,
+        F.max_pool2d: _max_pool2d,
+        F.avg_pool2d: _avg_pool2d,
+        F.dropout: _dropout,
         torch.conv1d: _conv,
         torch.conv2d: _conv,
         torch.conv3d: _conv,

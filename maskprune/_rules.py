@@ -227,8 +227,13 @@ class OpCall:
     def reason(self) -> str:
         """What froze a dimension here: the op and the module running it."""
         if self._reason is None:
-            self._reason = f"`{self.name}` in {self.tracer.path()}"
+            self._reason = call_reason(self.tracer, self.name)
         return self._reason
+
+
+def call_reason(tracer: Tracer, name: str) -> str:
+    """Why a call of op ``name`` froze a dimension: the op and the module running it."""
+    return f"`{name}` in {tracer.path()}"
 
 
 def apply_rule(tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any) -> None:
@@ -647,11 +652,7 @@ def cat(call: OpCall) -> None:
             spaces.append(part_spaces[0][d])
         else:
             merged = graph.new_space(out.shape[d]) if merged is None else merged
-            offset = 0
-            for t, t_spaces in zip(parts, part_spaces, strict=True):
-                n = t.shape[d]
-                call.link(merged, np.arange(offset, offset + n), t_spaces[d], np.arange(n))
-                offset += n
+            graph.concat(merged, [t_spaces[d] for t_spaces in part_spaces], [t.shape[d] for t in parts])
             spaces.append(merged)
     call.set_out(out, spaces)
 
@@ -1301,14 +1302,15 @@ def _unary_elementwise(tracer: Tracer, name: str, args: tuple, kwargs: dict, out
     return True
 
 
-def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+def _full_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
     """:func:`batch_norm` with running statistics and affine tensors (four distinct 1-D tensors of the channel
-    count) that normalises by the running statistics: every dim passes, the four tensors share the channels."""
+    count): the four tensors share the input's channels, which pass to the output. Normalised by the running
+    statistics, every other dim passes too; by the input's own (training), the others freeze."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() < 2 or out.shape != x.shape:
         return False
     stats = _only_tensors(args, kwargs, 4)
-    if stats is None or _statistics_from_input(name, args, kwargs) or len({id(t) for t in (x, *stats)}) != 5:
+    if stats is None or len({id(t) for t in (x, *stats)}) != 5:
         return False
     channels = x.shape[1]
     if any(t.dim() != 1 or t.shape[0] != channels for t in stats):
@@ -1321,11 +1323,107 @@ def _eval_batch_norm(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: 
         if id(t) in tracer.owned:
             tracer.roles.setdefault((id(t), 0), NORM)
         tainted = tainted or t_node.tainted
-    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), tainted))
+    if not _statistics_from_input(name, args, kwargs):
+        tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), tainted))
+        return True
+    graph, reason = tracer.graph, call_reason(tracer, name)
+    spaces = [
+        space if d == 1 else graph.new_space(n, reason)
+        for d, (space, n) in enumerate(zip(node.spaces, out.shape, strict=True))
+    ]
+    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), tainted))
+    for d, space in enumerate(node.spaces):  # averaged over: what the rule leaves unclaimed
+        if d != 1:
+            graph.freeze(space, reason)
     return True
+
+
+def _concatenation(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+    """:func:`cat` of two or more tensors of the output's rank (no legacy empty tensor), its ``dim`` an int given by
+    position or keyword: the other dims are united across the parts, the parts' channels are linked into a new
+    space along ``dim``; every dim of every part is claimed, so nothing is frozen."""
+    tensors = args[0] if args else None
+    if not isinstance(out, torch.Tensor) or type(tensors) not in (list, tuple) or len(tensors) < 2:
+        return False
+    if len(args) > 2 or (kwargs and (len(args) == 2 or kwargs.keys() != {"dim"})):
+        return False
+    dim = args[1] if len(args) == 2 else kwargs.get("dim", 0)
+    ndim = out.dim()
+    if type(dim) is not int or not ndim or not all(isinstance(t, torch.Tensor) and t.dim() == ndim for t in tensors):
+        return False
+    d = dim % ndim
+    graph = tracer.graph
+    merged = graph.new_space(out.shape[d]) if d == 0 else None  # made first, as the rule does
+    nodes = [tracer.node(t) for t in tensors]
+    spaces = list(nodes[0].spaces)
+    for j, first in enumerate(spaces):
+        if j != d:
+            for node in nodes[1:]:
+                graph.unite(first, node.spaces[j])
+    spaces[d] = merged = graph.new_space(out.shape[d]) if merged is None else merged
+    graph.concat(merged, [node.spaces[d] for node in nodes], [t.shape[d] for t in tensors])
+    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), any(node.tainted for node in nodes)))
+    return True
+
+
+def _convolution(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+    """:func:`conv` of a batched input by an ungrouped weight, or a depthwise one in a conv layer, every argument
+    given by position (as ``nn.Conv2d`` calls it): channels flow from the input to the weight's columns (its rows,
+    depthwise) and from the weight's rows to the output; the positions and the kernel's dims freeze."""
+    if kwargs or not 2 <= len(args) <= 7 or not isinstance(out, torch.Tensor):
+        return False
+    x, w = args[0], args[1]
+    b = args[2] if len(args) > 2 else None
+    groups = args[6] if len(args) > 6 else 1
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (b is None or isinstance(b, torch.Tensor))):
+        return False
+    if type(groups) is not int or groups < 1 or not all(_holds_no_tensor(a) for a in args[3:6]):
+        return False
+    ndim = int(name[-2]) + 2
+    if x.dim() != ndim or w.dim() != ndim or out.dim() != ndim or (b is not None and b.dim() != 1):
+        return False
+    if x is w or b is x or b is w:
+        return False
+    depthwise = groups > 1
+    if depthwise and (w.shape[1] != 1 or w.shape[0] != groups or not _in_conv_layer(tracer)):
+        return False
+    graph, roles, owned = tracer.graph, tracer.roles, tracer.owned
+    x_node, w_node = tracer.node(x), tracer.node(w)
+    graph.unite(x_node.spaces[1], w_node.spaces[0 if depthwise else 1])
+    if id(w) in owned:
+        if not depthwise:
+            roles.setdefault((id(w), 1), CONSUMER)
+        roles.setdefault((id(w), 0), PRODUCER)
+    tainted = x_node.tainted or w_node.tainted
+    if b is not None:
+        b_node = tracer.node(b)
+        graph.unite(b_node.spaces[0], w_node.spaces[0])
+        if id(b) in owned:
+            roles.setdefault((id(b), 0), BIAS)
+        tainted = tainted or b_node.tainted
+    reason = call_reason(tracer, name)
+    positions = [graph.new_space(n, reason) for n in out.shape[2:]]
+    tracer.bind(out, TensorNode((x_node.spaces[0], w_node.spaces[0], *positions), tuple(out.shape), tainted))
+    for space in (*x_node.spaces[2:], *w_node.spaces[1 + (not depthwise) :]):  # what the rule leaves unclaimed
+        graph.freeze(space, reason)
+    return True
+
+
+def _holds_no_tensor(value: Any) -> bool:
+    """Whether ``value`` is a plain argument: a number, string or the like, or a tuple or list of ints."""
+    if isinstance(value, (tuple, list)):
+        return all(type(v) is int for v in value)
+    return isinstance(value, NO_TENSORS)
+
+
+def _in_conv_layer(tracer: Tracer) -> bool:
+    """Whether the innermost running module of the model is a conv layer (see :meth:`OpCall.in_module`)."""
+    return isinstance(tracer.running_module()[1], torch.nn.modules.conv._ConvNd)
 
 
 _SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
     elementwise: _unary_elementwise,
-    batch_norm: _eval_batch_norm,
+    batch_norm: _full_batch_norm,
+    cat: _concatenation,
+    conv: _convolution,
 }

@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._graph import ChannelGraph
-from ._layers import RMS_NORM_RULE, rms_norm_eps
+from ._layers import RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
 from ._walk import module_table, restore_training, set_mode, tensors_of, training_flags
 from .errors import TraceError
@@ -182,8 +182,10 @@ def owned_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = 
             for attr, tensor in store.items():
                 if tensor is None:
                     continue
-                entry = owned.setdefault(id(tensor), OwnedTensor(tensor, is_param, []))
-                if (path, attr) not in entry.names:
+                entry = owned.get(id(tensor))
+                if entry is None:
+                    owned[id(tensor)] = OwnedTensor(tensor, is_param, [(path, attr)])
+                elif (path, attr) not in entry.names:
                     entry.names.append((path, attr))
     return owned
 
@@ -221,12 +223,13 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> Iterator[None]:
     """Restore training flags, buffers and the random state after the block, whatever happens.
 
-    Buffers on the meta device hold no values: there is nothing of theirs to restore.
+    Buffers on the meta device hold no values: there is nothing of theirs to restore. ``table``: the model's
+    :func:`module_table`, when the caller has it.
     """
-    table = module_table(model)
+    table = module_table(model) if table is None else table
     flags = training_flags(table)
     buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
     cpu_rng = torch.get_rng_state()
@@ -270,7 +273,7 @@ class Tracer:
         self.model = model
         self.fast = fast or {}  # shape-only kernels to call directly (a trace on the meta device, see FastMeta)
         self.graph = ChannelGraph()
-        modules = module_table(model)
+        self.modules = modules = module_table(model)
         self.owned = owned_tensors(model, modules)
         self.param_nodes: dict[int, TensorNode] = {}
         self.nodes: dict[int, TensorNode] = {}
@@ -285,7 +288,8 @@ class Tracer:
         self.layer_norms: list[LayerNormSite] = []
         self.unknown_ops: dict[tuple[str, str], int] = {}
         self.leaf_rules = dict(leaf_rules)
-        for module in dict.fromkeys(m for _, m in modules):
+        named = {kind for kind in {type(m) for _, m in modules} if named_like_rms_norm(kind)}  # most models: none
+        for module in dict.fromkeys(m for _, m in modules if type(m) in named):
             if type(module) not in self.leaf_rules and rms_norm_eps(module) is not None:
                 self.leaf_rules[type(module)] = RMS_NORM_RULE
         self.leaf_depth = 0
@@ -554,10 +558,11 @@ def trace(
         >>> sorted(o.qualname for o in t.owned.values())
         ['bias', 'weight']
     """
-    if on_meta and not has_meta_tensors(model):
+    table = module_table(model)
+    if on_meta and not has_meta_tensors(model, table):
         try:
             originals: dict[int, torch.Tensor] = {}
-            shadow = meta_copy(model, originals)
+            shadow = meta_copy(model, originals, table)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
             shadow_trace = _trace_model(
                 shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
@@ -565,7 +570,7 @@ def trace(
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
-            on_model = _on_model(shadow_trace, model, shadow, originals)
+            on_model = _on_model(shadow_trace, table, shadow, originals)
             if on_model is not None:
                 return on_model
     return _trace_model(model, inputs, leaf_rules, frozen_modules, strict=False)
@@ -587,7 +592,7 @@ def _trace_model(
     tracer = Tracer(model, leaf_rules, fast)
     notes: list[str] = []
     modes = [model.training]
-    with preserved_state(model):
+    with preserved_state(model, tracer.modules):
         try:
             tracer.run(inputs)
         except TraceError:
@@ -638,26 +643,26 @@ def _trace_model(
 
 
 def _on_model(
-    shadow_trace: Trace, model: nn.Module, shadow: nn.Module, originals: dict[int, torch.Tensor]
+    shadow_trace: Trace, table: list[tuple[str, nn.Module]], shadow: nn.Module, originals: dict[int, torch.Tensor]
 ) -> Trace | None:
-    """The trace of ``shadow`` (a meta copy of ``model``) in ``model``'s own tensors and modules.
+    """The trace of ``shadow`` (a meta copy of the model) in the model's own tensors and modules.
 
-    ``originals``: each of the shadow's tensors' original in ``model``, by the shadow tensor's ``id``.
-    None when the shadow holds a tensor that is not a copy of one of ``model``'s (a module whose own
-    ``__deepcopy__`` made new ones).
+    ``table``: the model's :func:`module_table`. ``originals``: each of the shadow's tensors' original in the
+    model, by the shadow tensor's ``id``. None when the shadow holds a tensor that is not a copy of one of the
+    model's (a module whose own ``__deepcopy__`` made new ones).
     """
     if any(key not in originals for key in shadow_trace.owned):
         return None
     keys = {key: id(originals[key]) for key in shadow_trace.owned}
     owned = {keys[key]: OwnedTensor(originals[key], o.is_param, o.names) for key, o in shadow_trace.owned.items()}
-    modules = dict(module_table(model))
+    modules = dict(table)
     return dataclasses.replace(
         shadow_trace,
         owned=owned,
         param_nodes={keys[key]: node for key, node in shadow_trace.param_nodes.items()},
         roles={(keys[key], dim): role for (key, dim), role in shadow_trace.roles.items()},
         layer_norms=[dataclasses.replace(s, module=modules[s.path]) for s in shadow_trace.layer_norms],
-        leaf_calls=[dataclasses.replace(c, module=modules[c.path]) for c in shadow_trace.leaf_calls],
+        leaf_calls=[LeafCall(c.path, modules[c.path], c.call, c.inputs, c.outputs) for c in shadow_trace.leaf_calls],
         shadow=shadow,
     )
 

@@ -568,6 +568,9 @@ def _resolve_modules(model: nn.Module, items: Iterable[nn.Module | str], option:
     """Qualified name -> module for each module or name in ``items``; clear errors name ``option``."""
     if isinstance(items, (nn.Module, str)):
         items = [items]
+    items = list(items)
+    if not items:
+        return {}  # the usual case: no walk over the model
     named = dict(model.named_modules())
     by_id = {id(m): n for n, m in named.items()}
     resolved: dict[str, nn.Module] = {}

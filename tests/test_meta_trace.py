@@ -237,9 +237,50 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
     "adaptive_avg_pool2d_none": (lambda x: F.adaptive_avg_pool2d(x, (3, None)), (_t(2, 4, 7, 5),)),
     "adaptive_avg_pool2d_unbatched_larger": (lambda x: F.adaptive_avg_pool2d(x, 5), (_t(4, 3, 3),)),
     "adaptive_avg_pool2d_wrong_size": (lambda x: F.adaptive_avg_pool2d(x, (2, 2, 2)), (_t(2, 4, 5, 5),)),
+    "max_pool2d": (lambda x: F.max_pool2d(x, 3, 2, 1), (_t(2, 4, 9, 9),)),
+    "max_pool2d_ceil": (lambda x: F.max_pool2d(x, 3, 2, ceil_mode=True), (_t(2, 4, 14, 13),)),
+    "max_pool2d_ceil_last_window_in_padding": (lambda x: F.max_pool2d(x, 2, 2, 1, ceil_mode=True), (_t(1, 2, 5, 4),)),
+    "max_pool2d_dilated_no_stride": (
+        lambda x: F.max_pool2d(x, (3, 2), padding=(1, 0), dilation=(2, 1)),
+        (_t(2, 4, 9, 8),),
+    ),
+    "max_pool2d_module": (nn.MaxPool2d(3, 2, ceil_mode=True), (_t(2, 4, 9, 9),)),
+    "max_pool2d_with_indices": (lambda x: F.max_pool2d(x, 2, return_indices=True)[1], (_t(2, 4, 8, 8),)),
+    "max_pool2d_too_much_padding": (lambda x: F.max_pool2d(x, 3, 1, 2), (_t(2, 4, 9, 9),)),
+    "max_pool2d_too_small": (lambda x: F.max_pool2d(x, 5), (_t(2, 4, 3, 3),)),
+    "max_pool2d_unbatched": (lambda x: F.max_pool2d(x, 2), (_t(4, 6, 6),)),
+    "max_pool2d_channels_last": (
+        lambda x: F.max_pool2d(x, 2),
+        (_t(2, 4, 6, 6).to(memory_format=torch.channels_last),),
+    ),
+    "avg_pool2d": (lambda x: F.avg_pool2d(x, 2, 2), (_t(2, 4, 9, 9),)),
+    "avg_pool2d_ceil_padded": (lambda x: F.avg_pool2d(x, 3, 2, 1, True, False), (_t(2, 4, 10, 7),)),
+    "avg_pool2d_keywords": (
+        lambda x: F.avg_pool2d(x, kernel_size=(3, 2), stride=(1, 2), divisor_override=3),
+        (_t(2, 4, 9, 9),),
+    ),
+    "avg_pool2d_zero_divisor": (lambda x: F.avg_pool2d(x, 2, divisor_override=0), (_t(2, 4, 9, 9),)),
+    "avg_pool2d_too_much_padding": (lambda x: F.avg_pool2d(x, 2, 2, 2), (_t(2, 4, 9, 9),)),
+    "avg_pool2d_module": (nn.AvgPool2d(2, 2), (_t(2, 4, 9, 9),)),
+    "dropout_training": (lambda x: F.dropout(x, 0.3, True), (_t(2, 4, 3),)),
+    "dropout_training_inplace": (lambda x: F.dropout(x, 0.3, True, True), (_t(2, 4, 3),)),
+    "dropout_module_training": (nn.Dropout(0.5).train(), (_t(2, 4),)),
+    "dropout_eval": (lambda x: F.dropout(x, 0.3, False), (_t(2, 4, 3),)),
+    "dropout_bad_probability": (lambda x: F.dropout(x, 1.5, True), (_t(2, 4),)),
+    "dropout_integer_input": (lambda x: F.dropout(x, 0.3, True), (torch.arange(6),)),
+    "add_inplace_counter": (lambda a: a.add_(1), (torch.tensor(3),)),
+    "add_inplace_counter_float_step": (lambda a: a.add_(1.5), (torch.tensor(3),)),
+    "add_inplace_int32_counter": (lambda a: a.add_(1), (torch.tensor(3, dtype=torch.int32),)),
+    "add_inplace_counter_alpha": (lambda a: a.add_(1, alpha=2), (torch.tensor(3),)),
     "cat": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 3))),
     "cat_negative_dim": (lambda a, b, c: torch.cat((a, b, c), dim=-1), (_t(2, 3), _t(2, 1), _t(2, 4))),
     "cat_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3, 3), _t(2, 5, 3, 4))),
+    "cat_many_parts": (
+        lambda a, b, c, d: torch.cat([a, b, c, d, b], 1),
+        (_t(1, 4, 3), _t(1, 2, 3), _t(1, 1, 3), _t(1, 7, 3)),
+    ),
+    "cat_rank_mismatch": (lambda a, b: torch.cat([a, b], 1), (_t(2, 4, 3), _t(2, 5, 3, 1))),
+    "cat_scalar_part": (lambda a: torch.cat([a, 1.0], 0), (_t(2, 3),)),
     "cat_legacy_empty": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(0))),
     "cat_mixed_dtypes": (lambda a, b: torch.cat([a, b]), (_t(2, 3), _t(1, 3).double())),
     "cat_channels_last": (
@@ -266,6 +307,7 @@ def test_fast_meta_kernels_match_torch(name: str) -> None:
         if isinstance(expected, tuple):
             out = op(*meta_args)
             assert out.is_meta and (out.shape, out.dtype) == expected
+            assert out.is_contiguous() == real.is_contiguous()
             if "inplace" in name:
                 assert out is meta_args[0]
         else:
