@@ -104,6 +104,10 @@ def op_name(func: Any) -> tuple[str, bool]:
     return result
 
 
+NUMPY_NAMES = {"dim": ("axis",), "keepdim": ("keepdims",), "input": ("x", "a", "x1"), "other": ("x2",)}
+"""The other names torch's argument parser accepts for these keywords (``torch.cat(ts, axis=1)``)."""
+
+
 class OpCall:
     """One traced call, as its rule sees it."""
 
@@ -137,9 +141,16 @@ class OpCall:
         return node
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Argument ``index``, or the keyword ``name`` (or a NumPy-style name torch's parser takes for it: ``axis``)."""
         if len(self.args) > index:
             return self.args[index]
-        return self.kwargs.get(name, default)
+        kwargs = self.kwargs
+        if name in kwargs or not kwargs:
+            return kwargs.get(name, default)
+        for alias in NUMPY_NAMES.get(name, ()):
+            if alias in kwargs:
+                return kwargs[alias]
+        return default
 
     def space(self, t: torch.Tensor, dim: int) -> int:
         """The space of ``t``'s dimension ``dim``, claimed by this rule."""

@@ -502,6 +502,34 @@ def test_cat_offsets() -> None:
     assert member(b, "head.weight", 1).units.tolist() == [0, 1, 2, 3, 4, 5]
 
 
+class NumpyKeywords(nn.Module):
+    """A concatenation and a squeeze-excitation scale written with torch's NumPy-style keywords."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv_a(x)
+        a = a * torch.mean(a, axis=(2, 3), keepdims=True)
+        return self.head(torch.concatenate([a, self.conv_b(x)], axis=1))
+
+
+def test_numpy_style_keywords_group_like_torch_ones() -> None:
+    """``axis=`` and ``keepdims=``, which torch's parser takes for ``dim`` and ``keepdim``, are read as them."""
+    torch.manual_seed(0)
+    model = NumpyKeywords().eval()
+    mask = Mask(model, IMAGES()[0]).make()
+    assert found(mask) == {
+        (4, frozenset({"conv_a.weight[0]", "conv_a.bias[0]", "head.weight[1]"})),
+        (6, frozenset({"conv_b.weight[0]", "conv_b.bias[0]", "head.weight[1]"})),
+    }
+    assert member(group_of(mask, "conv_b.weight", 0), "head.weight", 1).positions.tolist() == [4, 5, 6, 7, 8, 9]
+    prune_every_group(mask)
+    assert_soft_equals_hard(mask, model, IMAGES()[0], IMAGES()[1:])
+
+
 def test_chunk_removes_the_same_channels_from_every_chunk() -> None:
     mask, model, inputs = make("chunk")
     (group,) = mask.groups
