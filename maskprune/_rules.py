@@ -108,6 +108,23 @@ NUMPY_NAMES = {"dim": ("axis",), "keepdim": ("keepdims",), "input": ("x", "a", "
 """The other names torch's argument parser accepts for these keywords (``torch.cat(ts, axis=1)``)."""
 
 
+def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument ``index``, or its keyword ``name`` (or a NumPy-style name torch's parser takes for it).
+
+    Example:
+        >>> argument((), {"axis": 1}, 1, "dim", 0), argument(([], 2), {}, 1, "dim", 0)
+        (1, 2)
+    """
+    if len(args) > index:
+        return args[index]
+    if name in kwargs or not kwargs:
+        return kwargs.get(name, default)
+    for alias in NUMPY_NAMES.get(name, ()):
+        if alias in kwargs:
+            return kwargs[alias]
+    return default
+
+
 class OpCall:
     """One traced call, as its rule sees it."""
 
@@ -141,16 +158,8 @@ class OpCall:
         return node
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """Argument ``index``, or the keyword ``name`` (or a NumPy-style name torch's parser takes for it: ``axis``)."""
-        if len(self.args) > index:
-            return self.args[index]
-        kwargs = self.kwargs
-        if name in kwargs or not kwargs:
-            return kwargs.get(name, default)
-        for alias in NUMPY_NAMES.get(name, ()):
-            if alias in kwargs:
-                return kwargs[alias]
-        return default
+        """Argument ``index``, or the keyword ``name`` (see :func:`argument`)."""
+        return argument(self.args, self.kwargs, index, name, default)
 
     def space(self, t: torch.Tensor, dim: int) -> int:
         """The space of ``t``'s dimension ``dim``, claimed by this rule."""
@@ -233,13 +242,18 @@ class OpCall:
 
     def in_module(self, module_type: type | tuple[type, ...]) -> bool:
         """Whether the innermost running module of the model is a ``module_type`` (its own forward runs)."""
-        return isinstance(self.tracer.running_module()[1], module_type)
+        return running_in(self.tracer, module_type)
 
     def reason(self) -> str:
         """What froze a dimension here: the op and the module running it."""
         if self._reason is None:
             self._reason = call_reason(self.tracer, self.name)
         return self._reason
+
+
+def running_in(tracer: Tracer, module_type: type | tuple[type, ...]) -> bool:
+    """Whether the innermost running module of the traced model is a ``module_type``."""
+    return isinstance(tracer.running_module()[1], module_type)
 
 
 def call_reason(tracer: Tracer, name: str) -> str:
@@ -250,8 +264,8 @@ def call_reason(tracer: Tracer, name: str) -> str:
 def apply_rule(tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any) -> None:
     """Run the rule of one traced call: :func:`run_rule` on an :class:`OpCall`, or the same without one.
 
-    A call that returns no tensor needs nothing, and the commonest calls (an activation, an eval-mode
-    batch norm) have a shortcut that gives the same spaces as their rule (see :data:`_SHORTCUTS`).
+    A call that returns no tensor needs nothing, and the commonest calls (activations, batch norms,
+    convolutions, concatenations) have a shortcut that gives the same spaces as their rule (see :data:`_SHORTCUTS`).
     """
     if isinstance(out, NO_TENSORS) and name != "setitem":
         return  # sizes, booleans: no channels flow through them (what run_rule does first)
@@ -1137,13 +1151,9 @@ def batch_norm(call: OpCall) -> None:
 
 def _statistics_from_input(name: str, args: tuple, kwargs: dict) -> bool:
     """Whether a ``batch_norm`` or ``instance_norm`` call normalises by the input's own statistics."""
-
-    def arg(index: int, key: str, default: Any) -> Any:
-        return args[index] if len(args) > index else kwargs.get(key, default)
-
     if name == "batch_norm":
-        return bool(arg(5, "training", False)) or arg(1, "running_mean", None) is None
-    return bool(arg(5, "use_input_stats", True))
+        return bool(argument(args, kwargs, 5, "training", False)) or argument(args, kwargs, 1, "running_mean") is None
+    return bool(argument(args, kwargs, 5, "use_input_stats", True))
 
 
 @rule("group_norm")
@@ -1396,7 +1406,7 @@ def _convolution(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: Any)
     if x is w or b is x or b is w:
         return False
     depthwise = groups > 1
-    if depthwise and (w.shape[1] != 1 or w.shape[0] != groups or not _in_conv_layer(tracer)):
+    if depthwise and (w.shape[1] != 1 or w.shape[0] != groups or not running_in(tracer, torch.nn.modules.conv._ConvNd)):
         return False
     graph, roles, owned = tracer.graph, tracer.roles, tracer.owned
     x_node, w_node = tracer.node(x), tracer.node(w)
@@ -1425,11 +1435,6 @@ def _holds_no_tensor(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(type(v) is int for v in value)
     return isinstance(value, NO_TENSORS)
-
-
-def _in_conv_layer(tracer: Tracer) -> bool:
-    """Whether the innermost running module of the model is a conv layer (see :meth:`OpCall.in_module`)."""
-    return isinstance(tracer.running_module()[1], torch.nn.modules.conv._ConvNd)
 
 
 _SHORTCUTS: dict[Any, Callable[[Tracer, str, tuple, dict, Any], bool]] = {
