@@ -9,6 +9,7 @@ model exactly as it was.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,6 @@ from ._walk import module_table
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
 Dims = list[tuple[int, np.ndarray | torch.Tensor]]  # a tensor's pruned dimensions and their kept positions
-Indices = dict[tuple[int, torch.device], torch.Tensor]  # (id of a plan's kept array, device) -> index tensor
 
 
 @dataclass
@@ -107,13 +107,12 @@ def apply_plan(
         tensors = dict(table), owned_tensors(model, table)
     modules, owned_by_id = tensors
     changed: dict[int, nn.Module] = {}
-    indices: Indices = {}
+    slicer = Slicer(plan)
     try:
         for owned in owned_by_id.values():
-            dims = _planned_dims(owned, plan, indices)
-            if not dims:
+            new = slicer.slice(owned)
+            if new is None:
                 continue
-            new = _slice(owned.tensor, dims)
             for path, attr in owned.names:
                 module = modules[path]
                 log.tensors.append((module, attr, owned.is_param, owned.tensor))
@@ -147,11 +146,11 @@ def sliced_copy(
     """
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
-    indices: Indices = {}
+    slicer = Slicer(plan)
     for owned in owned_tensors(model, table).values():
-        dims = _planned_dims(owned, plan, indices)
-        if dims:
-            memo[id(owned.tensor)] = _slice(owned.tensor, dims)
+        new = slicer.slice(owned)
+        if new is not None:
+            memo[id(owned.tensor)] = new
             sliced += owned.names
         else:
             memo[id(owned.tensor)] = _copy_tensor(owned.tensor, memo)
@@ -164,48 +163,73 @@ def sliced_copy(
     return pruned
 
 
-def _planned_dims(owned: OwnedTensor, plan: Plan, indices: Indices) -> Dims | None:
-    """The plan's pruned dimensions of a tensor, under whichever of its names the plan uses.
+SCRATCH_BYTES = 1 << 20  # smaller intermediates come from memory the allocator reuses: a scratch view costs more
 
-    Kept positions come as index tensors on the tensor's device, each made once per array of the plan
-    and device (``indices``, by ``id``: the plan keeps its arrays alive), shared by the tensors of one
-    channel set.
+
+class Slicer:
+    """Slices tensors by a plan, sharing what the tensors of one model can share.
+
+    Kept positions become index tensors on each tensor's device once per array of the plan and device
+    (by ``id``: the plan keeps its arrays alive), shared by the tensors of one channel set. A tensor
+    pruned along several dimensions selects along all but the last into scratch memory that the
+    next such tensor reuses, where the intermediate is large: fresh memory for each would cost a
+    page fault per page written on a CPU. The last selection is the result, in memory of its own.
+
+    Example:
+        >>> slicer = Slicer({("", "weight"): [(0, np.array([0, 2])), (1, np.array([1]))]})
+        >>> owned = OwnedTensor(torch.arange(12.0).view(3, 4), False, [("", "weight")])
+        >>> slicer.slice(owned)
+        tensor([[1.],
+                [9.]])
     """
-    for name in owned.names:
-        dims = plan.get(name)
-        if dims is not None:
-            break
-    else:
-        return None
-    device = owned.tensor.device
-    if device.type == "meta":  # only the sizes matter: no index tensors
-        return dims
-    planned = []
-    for dim, keep in dims:
-        index = indices.get((id(keep), device))
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.indices: dict[tuple[int, torch.device], torch.Tensor] = {}  # (id of a kept array, device) -> index
+        self.scratch: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}  # flat, by device, dtype, slot
+
+    def slice(self, owned: OwnedTensor) -> torch.Tensor | None:
+        """The kept positions of ``owned``'s tensor as a new tensor, or None where the plan keeps all of it."""
+        for name in owned.names:  # the plan names a tensor by one of its names
+            dims = self.plan.get(name)
+            if dims is not None:
+                break
+        else:
+            return None
+        tensor = owned.tensor
+        if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
+            shape = list(tensor.shape)
+            for dim, keep in dims:
+                shape[dim] = len(keep)
+            data = torch.empty(shape, dtype=tensor.dtype, device="meta")
+        else:
+            data, device = tensor.detach(), tensor.device  # detached: the selection records no autograd graph
+            *steps, (dim, keep) = dims
+            for step, (between, kept) in enumerate(steps):
+                data = self._intermediate(data, between, self._index(kept, device), step % 2)
+            data = data.index_select(dim, self._index(keep, device))
+        if type(tensor) is nn.Parameter or isinstance(tensor, nn.Parameter):  # the exact type first: a quick test
+            return nn.Parameter(data, requires_grad=tensor.requires_grad)
+        return data
+
+    def _index(self, keep: np.ndarray, device: torch.device) -> torch.Tensor:
+        index = self.indices.get((id(keep), device))
         if index is None:
-            index = indices[id(keep), device] = torch.as_tensor(keep, device=device)
-        planned.append((dim, index))
-    return planned
+            index = self.indices[id(keep), device] = torch.as_tensor(keep, device=device)
+        return index
 
-
-def _slice(tensor: torch.Tensor, dims: Dims) -> torch.Tensor:
-    """The kept positions of ``tensor`` along each pruned dimension, as a new tensor (``dims`` is not empty).
-
-    On a device with values, ``dims`` holds index tensors on the tensor's device (:func:`_planned_dims`).
-    """
-    if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
-        shape = list(tensor.shape)
-        for dim, keep in dims:
-            shape[dim] = len(keep)
-        data = torch.empty(shape, dtype=tensor.dtype, device="meta")
-    else:
-        data = tensor.detach()  # detached: the selection records no autograd graph
-        for dim, keep in dims:
-            data = data.index_select(dim, keep)
-    if type(tensor) is nn.Parameter or isinstance(tensor, nn.Parameter):  # the exact type first: a quick test
-        return nn.Parameter(data, requires_grad=tensor.requires_grad)
-    return data
+    def _intermediate(self, data: torch.Tensor, dim: int, keep: torch.Tensor, slot: int) -> torch.Tensor:
+        """``data.index_select(dim, keep)``, into scratch memory when large (two slots: a step reads the other)."""
+        shape = list(data.shape)
+        shape[dim] = len(keep)
+        size = math.prod(shape)
+        if size * data.element_size() < SCRATCH_BYTES:
+            return data.index_select(dim, keep)
+        key = (data.device, data.dtype, slot)
+        flat = self.scratch.get(key)
+        if flat is None or flat.numel() < size:
+            flat = self.scratch[key] = torch.empty(size, dtype=data.dtype, device=data.device)
+        return torch.index_select(data, dim, keep, out=flat[:size].view(shape))
 
 
 def _copy_tensor(tensor: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:

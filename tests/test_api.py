@@ -17,6 +17,7 @@ import maskprune
 import maskprune._export
 import maskprune._walk
 from maskprune import Mask
+from maskprune._trace import OwnedTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -428,17 +429,17 @@ def test_inplace_export_returns_the_same_smaller_model(build: Build, leftover_ho
 
 def patch_export(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], change: Callable) -> None:
     """Until ``monkeypatch.undo()``, the export of a tensor of ``shape`` goes wrong: ``change`` is applied to it."""
-    slice_ = maskprune._export._slice
+    slice_ = maskprune._export.Slicer.slice
 
-    def sliced(tensor: torch.Tensor, dims: list) -> torch.Tensor:
-        out = slice_(tensor, dims)
-        if tuple(tensor.shape) != shape:
+    def sliced(slicer: maskprune._export.Slicer, owned) -> torch.Tensor | None:
+        out = slice_(slicer, owned)
+        if out is None or tuple(owned.tensor.shape) != shape:
             return out
         with torch.no_grad():
             changed = change(out.detach()).clone()
         return nn.Parameter(changed, requires_grad=out.requires_grad) if isinstance(out, nn.Parameter) else changed
 
-    monkeypatch.setattr(maskprune._export, "_slice", sliced)
+    monkeypatch.setattr(maskprune._export.Slicer, "slice", sliced)
 
 
 BROKEN_EXPORTS = [
@@ -676,3 +677,35 @@ def test_the_sliced_copy_copies_unsliced_buffers_as_deepcopy_does() -> None:
     pointer = new.whole.untyped_storage().data_ptr()
     assert new.view.untyped_storage().data_ptr() == new.part.untyped_storage().data_ptr() == pointer
     assert new.tagged.note == "kept"
+
+
+def test_slices_of_large_tensors_pruned_along_several_dims_are_their_own_and_exact() -> None:
+    """Large intermediates go through reused scratch memory; each result owns its memory and holds its kept values."""
+    rows, cols = 2048, 512  # 4 MiB of float32: intermediates and results above the size where scratch is used
+    assert rows // 2 * 300 * 4 >= maskprune._export.SCRATCH_BYTES
+    tensors = {
+        "first": torch.randn(rows, cols),
+        "second": torch.randn(rows, cols),  # the same shape: it reuses the first one's scratch
+        "three_dims": torch.randn(32, 128, 256),  # two large intermediates: both scratch slots
+        "small": torch.randn(8, 6),  # below the size: plain selections
+    }
+    plan = {
+        ("", "first"): [(0, np.arange(0, rows, 2)), (1, np.arange(100, 500))],
+        ("", "second"): [(0, np.arange(rows // 2)), (1, np.arange(cols - 300, cols))],
+        ("", "three_dims"): [(0, np.arange(30)), (1, np.arange(96)), (2, np.arange(0, 256, 8))],
+        ("", "small"): [(0, np.array([1, 7])), (1, np.array([0, 5]))],
+    }
+    slicer = maskprune._export.Slicer(plan)
+    out = {
+        name: slicer.slice(OwnedTensor(tensor, False, [("", name)]))
+        for name, tensor in tensors.items()  # in order: each later slice writes the scratch again
+    }
+    for name, tensor in tensors.items():
+        expected = tensor
+        for dim, keep in plan["", name]:
+            expected = expected.index_select(dim, torch.as_tensor(keep))
+        assert torch.equal(out[name], expected), name
+        assert out[name].is_contiguous() and out[name].untyped_storage().nbytes() == expected.nbytes
+    scratch_pointers = {flat.data_ptr() for flat in slicer.scratch.values()}
+    assert len(slicer.scratch) == 2 and not scratch_pointers & {t.data_ptr() for t in out.values()}
+    assert slicer.slice(OwnedTensor(torch.ones(3), False, [("", "absent")])) is None
