@@ -149,11 +149,26 @@ def verify(
     return verify_outputs(masked_model, pruned_model, inputs, rtol)
 
 
+def float32_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """``model``'s outputs as a verification computes them: :func:`outputs` in full float32 (no TF32)."""
+    with full_float32():
+        return outputs(model, inputs)
+
+
 def verify_outputs(
-    masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, rtol: float, settle: Callable[[], None] | None = None
+    masked_model: nn.Module,
+    pruned_model: nn.Module,
+    inputs: Any,
+    rtol: float,
+    settle: Callable[[], None] | None = None,
+    soft: list[torch.Tensor] | None = None,
 ) -> VerifyResult:
     """:func:`verify` on the models' outputs; ``settle``, when given, is called where they differ, and the masked
     model runs again before the verdict (the export's masked weights zeroed only where written to, then all).
+
+    ``soft``: the masked model's :func:`float32_outputs`, where the caller computed them first. The export
+    does, before it makes the pruned copy: the copy's tensors then take memory that the masked forward's
+    activations freed, rather than fresh memory, which costs a page fault per page on a CPU.
 
     Example:
         >>> model = torch.nn.Linear(3, 2)
@@ -161,7 +176,8 @@ def verify_outputs(
         0.0
     """
     with full_float32():
-        soft = outputs(masked_model, inputs)
+        if soft is None:
+            soft = outputs(masked_model, inputs)
         try:
             hard = outputs(pruned_model, inputs)
         except Exception as error:  # noqa: BLE001 - a pruned model that crashes differs

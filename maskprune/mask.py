@@ -328,10 +328,12 @@ class Mask:
             spec_text = PruneSpec.text_of_plan(self.model, plan, attributes, table)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
-            else:
+            else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
+                soft = _verify.float32_outputs(self.model, inputs) if verify else None
                 pruned = self._plain_copy(plan, attributes, table)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
-                    result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=self._runtime.apply)
+                    settle = self._runtime.apply
+                    result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=settle, soft=soft)
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
         setattr(pruned, SPEC_ATTRIBUTE, spec_text)
@@ -469,12 +471,12 @@ class Mask:
         return plain
 
     def _export_inplace(self, plan: Plan, attributes: Attributes, inputs: Any, verify: bool, rtol: float) -> nn.Module:
-        soft = _verify.outputs(self.model, inputs) if verify else None
+        soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
         log = apply_plan(self.model, plan, attributes) if plan else None
         if verify:
             try:
-                result = _verify.compare(soft, _verify.outputs(self.model, inputs), rtol)
+                result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)
             except Exception as error:  # noqa: BLE001 - the exported model crashed: put everything back
                 result = _verify.crashed(error)
             if not result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -560,6 +561,41 @@ def test_verify_compares_full_float32_and_restores_the_settings() -> None:
         assert (backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
     finally:
         backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = saved
+
+
+class _PrecisionSpyNet(nn.Module):
+    """Two convolutions (the first one's channels prunable); every forward of every copy logs its precision settings."""
+
+    log: ClassVar[list[tuple[str, str]]] = []  # on the class: deep copies and exports log here too
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backends = torch.backends
+        self.log.append((backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision))
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_the_export_verifies_in_full_float32_and_restores_the_settings(inplace: bool) -> None:
+    """Both forwards of the export (masked and exported) run without TF32 or bf16, in a copy and in place."""
+    backends = torch.backends
+    saved = backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision
+    backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+    try:
+        model, x = _PrecisionSpyNet(), torch.randn(1, 3, 2, 2)
+        mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+        mask.do_mask()
+        _PrecisionSpyNet.log.clear()
+        pruned = mask.generate_pruned_model(inplace=inplace)
+        assert pruned.conv1.out_channels == 2
+        assert _PrecisionSpyNet.log == [("ieee", "ieee")] * 2
+        assert (backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+    finally:
+        backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = saved
+        _PrecisionSpyNet.log.clear()
 
 
 # ---- train-only branches --------------------------------------------------------------------------------
