@@ -26,7 +26,6 @@ from ._trace import OwnedTensor, owned_tensors
 from ._walk import module_table
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
-Dims = list[tuple[int, np.ndarray | torch.Tensor]]  # a tensor's pruned dimensions and their kept positions
 
 
 @dataclass
@@ -213,6 +212,7 @@ class Slicer:
         return data
 
     def _index(self, keep: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``keep`` as an index tensor on ``device``, made once per array and device."""
         index = self.indices.get((id(keep), device))
         if index is None:
             index = self.indices[id(keep), device] = torch.as_tensor(keep, device=device)

@@ -432,7 +432,7 @@ def patch_export(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], change
     """Until ``monkeypatch.undo()``, the export of a tensor of ``shape`` goes wrong: ``change`` is applied to it."""
     slice_ = maskprune._export.Slicer.slice
 
-    def sliced(slicer: maskprune._export.Slicer, owned) -> torch.Tensor | None:
+    def sliced(slicer: maskprune._export.Slicer, owned: OwnedTensor) -> torch.Tensor | None:
         out = slice_(slicer, owned)
         if out is None or tuple(owned.tensor.shape) != shape:
             return out
