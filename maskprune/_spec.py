@@ -142,7 +142,7 @@ class PruneSpec:
 
     def attach(self, pruned: nn.Module) -> None:
         """Record this spec on ``pruned`` (a plain ``str`` attribute)."""
-        setattr(pruned, SPEC_ATTRIBUTE, self.to_json())
+        attach_text(pruned, self.to_json())
 
     def plan(self) -> Plan:
         return {
@@ -189,6 +189,12 @@ class PruneSpec:
             return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})))
         except (KeyError, TypeError, ValueError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
+
+
+def attach_text(pruned: nn.Module, text: str) -> None:
+    """Record a spec's JSON ``text`` on ``pruned``, where :meth:`PruneSpec.of` reads it (the export writes the text
+    straight from its plan, :meth:`PruneSpec.text_of_plan`)."""
+    setattr(pruned, SPEC_ATTRIBUTE, text)
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(value, separators=(",", ":")) writes

@@ -38,7 +38,7 @@ from ._pruning import Pruner
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
-from ._spec import SPEC_ATTRIBUTE, PruneSpec, as_spec
+from ._spec import PruneSpec, as_spec, attach_text
 from ._state import load_mask_state, mask_state
 from ._trace import Trace, iter_tensors, trace
 from ._walk import module_table
@@ -336,7 +336,7 @@ class Mask:
                     result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=settle, soft=soft)
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
-        setattr(pruned, SPEC_ATTRIBUTE, spec_text)
+        attach_text(pruned, spec_text)
         return pruned
 
     def apply_spec(self, spec: PruneSpec | str | os.PathLike | nn.Module) -> Mask:
