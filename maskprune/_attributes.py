@@ -7,7 +7,9 @@ trace records each such size as a :class:`~maskprune._trace.SizeSite` (module, v
 When an export changes the count of a site's space, the attributes of that module with a known name
 and the site's old value get the new count; a Hugging Face style ``config`` shared by the model gets
 its head counts when every site agrees. Whatever this misses, the trial export finds (the model then
-fails to run) and those channels stay frozen.
+fails to run) and those channels stay frozen. A torch norm layer without tensors (``affine=False``)
+records the width it normalises as a site too, and gets its ``num_features`` (``num_channels`` and
+``num_groups``, ``normalized_shape``) from it.
 
 Example:
     >>> class Heads(nn.Module):
@@ -25,9 +27,11 @@ from typing import Any
 
 from torch import nn
 
-from ._trace import HEADS, SizeSite
+from ._layers import tensorless_widths
+from ._trace import HEADS, LAYER, SizeSite
 
-Attributes = dict[str, dict[str, int]]  # module path -> {attribute (``config.<field>`` for its config): new value}
+# module path -> {attribute (``config.<field>`` for its config): new value (a tuple for ``normalized_shape``)}
+Attributes = dict[str, dict[str, int | tuple[int, ...]]]
 
 HEAD_COUNTS = frozenset(
     {
@@ -76,9 +80,14 @@ def attribute_updates(
     """
     proposals: dict[tuple[str, int], set[int]] = {}
     configs: dict[tuple[int, str], tuple[str, set[int]]] = {}  # a shared config's field: every layer's count
+    updates: Attributes = {}
     for site in sites:
         new = kept(site.space)
         if new is None:
+            continue
+        if site.kind == LAYER:  # one space per tensorless layer (Tracer.tensorless_layer): no conflict
+            if new != site.value:
+                updates.setdefault(site.path, {}).update(tensorless_widths(modules[site.path], new))
             continue
         if new != site.value:
             proposals.setdefault((site.path, site.value), set()).add(new)
@@ -86,7 +95,6 @@ def attribute_updates(
         if site.kind == HEADS and config is not None and not isinstance(config, nn.Module):
             for name in _matching(vars(config), HEAD_COUNTS.__contains__, site.value):
                 configs.setdefault((id(config), name), (site.path, set()))[1].add(new)
-    updates: Attributes = {}
     for (path, old), news in proposals.items():
         module = modules.get(path)
         if module is None or len(news) != 1:

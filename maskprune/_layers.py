@@ -93,6 +93,7 @@ def leaf_rules() -> dict[type, LayerRule]:
 
 
 # ---- RMS norms written as modules -------------------------------------------------------------
+LAST_DIM_NORMS = (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm,)  # torch's own
 RMS_NORM_RULE = LayerRule(inputs={0: {-1: "c"}}, outputs={0: {-1: "c"}}, params={"weight": {0: "c"}})
 
 
@@ -107,7 +108,7 @@ def named_like_rms_norm(kind: type) -> bool:
     name = kind.__name__.lower()
     if "rmsnorm" not in name and name != "t5layernorm":
         return False
-    return not issubclass(kind, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+    return not issubclass(kind, LAST_DIM_NORMS)
 
 
 def rms_norm_eps(module: nn.Module) -> float | None:
@@ -219,6 +220,22 @@ _UPDATERS: list[tuple[type, Updater]] = [
 ]
 if hasattr(nn, "RMSNorm"):
     _UPDATERS.append((nn.RMSNorm, _update_layer_norm))
+
+
+def tensorless_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...]]:
+    """The attributes that give a torch norm layer without tensors (``affine=False``) the width ``width``.
+
+    Example:
+        >>> tensorless_widths(nn.GroupNorm(4, 8, affine=False), 4)
+        {'num_channels': 4, 'num_groups': 2}
+    """
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        return {"num_features": width}
+    if isinstance(module, nn.GroupNorm):
+        return {"num_channels": width, "num_groups": module.num_groups * width // module.num_channels}
+    if isinstance(module, LAST_DIM_NORMS):
+        return {"normalized_shape": (width,)}
+    return {}
 
 
 def update_module(module: nn.Module) -> None:

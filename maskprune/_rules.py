@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._attributes import holds_count
 from ._trace import HEADS, NO_TENSORS, TensorNode, TracedSize, Tracer, iter_tensors
@@ -1139,10 +1141,14 @@ def batch_norm(call: OpCall) -> None:
     if x.dim() < 2:
         return
     channels = x.shape[1]
+    tensorless = True
     for t in call.inputs[1:]:
         if t.dim() == 1 and t.shape[0] == channels:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
+            tensorless = False
+    if tensorless and call.in_module((_BatchNorm, _InstanceNorm)):
+        call.tracer.tensorless_layer(*call.tracer.running_module(), channels, call.space(x, 1))
     if _statistics_from_input(call.name, call.args, call.kwargs):
         call.set_out(out, [call.space(x, d) if d == 1 else None for d in range(x.dim())])
     else:
@@ -1160,11 +1166,12 @@ def _statistics_from_input(name: str, args: tuple, kwargs: dict) -> bool:
 def group_norm(call: OpCall) -> None:
     """Channels of one norm group are one unit: removing whole groups keeps the statistics exact."""
     x, out = call.args[0], call.outputs[0]
-    if call.arg(2, "weight") is None:
-        return  # without affine tensors the new group count could not be stored: keep it whole
-    groups = int(call.arg(1, "num_groups"))
+    tensorless = call.arg(2, "weight") is None
     if not call.in_module(torch.nn.GroupNorm):
+        if tensorless:
+            return  # no tensor and no layer to hold the new group count: keep it whole
         call.unproven("a group count outside a GroupNorm")
+    groups = int(call.arg(1, "num_groups"))
     channels = x.shape[1]
     per_group = channels // groups
     space = call.space(x, 1)
@@ -1175,6 +1182,8 @@ def group_norm(call: OpCall) -> None:
         if t.dim() == 1 and t.shape[0] == channels:
             call.unite(x, 1, t, 0)
             call.role(t, 0, NORM)
+    if tensorless:
+        call.tracer.tensorless_layer(*call.tracer.running_module(), channels, space)
     call.set_out(out, call.spaces(x))
 
 
@@ -1184,7 +1193,7 @@ def layer_norm(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
     shape = call.arg(1, "normalized_shape")
     k = 1 if isinstance(shape, int) else len(shape)
-    if k != 1 or call.arg(2, "weight") is None:
+    if k != 1:
         call.set_out(out, [call.space(x, d) if d < x.dim() - k else None for d in range(x.dim())])
         return
     for t in call.inputs[1:]:

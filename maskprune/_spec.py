@@ -183,12 +183,17 @@ class PruneSpec:
                 for t in data["tensors"]
             ]
             attributes = {
-                str(path): {str(name): int(value) for name, value in values.items()}
+                str(path): {str(name): _attribute_value(value) for name, value in values.items()}
                 for path, values in data.get("attributes", {}).items()
             }
             return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})))
         except (KeyError, TypeError, ValueError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
+
+
+def _attribute_value(value: Any) -> int | tuple[int, ...]:
+    """An attribute's value read from JSON: a count, or a shape (``normalized_shape``)."""
+    return tuple(map(int, value)) if isinstance(value, list) else int(value)
 
 
 def attach_text(pruned: nn.Module, text: str) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._graph import ChannelGraph
-from ._layers import RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
+from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
 from ._walk import module_table, restore_training, set_mode, tensors_of, training_flags
 from .errors import TraceError
@@ -71,7 +71,7 @@ class LayerNormSite:
     eps: float
 
 
-HEADS, WIDTH = "heads", "width"
+HEADS, WIDTH, LAYER = "heads", "width", "layer"
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class SizeSite:
     path: str
     value: int
     space: int
-    kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels
+    kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels; LAYER: a tensorless norm layer's width
     written: bool = True  # False: implied, not written (``flatten(1)``, ``view(B, -1)`` merging channels)
 
 
@@ -295,6 +295,7 @@ class Tracer:
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
+        self.tensorless: dict[int, int] = {}  # id of a norm layer without tensors -> the channel space it normalises
         # calls whose rule cannot prove that an export handles them (a trial export checks), besides the
         # size reads and size sites
         self.unproven: list[str] = []
@@ -323,6 +324,16 @@ class Tracer:
         """Record that the running module's code wrote ``value`` (or, ``written=False``, implied it), a
         count of ``space``'s channels."""
         self.size_sites.append(SizeSite(self.running_module()[0], value, space, kind, written))
+
+    def tensorless_layer(self, path: str, module: nn.Module, width: int, space: int) -> None:
+        """``module``, a torch norm layer without tensors to slice, normalises ``width`` channels of ``space``: an
+        export sets its width attributes (``num_features`` …). Its calls share one space, as a weight would make
+        them share it."""
+        first = self.tensorless.setdefault(id(module), space)
+        if first == space:
+            self.size_sites.append(SizeSite(path, width, space, LAYER, written=False))
+        else:
+            self.graph.unite(first, space)
 
     def node(self, t: torch.Tensor) -> TensorNode:
         key = id(t)
@@ -482,7 +493,7 @@ class Tracer:
         outputs = list(iter_tensors(output))
         plain = set(ops) <= {"permute", "contiguous", "layer_norm", "rms_norm", "transpose", "movedim"}
         ok = (
-            isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+            isinstance(module, LAST_DIM_NORMS)
             and next(module.children(), None) is None  # the hook recomputes the norm alone: no act or drop after it
             and plain
             and ops.count("layer_norm") + ops.count("rms_norm") == 1
@@ -499,6 +510,8 @@ class Tracer:
             out_dims = [d for d, s in enumerate(out_node.spaces) if find(s) == find(space)] if out_node else []
             ok = len(in_dims) == 1 and in_dims == out_dims
         if ok:
+            if getattr(module, "weight", None) is None:
+                self.tensorless_layer(path, module, inputs[0].shape[in_dims[0]], space)
             self.layer_norms.append(
                 LayerNormSite(
                     kind=kind,

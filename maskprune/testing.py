@@ -124,12 +124,12 @@ def _frozen_batch_norm(channels: int) -> nn.Module:
 
 
 class TinyLayerNorm(nn.Module):
-    """A LayerNorm over the channel (last) dimension of tokens, between two Linear layers."""
+    """A LayerNorm (or ``norm``) over the channel (last) dimension of tokens, between two Linear layers."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.fc = nn.Linear(6, 8)
-        self.norm = nn.LayerNorm(8)
+        self.norm = nn.LayerNorm(8) if norm is None else norm
         self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -693,6 +693,25 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
         lambda: (TinyConvBlock(nn.InstanceNorm2d(8, affine=True), nn.ReLU()), torch.randn(2, 3, 8, 8))
     ),
     "frozen_batch_norm2d": _seeded(lambda: (TinyConvBlock(_frozen_batch_norm(8), nn.ReLU()), torch.randn(2, 3, 8, 8))),
+    # norms without tensors (torch's default for InstanceNorm): only their width attributes change
+    "instance_norm2d_no_affine": _seeded(
+        lambda: (TinyConvBlock(nn.InstanceNorm2d(8), nn.ReLU()), torch.randn(2, 3, 8, 8))
+    ),
+    "batch_norm2d_no_affine": _seeded(
+        lambda: (
+            TinyConvBlock(nn.BatchNorm2d(8, affine=False, track_running_stats=False), nn.ReLU()),
+            torch.randn(2, 3, 8, 8),
+        )
+    ),
+    "group_norm_no_affine": _seeded(
+        lambda: (TinyConvBlock(nn.GroupNorm(4, 8, affine=False), nn.ReLU()), torch.randn(2, 3, 8, 8))
+    ),
+    "layer_norm_no_affine": _seeded(
+        lambda: (TinyLayerNorm(nn.LayerNorm(8, elementwise_affine=False)), torch.randn(2, 5, 6))
+    ),
+    "rms_norm_no_affine": _seeded(
+        lambda: (TinyLayerNorm(nn.RMSNorm(8, elementwise_affine=False)), torch.randn(2, 5, 6))
+    ),
     "prelu": _seeded(lambda: (TinyConvBlock(nn.PReLU(8)), torch.randn(2, 3, 8, 8))),
     "embedding": _seeded(lambda: (TinyEmbedding(), torch.randint(0, 10, (2, 6)))),
     "bare_parameter": _seeded(lambda: (TinyViT(), torch.randn(2, 3, 8, 8))),

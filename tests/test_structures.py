@@ -7,8 +7,10 @@ checked to be in no group at all.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,6 +169,11 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "layer_norm": TOKENS,
     "instance_norm2d": IMAGES,
     "frozen_batch_norm2d": IMAGES,
+    "instance_norm2d_no_affine": IMAGES,
+    "batch_norm2d_no_affine": IMAGES,
+    "group_norm_no_affine": IMAGES,
+    "layer_norm_no_affine": TOKENS,
+    "rms_norm_no_affine": TOKENS,
     "prelu": IMAGES,
     "embedding": _ids,
     "bare_parameter": IMAGES_FIXED_SIZE,
@@ -260,6 +267,11 @@ EXPECTED: dict[str, set[GroupKey]] = {
     "layer_norm": {G(8, "fc.weight[0]", "fc.bias[0]", "norm.weight[0]", "norm.bias[0]", "head.weight[1]")},
     "instance_norm2d": STEM_NORM_HEAD,
     "frozen_batch_norm2d": STEM_HEAD,  # its tensors are buffers: sliced, but not members
+    "instance_norm2d_no_affine": STEM_HEAD,  # no tensors: the norm only passes its channels on
+    "batch_norm2d_no_affine": STEM_HEAD,
+    "group_norm_no_affine": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # 4 norm groups: 4 units
+    "layer_norm_no_affine": {G(8, "fc.weight[0]", "fc.bias[0]", "head.weight[1]")},
+    "rms_norm_no_affine": {G(8, "fc.weight[0]", "fc.bias[0]", "head.weight[1]")},
     "prelu": {G(8, "stem.weight[0]", "stem.bias[0]", "body.0.weight[0]", "head.weight[1]")},
     "embedding": {
         G(8, "emb.weight[1]", "fc.weight[1]"),
@@ -613,6 +625,71 @@ def test_per_channel_layers_are_sliced(name: str, attribute: str | None) -> None
     assert sliced and all(shape == (5,) for shape in sliced.values()), sliced  # parameters and buffers
     if attribute is not None:
         assert getattr(layer, attribute) == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "removed", "widths"),
+    [
+        ("instance_norm2d_no_affine", [0, 1, 7], {"num_features": 5}),
+        ("batch_norm2d_no_affine", [0, 1, 7], {"num_features": 5}),
+        ("group_norm_no_affine", [1, 2], {"num_channels": 4, "num_groups": 2}),  # units: norm groups of 2
+        ("layer_norm_no_affine", [0, 4, 6], {"normalized_shape": (5,)}),
+        ("rms_norm_no_affine", [0, 4, 6], {"normalized_shape": (5,)}),
+    ],
+)
+def test_norm_layers_without_tensors_get_their_new_width(
+    name: str, removed: list[int], widths: dict[str, Any], tmp_path: Path
+) -> None:
+    """No tensor to slice says their width: the export sets it, the model runs without a width warning (an
+    InstanceNorm warns on a mismatch, a LayerNorm fails), and a saved model loads with the same attributes."""
+    mask, model, inputs = make(name)
+    mask.groups[0].prune(removed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+    norm = pruned.body[0] if hasattr(pruned, "body") else pruned.norm
+    assert {attribute: getattr(norm, attribute) for attribute in widths} == widths
+    maskprune.save_pruned(pruned, tmp_path)
+    loaded = maskprune.load_pruned(TINY_MODELS[name]()[0], tmp_path)
+    loaded_norm = loaded.body[0] if hasattr(loaded, "body") else loaded.norm
+    assert {attribute: getattr(loaded_norm, attribute) for attribute in widths} == widths
+
+
+def test_a_norm_layer_without_tensors_called_on_two_spaces_joins_them() -> None:
+    """One LayerNorm without affine tensors normalises two branches: it can hold one width, so the two
+    branches lose the same channels, as a shared weight would make them."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
+            self.norm = nn.LayerNorm(8, elementwise_affine=False)
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.norm(self.a(x)), self.norm(self.b(x))], dim=-1))
+
+    model, inputs = TwoBranches(), torch.randn(2, 5, 6)
+    mask = Mask(model, inputs, ratio=0.5).make()
+    assert found(mask) == {G(8, "a.weight[0]", "a.bias[0]", "b.weight[0]", "b.bias[0]", "head.weight[1]")}
+    mask.groups[0].prune([1, 2, 5])
+    pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
+    assert pruned.norm.normalized_shape == (5,) and pruned.head.in_features == 10
+
+
+def test_a_group_norm_without_tensors_outside_its_layer_keeps_its_channels() -> None:
+    """``F.group_norm(x, 4)`` in a model's own code: no layer holds the group count an export would change."""
+
+    class FunctionalGroupNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.nn.functional.group_norm(self.stem(x), 4))
+
+    with pytest.raises(maskprune.NothingToPruneError, match="`group_norm` in <root>"):
+        Mask(FunctionalGroupNorm(), torch.randn(2, 3, 8, 8), ratio=0.5).make()
 
 
 def test_embedding_keeps_its_vocabulary() -> None:
