@@ -629,6 +629,22 @@ def _permutation(call: OpCall, ndim: int) -> list[int] | None:
     return None
 
 
+@rule("channel_shuffle", "native_channel_shuffle")
+def channel_shuffle(call: OpCall) -> None:
+    """Channel ``a * n + b`` (group ``a`` of ``groups``, ``n`` channels each) moves to ``b * groups + a``. The
+    exported model shuffles in as many groups, so every group must lose the same positions: a unit is one
+    position ``b`` in every group."""
+    x, out = call.args[0], call.outputs[0]
+    groups = int(call.arg(1, "groups"))
+    channels = x.shape[1]
+    idx = np.arange(channels)
+    units = call.graph.new_space(channels // groups)
+    call.link(units, idx % (channels // groups), call.space(x, 1), idx)
+    shuffled = call.graph.new_space(channels)
+    call.link(units, idx // groups, shuffled, idx)
+    call.set_out(out, [shuffled if d == 1 else call.space(x, d) for d in range(x.dim())])
+
+
 @rule("permute", "transpose", "swapaxes", "swapdims", "t", "T", "mT", "mH", "adjoint", "movedim", "moveaxis")
 def permute(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
@@ -726,6 +742,20 @@ def split(call: OpCall) -> None:
     for out in outs:
         spaces: list[int | None] = [call.space(x, k) if k != d else shared for k in range(x.dim())]
         call.set_out(out, spaces)
+
+
+@rule("glu")
+def glu(call: OpCall) -> None:
+    """``glu`` halves a dim: output channel ``i`` is input channel ``i`` gated by channel ``i + n``, one unit (as
+    ``a, b = x.chunk(2); a * sigmoid(b)`` makes them)."""
+    x, out = call.args[0], call.outputs[0]
+    d = int(call.arg(1, "dim", -1)) % x.dim()
+    n = out.shape[d]
+    halves = call.graph.new_space(n)
+    idx = np.arange(n)
+    for k in range(2):
+        call.link(halves, idx, call.space(x, d), idx + k * n)
+    call.set_out(out, [call.space(x, k) if k != d else halves for k in range(x.dim())])
 
 
 def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, str]] | None:
@@ -900,7 +930,6 @@ _MIXING = {
     "sort": (1, "dim", -1),
     "argsort": (1, "dim", -1),
     "normalize": (2, "dim", 1),
-    "glu": (1, "dim", -1),
     "topk": (2, "dim", -1),
     "flip": (1, "dims", None),
     "roll": (2, "dims", None),
@@ -953,6 +982,23 @@ def spatial(call: OpCall) -> None:
             call.set_out(out, [call.space(x, d) if d < x.dim() - k else None for d in range(x.dim())])
     for extra in call.inputs[1:]:
         call.claim_all(extra)
+
+
+@rule("pixel_shuffle", "pixel_unshuffle")
+def pixel_shuffle(call: OpCall) -> None:
+    """Channel ``c`` of a pixel shuffle's output is made of the input's channels ``c * r² … c * r² + r² - 1``
+    (an unshuffle's output channel ``j`` comes from input channel ``j // r²``): those are one unit. The spatial
+    dims are new (frozen) spaces."""
+    x, out = call.args[0], call.outputs[0]
+    few, many = (out, x) if call.name == "pixel_shuffle" else (x, out)
+    block = many.shape[-3] // few.shape[-3]
+    idx = np.arange(many.shape[-3])
+    space = call.graph.new_space(out.shape[-3])
+    if call.name == "pixel_shuffle":
+        call.link(space, idx // block, call.space(x, -3), idx)
+    else:
+        call.link(space, idx, call.space(x, -3), idx // block)
+    call.set_out(out, [call.space(x, d) for d in range(x.dim() - 3)] + [space, None, None])
 
 
 @rule("grid_sample")

@@ -341,6 +341,20 @@ class TinyShuffle(nn.Module):
         return self.head(y)
 
 
+class TinyRearrange(nn.Module):
+    """``stem (3 or 6 -> width) -> op -> head (-> 4)``: an op that moves channels (pixel and channel shuffles,
+    GLU's halves); ``tokens`` makes stem and head Linear layers, else 1x1 convolutions."""
+
+    def __init__(self, op: nn.Module, width: int, head_width: int, tokens: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, width) if tokens else nn.Conv2d(3, width, 1)
+        self.op = op
+        self.head = nn.Linear(head_width, 4) if tokens else nn.Conv2d(head_width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.op(self.stem(x)))
+
+
 # ---- spatial ops, activations, dropout ---------------------------------------------------------
 class TinyPooling(nn.Module):
     """Max, average, adaptive max and adaptive average pooling between convolutions."""
@@ -730,6 +744,10 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "view_reshape": _seeded(lambda: (TinyReshape(), torch.randn(2, 3, 8, 8))),
     "permute_transpose": _seeded(lambda: (TinyChannelsLast(), torch.randn(2, 3, 8, 8))),
     "channel_shuffle": _seeded(lambda: (TinyShuffle(), torch.randn(2, 3, 8, 8))),
+    "channel_shuffle_layer": _seeded(lambda: (TinyRearrange(nn.ChannelShuffle(2), 8, 8), torch.randn(2, 3, 8, 8))),
+    "pixel_shuffle": _seeded(lambda: (TinyRearrange(nn.PixelShuffle(2), 16, 4), torch.randn(2, 3, 4, 4))),
+    "pixel_unshuffle": _seeded(lambda: (TinyRearrange(nn.PixelUnshuffle(2), 4, 16), torch.randn(2, 3, 8, 8))),
+    "glu": _seeded(lambda: (TinyRearrange(nn.GLU(), 16, 8, tokens=True), torch.randn(2, 5, 6))),
     # spatial ops, activations, dropout
     "pooling": _seeded(lambda: (TinyPooling(), torch.randn(2, 3, 8, 8))),
     "interpolate": _seeded(lambda: (TinyInterpolate(), torch.randn(2, 3, 8, 8))),

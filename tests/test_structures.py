@@ -190,6 +190,10 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "view_reshape": IMAGES,
     "permute_transpose": IMAGES,
     "channel_shuffle": IMAGES,
+    "channel_shuffle_layer": IMAGES,
+    "pixel_shuffle": _randn((3, 3, 4, 4), (1, 3, 6, 5)),
+    "pixel_unshuffle": IMAGES,
+    "glu": TOKENS,
     "pooling": _randn((3, 3, 8, 8), (1, 3, 16, 12)),
     "interpolate": IMAGES,
     "relu": IMAGES,
@@ -325,6 +329,10 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
     },
     "channel_shuffle": STEM_ONLY,
+    "channel_shuffle_layer": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: one per group
+    "pixel_shuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 stem channels
+    "pixel_unshuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 head columns
+    "glu": {G(8, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: a value and its gate
     "pooling": {
         G(8, "conv1.weight[0]", "conv1.bias[0]", "conv2.weight[1]"),
         G(8, "conv2.weight[0]", "conv2.bias[0]", "conv3.weight[1]"),
@@ -690,6 +698,28 @@ def test_a_group_norm_without_tensors_outside_its_layer_keeps_its_channels() -> 
 
     with pytest.raises(maskprune.NothingToPruneError, match="`group_norm` in <root>"):
         Mask(FunctionalGroupNorm(), torch.randn(2, 3, 8, 8), ratio=0.5).make()
+
+
+@pytest.mark.parametrize(
+    ("name", "unit", "stem_rows", "head_columns"),
+    [
+        ("channel_shuffle_layer", 1, [1, 5], [2, 3]),  # position 1 of both groups of 4, shuffled to 1 * 2 + (0, 1)
+        ("pixel_shuffle", 1, [4, 5, 6, 7], [1]),  # output channel 1 is made of input channels 4 … 7
+        ("pixel_unshuffle", 1, [1], [4, 5, 6, 7]),  # input channel 1 becomes output channels 4 … 7
+        ("glu", 2, [2, 10], [2]),  # output 2 is value 2 gated by channel 2 + 8
+    ],
+)
+def test_channel_moving_ops_remove_whole_units(
+    name: str, unit: int, stem_rows: list[int], head_columns: list[int]
+) -> None:
+    mask, model, inputs = make(name)
+    (group,) = mask.groups
+    group.prune([unit])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+    keep_rows = [i for i in range(model.stem.weight.shape[0]) if i not in stem_rows]
+    keep_columns = [i for i in range(model.head.weight.shape[1]) if i not in head_columns]
+    assert torch.equal(pruned.stem.weight, model.stem.weight[keep_rows])
+    assert torch.equal(pruned.head.weight, model.head.weight[:, keep_columns])
 
 
 def test_embedding_keeps_its_vocabulary() -> None:
