@@ -573,17 +573,22 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     """Split ``x``'s dim ``in_dim`` into ``block_out``; the second-to-last factor carries the channels.
 
     ``C -> (heads, head_dim)`` and ``3C -> (3, heads, head_dim)`` keep their channels prunable a whole
-    head at a time (the other factors keep their size). A head count written in the code must be held
-    in an attribute the export can set (``self.num_heads``), else it is frozen: the exported code would
-    still split into the old count (a channel shuffle's ``groups``). Returns (output dim, its space).
+    head at a time (the other factors keep their size). A head count written in the code and not held
+    in an attribute the export can set (``self.num_heads``) stays as it is: the last factor carries the
+    channels then, every part losing the same positions, as ``chunk`` would make them (a channel shuffle's
+    ``view(B, groups, -1, H, W)``). Returns (output dim, its space).
     """
     heads_dim, heads = block_out[-2]
-    per_head = block_out[-1][1]
+    per_head_dim, per_head = block_out[-1]
+    idx = np.arange(x.shape[in_dim])
     written = _written_size(call, heads_dim)
     if type(written) is int and written > 0 and not call.held(written):
-        return heads_dim, call.graph.new_space(heads, f"{call.reason()} (its count {written} is written in the code)")
+        space = call.graph.new_space(per_head)
+        call.link(space, idx % per_head, call.space(x, in_dim), idx)
+        if _fixes_count(_written_size(call, per_head_dim), space):  # ``view(B, 2, 4, H, W)``: the trial export checks
+            call.tracer.size_site(per_head, space)
+        return per_head_dim, space
     space = call.graph.new_space(heads)
-    idx = np.arange(x.shape[in_dim])
     call.link(space, (idx // per_head) % heads, call.space(x, in_dim), idx)
     call.tracer.size_site(heads, space, HEADS)
     return heads_dim, space

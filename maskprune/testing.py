@@ -453,6 +453,26 @@ class TinyFusedAttention(nn.Module):
         return self.head(x + self.proj(a))
 
 
+class TinyLiteralHeads(nn.Module):
+    """Self-attention whose code writes its head count (``view(B, N, 2, -1)``) and keeps it in no attribute: an
+    export cannot change it, so the heads stay and every head loses the same positions of ``head_dim``
+    where nothing else fixes them (the values; the queries' and keys' are contracted with each other)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, N, 2, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+        return self.head(x + self.proj(a))
+
+
 class TinyGroupedQueryAttention(nn.Module):
     """Llama-style grouped-query attention: 4 query heads share 2 key/value heads (``repeat_kv`` by
     expand and reshape), heads inferred by ``view(B, N, -1, head_dim)``, a causal SDPA."""
@@ -761,6 +781,7 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "multihead_attention": _seeded(lambda: (TinyAttention(), torch.randn(2, 5, 6))),
     "fused_qkv_attention": _seeded(lambda: (TinyFusedAttention(), torch.randn(2, 5, 6))),
     "grouped_query_attention": _seeded(lambda: (TinyGroupedQueryAttention(), torch.randn(2, 5, 8))),
+    "literal_heads_attention": _seeded(lambda: (TinyLiteralHeads(), torch.randn(2, 5, 6))),
     "rms_norm_hidden": _seeded(lambda: (TinyRMSNormHidden(), torch.randint(0, 10, (2, 6)))),
     # how parameters and inputs are reached
     "functional": _seeded(lambda: (TinyFunctional(), torch.randn(2, 3, 8, 8))),

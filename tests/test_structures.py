@@ -205,6 +205,7 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "multihead_attention": TOKENS,
     "fused_qkv_attention": TOKENS,
     "grouped_query_attention": _randn((3, 5, 8), (1, 9, 8)),
+    "literal_heads_attention": TOKENS,
     "rms_norm_hidden": _ids,
     "functional": IMAGES,
     "shared_module": IMAGES,
@@ -328,7 +329,10 @@ EXPECTED: dict[str, set[GroupKey]] = {
         G(8, "conv.weight[0]", "conv.bias[0]", "fc.weight[1]"),
         G(6, "fc.weight[0]", "fc.bias[0]", "head.weight[1]"),
     },
-    "channel_shuffle": STEM_ONLY,
+    "channel_shuffle": {  # view-transpose-view in 2 groups written in the code: a unit is a position in both
+        G(6, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]"),
+        G(4, "conv.weight[0]", "conv.bias[0]", "head.weight[1]"),
+    },
     "channel_shuffle_layer": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: one per group
     "pixel_shuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 stem channels
     "pixel_unshuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 head columns
@@ -381,6 +385,20 @@ EXPECTED: dict[str, set[GroupKey]] = {
     },
     "grouped_query_attention": {  # 2 key/value heads, each with its 2 query heads (the input width is the model's)
         G(2, "q_proj.weight[0]", "k_proj.weight[0]", "v_proj.weight[0]", "o_proj.weight[1]"),
+    },
+    "literal_heads_attention": {  # the residual width, and position i of both heads of the values
+        G(
+            8,
+            "embed.weight[0]",
+            "embed.bias[0]",
+            "q.weight[1]",
+            "k.weight[1]",
+            "v.weight[1]",
+            "proj.weight[0]",
+            "proj.bias[0]",
+            "head.weight[1]",
+        ),
+        G(4, "v.weight[0]", "v.bias[0]", "proj.weight[1]"),
     },
     "rms_norm_hidden": {  # the hidden size through both RMS norms, and the gated MLP's width
         G(
@@ -701,25 +719,37 @@ def test_a_group_norm_without_tensors_outside_its_layer_keeps_its_channels() -> 
 
 
 @pytest.mark.parametrize(
-    ("name", "unit", "stem_rows", "head_columns"),
+    ("name", "producer", "unit", "rows", "head_columns"),
     [
-        ("channel_shuffle_layer", 1, [1, 5], [2, 3]),  # position 1 of both groups of 4, shuffled to 1 * 2 + (0, 1)
-        ("pixel_shuffle", 1, [4, 5, 6, 7], [1]),  # output channel 1 is made of input channels 4 … 7
-        ("pixel_unshuffle", 1, [1], [4, 5, 6, 7]),  # input channel 1 becomes output channels 4 … 7
-        ("glu", 2, [2, 10], [2]),  # output 2 is value 2 gated by channel 2 + 8
+        ("channel_shuffle_layer", "stem", 1, [1, 5], [2, 3]),  # position 1 of both groups of 4 goes to 1 * 2 + (0, 1)
+        ("channel_shuffle", "conv", 1, [1, 5], [2, 3]),  # the same shuffle written as view-transpose-view
+        ("pixel_shuffle", "stem", 1, [4, 5, 6, 7], [1]),  # output channel 1 is made of input channels 4 … 7
+        ("pixel_unshuffle", "stem", 1, [1], [4, 5, 6, 7]),  # input channel 1 becomes output channels 4 … 7
+        ("glu", "stem", 2, [2, 10], [2]),  # output 2 is value 2 gated by channel 2 + 8
     ],
 )
 def test_channel_moving_ops_remove_whole_units(
-    name: str, unit: int, stem_rows: list[int], head_columns: list[int]
+    name: str, producer: str, unit: int, rows: list[int], head_columns: list[int]
 ) -> None:
     mask, model, inputs = make(name)
-    (group,) = mask.groups
+    group = group_of(mask, f"{producer}.weight", 0)
     group.prune([unit])
     pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
-    keep_rows = [i for i in range(model.stem.weight.shape[0]) if i not in stem_rows]
+    before, after = model.get_submodule(producer).weight, pruned.get_submodule(producer).weight
+    assert torch.equal(after, before[[i for i in range(before.shape[0]) if i not in rows]])
     keep_columns = [i for i in range(model.head.weight.shape[1]) if i not in head_columns]
-    assert torch.equal(pruned.stem.weight, model.stem.weight[keep_rows])
     assert torch.equal(pruned.head.weight, model.head.weight[:, keep_columns])
+
+
+def test_a_head_count_written_in_the_code_stays_and_the_heads_lose_the_same_positions() -> None:
+    mask, model, inputs = make("literal_heads_attention")
+    group_of(mask, "v.weight", 0).prune([1])  # position 1 of each head of 4: value rows 1 and 5
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["literal_heads_attention"]())
+    rows = [0, 2, 3, 4, 6, 7]
+    assert torch.equal(pruned.v.weight, model.v.weight[rows]) and torch.equal(
+        pruned.proj.weight, model.proj.weight[:, rows]
+    )
+    assert pruned.q.weight.shape == model.q.weight.shape and pruned.k.weight.shape == model.k.weight.shape
 
 
 def test_embedding_keeps_its_vocabulary() -> None:
@@ -771,7 +801,6 @@ def test_dict_inputs_and_outputs() -> None:
     [
         ("split_unequal", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`split` in <root>"),
         ("slice", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`getitem` in <root>"),
-        ("channel_shuffle", {"conv.weight[0]", "conv.bias[0]", "head.weight[1]"}, "`view` in <root>"),
         ("unsupported_op", {"conv.weight[0]", "conv.bias[0]", "mix.scale[0]", "head.weight[1]"}, "`tensordot` in mix"),
     ],
 )

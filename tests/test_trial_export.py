@@ -114,9 +114,23 @@ class ViewsAsAnother(nn.Module):
         return self.c(F.relu(self.b(self.a(x).flatten(2).view_as(other)))), other
 
 
+class ShufflesInWrittenParts(nn.Module):
+    """A channel shuffle ``view(B, 2, 4, H, W)`` that writes the size of its parts too: ``b`` keeps its count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(F.relu(self.a(x)))
+        n, _, h, w = y.shape
+        return self.c(y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, -1, h, w))
+
+
 @pytest.mark.parametrize(
     ("model_type", "input_shape", "fixed", "free"),
     [
+        (ShufflesInWrittenParts, (1, 3, 4, 4), "c.weight", "a.weight"),  # c reads b's shuffled channels
         (ExpandsToWrittenShape, (1, 3, 4, 4), "a.weight", "b.weight"),
         (ReshapesByTheInputWidth, (2, 8, 4, 4), "a.weight", "b.weight"),
         (FunctionalGroupedConv, (1, 3, 4, 4), "weight", "c.weight"),
