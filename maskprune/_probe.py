@@ -25,6 +25,7 @@ from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
 from ._trace import Trace, call_model, iter_tensors, owned_tensors
 from ._walk import module_table, restore_training, set_mode, training_flags
+from .errors import first_line
 
 MAX_PROBES = 200
 MAX_NEAR = 16  # groups of the raising module tried one by one before bisecting
@@ -71,8 +72,7 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
             for _ in iter_tensors(out):
                 pass
     except Exception as error:  # noqa: BLE001 - any failure is the answer
-        text = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        return Failure(text, _raising_module(error, paths))
+        return Failure(first_line(error), _raising_module(error, paths))
     finally:
         restore_training(flags)
     return None

@@ -541,13 +541,16 @@ def reshape(call: OpCall) -> None:
 
 def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]]) -> tuple[int, int, int]:
     """The factor of a merge that carries channels: the first one not frozen (``C`` of a conv's
-    ``(C, H, W)``, ``heads`` of ``(heads, head_dim)``, ``C`` of Swin's ``(2, 2, C)``), else the first.
+    ``(C, H, W)``, ``heads`` of ``(heads, head_dim)``, ``C`` of Swin's ``(2, 2, C)``), else the first. The
+    parts of a split by a written count (:func:`_split_into_heads`) come last: Swin's ``2`` of a spatial
+    ``(H / 2, 2)`` is one, and its ``C`` carries the channels.
 
     Returns (its dim in ``x``, its size, the product of the factors after it).
     """
-    graph = call.graph
+    graph, parts = call.graph, call.tracer.part_spaces
     nodes = call.node(x).spaces
-    chosen = next((k for k, (d, _) in enumerate(block_in) if not graph.is_frozen(nodes[d])), 0)
+    free = [k for k, (d, _) in enumerate(block_in) if not graph.is_frozen(nodes[d])]
+    chosen = next((k for k in free if nodes[block_in[k][0]] not in parts), free[0] if free else 0)
     stride = int(np.prod([n for _, n in block_in[chosen + 1 :]], dtype=np.int64))
     return block_in[chosen][0], block_in[chosen][1], stride
 
@@ -584,6 +587,7 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     written = _written_size(call, heads_dim)
     if type(written) is int and written > 0 and not call.held(written):
         space = call.graph.new_space(per_head)
+        call.tracer.part_spaces.add(space)
         call.link(space, idx % per_head, call.space(x, in_dim), idx)
         if _fixes_count(_written_size(call, per_head_dim), space):  # ``view(B, 2, 4, H, W)``: the trial export checks
             call.tracer.size_site(per_head, space)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._trace import call_model, evaluating, iter_tensors
+from .errors import first_line
 
 # masked model -> weak method giving, for a module path, the kept index of each output dim (weak both
 # ways: the Mask holds the model, so a strong value would keep its own key alive)
@@ -217,7 +218,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
             call_model(model, inputs)
     except Exception as error:  # noqa: BLE001 - name the module that raised
         failing = next((n for n in reversed(running) if n), "<root>")
-        return outputs, f"{failing} (raised {type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        return outputs, f"{failing} (raised {first_line(error)})"
     finally:
         for handle in handles:
             handle.remove()

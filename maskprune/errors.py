@@ -23,3 +23,15 @@ class ExportError(MaskpruneError, RuntimeError):
 
 class SpecError(MaskpruneError, ValueError):
     """A pruning spec is malformed or does not fit the model it is applied to (the module is named)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``error``'s type and the first line of its message (at most ``limit`` characters): a model's own error as
+    a reason. A bare ``assert`` has no message.
+
+    Example:
+        >>> first_line(ValueError("bad width\\nsecond line")), first_line(AssertionError())
+        ('ValueError: bad width', 'AssertionError')
+    """
+    message = next(iter(str(error).splitlines()), "")[:limit]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

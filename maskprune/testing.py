@@ -355,6 +355,23 @@ class TinyRearrange(nn.Module):
         return self.head(self.op(self.stem(x)))
 
 
+class TinyPatchMerging(nn.Module):
+    """Swin's patch merging: each 2x2 block of pixels goes into the channels, ``(H / 2, 2, W / 2, 2, C)`` ->
+    ``(H / 2, W / 2, 2, 2, C)`` -> ``(H / 2, W / 2, 4C)``, then a Linear; the spatial split writes its counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.reduce = nn.Linear(32, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).permute(0, 2, 3, 1)
+        b, h, w, c = y.shape
+        y = y.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.head(F.relu(self.reduce(y)).mean((1, 2)))
+
+
 # ---- spatial ops, activations, dropout ---------------------------------------------------------
 class TinyPooling(nn.Module):
     """Max, average, adaptive max and adaptive average pooling between convolutions."""
@@ -767,6 +784,7 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "channel_shuffle_layer": _seeded(lambda: (TinyRearrange(nn.ChannelShuffle(2), 8, 8), torch.randn(2, 3, 8, 8))),
     "pixel_shuffle": _seeded(lambda: (TinyRearrange(nn.PixelShuffle(2), 16, 4), torch.randn(2, 3, 4, 4))),
     "pixel_unshuffle": _seeded(lambda: (TinyRearrange(nn.PixelUnshuffle(2), 4, 16), torch.randn(2, 3, 8, 8))),
+    "patch_merging": _seeded(lambda: (TinyPatchMerging(), torch.randn(2, 3, 8, 8))),
     "glu": _seeded(lambda: (TinyRearrange(nn.GLU(), 16, 8, tokens=True), torch.randn(2, 5, 6))),
     # spatial ops, activations, dropout
     "pooling": _seeded(lambda: (TinyPooling(), torch.randn(2, 3, 8, 8))),

@@ -500,6 +500,20 @@ def test_verify_names_the_first_diverging_module(tiny_cnn) -> None:
     assert maskprune.verify(a, copy.deepcopy(a), torch.randn(2, 3, 16, 16)).max_rel == 0
 
 
+def test_verify_names_the_module_that_raised_even_without_a_message(tiny_cnn) -> None:
+    """A pruned model whose layer raises differs from the masked one, and the layer is named (a bare ``assert``
+    has no message to show)."""
+    model = tiny_cnn()
+    broken = copy.deepcopy(model)
+
+    def bare_assert(module: nn.Module, args: tuple) -> None:
+        raise AssertionError  # what a bare ``assert`` raises (pytest would give one in this file a message)
+
+    broken.conv2.register_forward_pre_hook(bare_assert)
+    result = maskprune.verify(model, broken, torch.randn(2, 3, 16, 16))
+    assert not result and result.first_divergence == "conv2 (raised AssertionError)"
+
+
 class _TopKScorer(nn.Module):
     """Features, then a discrete step (top-k positions): its output is an integer tensor."""
 

@@ -193,6 +193,7 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "channel_shuffle_layer": IMAGES,
     "pixel_shuffle": _randn((3, 3, 4, 4), (1, 3, 6, 5)),
     "pixel_unshuffle": IMAGES,
+    "patch_merging": _randn((3, 3, 8, 8), (1, 3, 12, 6)),
     "glu": TOKENS,
     "pooling": _randn((3, 3, 8, 8), (1, 3, 16, 12)),
     "interpolate": IMAGES,
@@ -337,6 +338,10 @@ EXPECTED: dict[str, set[GroupKey]] = {
     "pixel_shuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 stem channels
     "pixel_unshuffle": {G(4, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: 4 head columns
     "glu": {G(8, "stem.weight[0]", "stem.bias[0]", "head.weight[1]")},  # a unit: a value and its gate
+    "patch_merging": {  # the channels carry the merge, not the 2x2 parts of the spatial split
+        G(8, "stem.weight[0]", "stem.bias[0]", "reduce.weight[1]"),
+        G(6, "reduce.weight[0]", "reduce.bias[0]", "head.weight[1]"),
+    },
     "pooling": {
         G(8, "conv1.weight[0]", "conv1.bias[0]", "conv2.weight[1]"),
         G(8, "conv2.weight[0]", "conv2.bias[0]", "conv3.weight[1]"),
@@ -739,6 +744,14 @@ def test_channel_moving_ops_remove_whole_units(
     assert torch.equal(after, before[[i for i in range(before.shape[0]) if i not in rows]])
     keep_columns = [i for i in range(model.head.weight.shape[1]) if i not in head_columns]
     assert torch.equal(pruned.head.weight, model.head.weight[:, keep_columns])
+
+
+def test_patch_merging_removes_a_channel_from_every_pixel_of_the_block() -> None:
+    """Swin's ``(2, 2, C)`` merge: channel 3 is column 3 of each of the four pixels, ``p * 8 + 3``."""
+    mask, model, inputs = make("patch_merging")
+    group_of(mask, "stem.weight", 0).prune([3])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["patch_merging"]())
+    assert torch.equal(pruned.reduce.weight, model.reduce.weight[:, [i for i in range(32) if i % 8 != 3]])
 
 
 def test_a_head_count_written_in_the_code_stays_and_the_heads_lose_the_same_positions() -> None:

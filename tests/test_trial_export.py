@@ -127,9 +127,24 @@ class ShufflesInWrittenParts(nn.Module):
         return self.c(y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, -1, h, w))
 
 
+class AssertsItsWidth(nn.Module):
+    """A bare ``assert`` (no message) on ``a``'s channel count: ``a`` keeps its count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if y.shape[1] != 8:
+            raise AssertionError  # a bare ``assert`` (pytest would give one in this file a message)
+        return self.c(F.relu(self.b(y)))
+
+
 @pytest.mark.parametrize(
     ("model_type", "input_shape", "fixed", "free"),
     [
+        (AssertsItsWidth, (1, 3, 4, 4), "a.weight", "b.weight"),
         (ShufflesInWrittenParts, (1, 3, 4, 4), "c.weight", "a.weight"),  # c reads b's shuffled channels
         (ExpandsToWrittenShape, (1, 3, 4, 4), "a.weight", "b.weight"),
         (ReshapesByTheInputWidth, (2, 8, 4, 4), "a.weight", "b.weight"),
