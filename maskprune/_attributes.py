@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ._layers import tensorless_widths
+from ._layers import norm_widths
 from ._trace import HEADS, LAYER, SizeSite
 
 # module path -> {attribute (``config.<field>`` for its config): new value (a tuple for ``normalized_shape``)}
@@ -87,7 +87,7 @@ def attribute_updates(
             continue
         if site.kind == LAYER:  # one space per tensorless layer (Tracer.tensorless_layer): no conflict
             if new != site.value:
-                updates.setdefault(site.path, {}).update(tensorless_widths(modules[site.path], new))
+                updates.setdefault(site.path, {}).update(norm_widths(modules[site.path], new))
             continue
         if new != site.value:
             proposals.setdefault((site.path, site.value), set()).add(new)

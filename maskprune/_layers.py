@@ -174,15 +174,31 @@ def _update_linear(m: nn.Linear) -> None:
     store(m, out_features=out_features, in_features=in_features)
 
 
+def norm_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...]]:
+    """The attributes that give a torch norm layer the width ``width``: read from its sliced tensors, or from the
+    trace for a layer without tensors (``affine=False``).
+
+    Example:
+        >>> norm_widths(nn.GroupNorm(4, 8, affine=False), 4)
+        {'num_channels': 4, 'num_groups': 2}
+    """
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        return {"num_features": width}
+    if isinstance(module, nn.GroupNorm):
+        return {"num_channels": width, "num_groups": module.num_groups * width // module.num_channels}
+    if isinstance(module, LAST_DIM_NORMS):
+        return {"normalized_shape": (width,)}
+    return {}
+
+
 def _update_batch_norm(m: nn.Module) -> None:
     tensor = m.weight if m.weight is not None else m.running_mean
     if tensor is not None:
-        store(m, num_features=tensor.shape[0])
+        store(m, **norm_widths(m, tensor.shape[0]))
 
 
 def _update_group_norm(m: nn.GroupNorm) -> None:
-    channels = m.weight.shape[0]
-    store(m, num_groups=m.num_groups * channels // m.num_channels, num_channels=channels)
+    store(m, **norm_widths(m, m.weight.shape[0]))
 
 
 def _update_layer_norm(m: nn.Module) -> None:
@@ -220,22 +236,6 @@ _UPDATERS: list[tuple[type, Updater]] = [
 ]
 if hasattr(nn, "RMSNorm"):
     _UPDATERS.append((nn.RMSNorm, _update_layer_norm))
-
-
-def tensorless_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...]]:
-    """The attributes that give a torch norm layer without tensors (``affine=False``) the width ``width``.
-
-    Example:
-        >>> tensorless_widths(nn.GroupNorm(4, 8, affine=False), 4)
-        {'num_channels': 4, 'num_groups': 2}
-    """
-    if isinstance(module, (_BatchNorm, _InstanceNorm)):
-        return {"num_features": width}
-    if isinstance(module, nn.GroupNorm):
-        return {"num_channels": width, "num_groups": module.num_groups * width // module.num_channels}
-    if isinstance(module, LAST_DIM_NORMS):
-        return {"normalized_shape": (width,)}
-    return {}
 
 
 def update_module(module: nn.Module) -> None:

@@ -646,9 +646,10 @@ def channel_shuffle(call: OpCall) -> None:
     x, out = call.args[0], call.outputs[0]
     groups = int(call.arg(1, "groups"))
     channels = x.shape[1]
+    per_group = channels // groups
     idx = np.arange(channels)
-    units = call.graph.new_space(channels // groups)
-    call.link(units, idx % (channels // groups), call.space(x, 1), idx)
+    units = call.graph.new_space(per_group)
+    call.link(units, idx % per_group, call.space(x, 1), idx)
     shuffled = call.graph.new_space(channels)
     call.link(units, idx // groups, shuffled, idx)
     call.set_out(out, [shuffled if d == 1 else call.space(x, d) for d in range(x.dim())])
