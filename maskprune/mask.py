@@ -18,6 +18,7 @@ from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._attributes import Attributes, attribute_updates
+from ._collector import collector_paused
 from ._export import Plan, TensorDims, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import (
@@ -164,6 +165,7 @@ class Mask:
                 self._runtime.apply()
 
     # ---- lifecycle -------------------------------------------------------------------------
+    @collector_paused()
     def make(self) -> Mask:
         """Trace the model, build the dependency groups, install the mask hooks. Returns self."""
         if self._made:
@@ -299,6 +301,7 @@ class Mask:
         self._require_made("sparsity()")
         return sparsity_report(self)
 
+    @collector_paused()
     def generate_pruned_model(
         self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float = 1e-5
     ) -> nn.Module:

@@ -2,12 +2,14 @@
 
 "Changes nothing" means: the same state_dict tensors, the same training flag on
 every module, the same hooks (none, before make()), no global module hook and
-no torch function mode left active, the same random state.
+no torch function mode left active, the same random state, the garbage collector
+on or off as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +55,7 @@ def leaves_unchanged(model: nn.Module, *, made: bool = False) -> Iterator[None]:
 
     Before make() (``made=False``) that includes having no hook at all.
     """
-    before = snapshot(model)
+    before, collector = snapshot(model), gc.isenabled()
     if not made:
         assert all(counts == (0, 0, 0, 0) for counts in before.hooks.values()), "the test model had hooks already"
     yield
@@ -67,6 +69,7 @@ def leaves_unchanged(model: nn.Module, *, made: bool = False) -> Iterator[None]:
     module = torch.nn.modules.module
     assert not module._global_forward_hooks and not module._global_forward_pre_hooks, "a global module hook is left"
     assert not torch._C._is_torch_function_mode_enabled(), "a torch function mode is left active"
+    assert gc.isenabled() == collector, "the garbage collector was left switched"
 
 
 @contextmanager
@@ -191,6 +194,38 @@ def test_forward_that_raises_midway(train: bool) -> None:
     model.inner.train(not train)
     with fails_cleanly(model, maskprune.TraceError, r"RuntimeError: boom in the middle of the forward"):
         Mask(model, X).make()
+
+
+COLLECTOR_SEEN: list[bool] = []  # outside the module: its copies (the trace's, the export's) append here too
+
+
+class CollectorWatch(nn.Module):
+    """Notes whether Python's garbage collector is on each time its forward runs (or a copy's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        COLLECTOR_SEEN.append(gc.isenabled())
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["collector-on", "collector-off"])
+def test_make_and_export_pause_the_garbage_collector_and_put_it_back(enabled: bool) -> None:
+    COLLECTOR_SEEN.clear()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        mask = Mask(CollectorWatch(), X, algorithm=L1Norm(), ratio=0.5).make()
+        assert COLLECTOR_SEEN == [False] and gc.isenabled() == enabled  # paused for the trace
+        mask.do_mask()
+        pruned = mask.generate_pruned_model()
+        assert COLLECTOR_SEEN == [False] * 3 and gc.isenabled() == enabled  # and for the verification's forwards
+        pruned(X)
+        assert COLLECTOR_SEEN[-1] == enabled
+    finally:
+        gc.enable()
 
 
 # ---- lifecycle order -------------------------------------------------------------------------------------
