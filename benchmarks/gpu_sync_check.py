@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from maskprune.algorithms import APoZ, Taylor
 
 from maskprune import Mask
+from maskprune.errors import first_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fashion_mnist import SmallResNet  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> int:
         print("masked training steps (forward, backward, step with track_optimizer): no synchronisation -> ok")
     except RuntimeError as error:
         failed = True
-        print(f"masked training steps: FAIL ({str(error).splitlines()[0]})")
+        print(f"masked training steps: FAIL ({first_line(error)})")
     return 1 if failed else 0
 
 

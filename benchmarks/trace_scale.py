@@ -46,6 +46,7 @@ import transformers
 from torch import nn
 
 from maskprune import Mask
+from maskprune.errors import first_line
 
 RATIO = 0.5
 SEQUENCE = 16
@@ -153,8 +154,7 @@ def child(library: str, layers: int, kv_heads: int) -> None:
         for record in stages(model, ids):
             emit(record)
     except Exception as exc:  # reported in the table
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        emit({"error": f"could not build: {type(exc).__name__}: {first}"})
+        emit({"error": f"could not build: {first_line(exc)}"})
 
 
 @dataclass
