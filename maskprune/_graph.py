@@ -88,6 +88,32 @@ class ChannelGraph:
             self._links.append((merged, positions[offset : offset + n], part, positions[:n]))
             offset += n
 
+    def joined(self, a: int, others: list[int]) -> bool:
+        """Whether ``a`` is related so far to any of ``others``: united, or joined by a chain of links.
+
+        Example:
+            >>> g = ChannelGraph(); a, b, c = g.new_space(4), g.new_space(4), g.new_space(2)
+            >>> g.link(c, np.arange(2), b, np.arange(2)); g.joined(a, [b]), g.joined(b, [a, c])
+            (False, True)
+        """
+        start, goals = self.find(a), {self.find(b) for b in others}
+        if start in goals:
+            return True
+        neighbours: dict[int, list[int]] = {}
+        for x, _, y, _ in self._links:
+            rx, ry = self.find(x), self.find(y)
+            neighbours.setdefault(rx, []).append(ry)
+            neighbours.setdefault(ry, []).append(rx)
+        seen, todo = {start}, [start]
+        while todo:
+            for space in neighbours.get(todo.pop(), ()):
+                if space in goals:
+                    return True
+                if space not in seen:
+                    seen.add(space)
+                    todo.append(space)
+        return False
+
     def is_frozen(self, space: int) -> bool:
         """Whether the whole space is frozen so far (links solved later may freeze more)."""
         return self.find(space) in self._reason

@@ -524,9 +524,11 @@ def reshape(call: OpCall) -> None:
         out_dim = block_out[0][0]
         if len(block_in) == 1:
             spaces[out_dim] = call.space(x, block_in[0][0])
+            written = _written_size(call, out_dim)
             if pb in literals:
                 call.tracer.size_site(pb, spaces[out_dim])
-            elif _fixes_count(_written_size(call, out_dim), spaces[out_dim]):
+            elif _fixes_count(written, spaces[out_dim]):
+                _keep_count_of(call, written, spaces[out_dim], [spaces[out_dim]])
                 call.unproven("a size read from another tensor")
             continue
         carrier, size, stride = _merge_carrier(call, x, block_in)
@@ -534,7 +536,10 @@ def reshape(call: OpCall) -> None:
         idx = np.arange(pb)
         call.link(merged, idx, call.space(x, carrier), (idx // stride) % size)
         spaces[out_dim] = merged
-        written = pb in literals or _fixes_count(_written_size(call, out_dim), merged)
+        given = _written_size(call, out_dim)
+        written = pb in literals or _fixes_count(given, merged)
+        if written:
+            _keep_count_of(call, given, merged, [call.space(x, d) for d, _ in block_in])
         call.tracer.size_site(pb, merged, written=written)
     call.set_out(out, spaces)
 
@@ -553,6 +558,19 @@ def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]
     chosen = next((k for k in free if nodes[block_in[k][0]] not in parts), free[0] if free else 0)
     stride = int(np.prod([n for _, n in block_in[chosen + 1 :]], dtype=np.int64))
     return block_in[chosen][0], block_in[chosen][1], stride
+
+
+def _keep_count_of(call: OpCall, written: Any, space: int, sources: list[int]) -> None:
+    """A size read from another tensor's dim fixes ``space``'s count to that dim's (PVT's ``reshape(B, N, C)`` of
+    its heads, ``C`` read from its input): the two lose the same channels, where nothing relates them yet. A
+    dim the reshaped channels come from (``sources``) may already decide that count: a channel shuffle's
+    ``view(B, C, H, W)`` with the ``C`` it split. The trial export still checks the size, and freezes (naming
+    the model's error) where either is frozen already (a count read from a model input)."""
+    if not isinstance(written, TracedSize):
+        return
+    graph = call.graph
+    if not graph.is_frozen(written.space) and not graph.is_frozen(space) and not graph.joined(written.space, sources):
+        graph.unite(written.space, space)
 
 
 def _fixes_count(written: Any, space: int) -> bool:

@@ -490,6 +490,35 @@ class TinyLiteralHeads(nn.Module):
         return self.head(x + self.proj(a))
 
 
+class TinySpatialReduction(nn.Module):
+    """PVT's spatial-reduction attention, which sizes its reshapes by the token width it reads from its input
+    (``B, N, C = x.shape``): a strided conv reduces the tokens laid out as an image to fewer keys and values
+    (``sr(...).reshape(B, C, -1)``), and the heads merge back into that width (``reshape(B, N, C)``). The
+    reduction's channels and the heads (2 of 4) must keep the residual's count. A width of 8 on 4x4 tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 4
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.q = nn.Linear(8, 8)
+        self.sr = nn.Conv2d(8, 8, 2, stride=2)
+        self.kv = nn.Linear(8, 16)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        H, W = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        reduced = self.sr(x.transpose(1, 2).reshape(B, C, H, W)).reshape(B, C, -1).transpose(1, 2)
+        kv = self.kv(reduced).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head((x + self.proj(a)).mean(1))
+
+
 class TinyGroupedQueryAttention(nn.Module):
     """Llama-style grouped-query attention: 4 query heads share 2 key/value heads (``repeat_kv`` by
     expand and reshape), heads inferred by ``view(B, N, -1, head_dim)``, a causal SDPA."""
@@ -800,6 +829,7 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "fused_qkv_attention": _seeded(lambda: (TinyFusedAttention(), torch.randn(2, 5, 6))),
     "grouped_query_attention": _seeded(lambda: (TinyGroupedQueryAttention(), torch.randn(2, 5, 8))),
     "literal_heads_attention": _seeded(lambda: (TinyLiteralHeads(), torch.randn(2, 5, 6))),
+    "spatial_reduction_attention": _seeded(lambda: (TinySpatialReduction(), torch.randn(2, 3, 8, 8))),
     "rms_norm_hidden": _seeded(lambda: (TinyRMSNormHidden(), torch.randint(0, 10, (2, 6)))),
     # how parameters and inputs are reached
     "functional": _seeded(lambda: (TinyFunctional(), torch.randn(2, 3, 8, 8))),

@@ -207,6 +207,7 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "fused_qkv_attention": TOKENS,
     "grouped_query_attention": _randn((3, 5, 8), (1, 9, 8)),
     "literal_heads_attention": TOKENS,
+    "spatial_reduction_attention": _randn((3, 3, 8, 8), (1, 3, 12, 12)),
     "rms_norm_hidden": _ids,
     "functional": IMAGES,
     "shared_module": IMAGES,
@@ -404,6 +405,26 @@ EXPECTED: dict[str, set[GroupKey]] = {
             "head.weight[1]",
         ),
         G(4, "v.weight[0]", "v.bias[0]", "proj.weight[1]"),
+    },
+    "spatial_reduction_attention": {  # the residual width, a whole head at a time: the code sizes both by it
+        G(
+            2,
+            "embed.weight[0]",
+            "embed.bias[0]",
+            "q.weight[0]",
+            "q.weight[1]",
+            "q.bias[0]",
+            "sr.weight[0]",
+            "sr.weight[1]",
+            "sr.bias[0]",
+            "kv.weight[0]",
+            "kv.weight[1]",
+            "kv.bias[0]",
+            "proj.weight[0]",
+            "proj.weight[1]",
+            "proj.bias[0]",
+            "head.weight[1]",
+        ),
     },
     "rms_norm_hidden": {  # the hidden size through both RMS norms, and the gated MLP's width
         G(
@@ -763,6 +784,21 @@ def test_a_head_count_written_in_the_code_stays_and_the_heads_lose_the_same_posi
         pruned.proj.weight, model.proj.weight[:, rows]
     )
     assert pruned.q.weight.shape == model.q.weight.shape and pruned.k.weight.shape == model.k.weight.shape
+
+
+def test_sizes_read_from_the_input_keep_the_reduction_and_the_heads_at_its_width() -> None:
+    """PVT sizes ``sr(...).reshape(B, C, -1)`` and the heads' ``reshape(B, N, C)`` by the width ``C`` it read
+    from its input: the reduction's channels and the heads lose the residual's channels, a head at a time."""
+    mask, model, inputs = make("spatial_reduction_attention")
+    (heads,) = mask.groups
+    heads.prune([0])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["spatial_reduction_attention"]())
+    kept = [4, 5, 6, 7]
+    assert (pruned.num_heads, pruned.head_dim) == (1, 4) and (model.num_heads, model.head_dim) == (2, 4)
+    assert torch.equal(pruned.sr.weight, model.sr.weight[kept][:, kept])
+    assert torch.equal(pruned.kv.weight, model.kv.weight[kept + [8 + k for k in kept]][:, kept])
+    assert torch.equal(pruned.proj.weight, model.proj.weight[kept][:, kept])
+    assert torch.equal(pruned.head.weight, model.head.weight[:, kept])
 
 
 def test_embedding_keeps_its_vocabulary() -> None:

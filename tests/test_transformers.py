@@ -294,17 +294,32 @@ def test_torchvision_vit_loses_whole_heads() -> None:
     assert maskprune.verify(model, pruned, torch.randn(1, 3, 32, 32)).ok
 
 
-@pytest.mark.parametrize("name", ["swin_t", "maxvit_t"])
-def test_torchvision_heads_fixed_by_the_code_are_reported(name: str) -> None:
-    """Their attention derives ``head_dim`` from the input width: the trial export proves heads and the
-    residual width cannot change apart, so they stay whole (the MLPs are still pruned; see the zoo)."""
+@pytest.mark.parametrize(
+    ("name", "size", "qkv", "heads"), [("swin_t", 96, "qkv", "num_heads"), ("maxvit_t", 224, "to_qkv", "n_heads")]
+)
+def test_torchvision_heads_merged_by_the_residual_width_go_with_it(name: str, size: int, qkv: str, heads: str) -> None:
+    """Swin and MaxViT merge their heads back by the width they read from their input (``reshape(B, N, C)``) and
+    derive ``head_dim`` from it (``C // num_heads``): the heads and the residual width of a stage are one group,
+    a head (32 channels of the residual, 96 rows of qkv) at a time."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()
-    mask = Mask(model, torch.randn(1, 3, 224, 224) if name == "maxvit_t" else torch.randn(1, 3, 96, 96)).make()
-    assert "the model's code fixes this size (trial export" in str(mask)
-    grouped = {m.name for g in mask.groups for m in g.members}
-    assert not any(n.endswith("qkv.weight") for n in grouped)
-    assert any(n.endswith(("mlp.0.weight", "mlp_layer.1.weight")) for n in grouped)
+    _randomize_zero_parameters(model)
+    x = torch.randn(1, 3, size, size)
+    mask = Mask(model, x).make()
+    stages = [g for g in mask.groups if any(m.name.endswith(f"{qkv}.weight") and m.dim == 0 for m in g.members)]
+    assert [g.size for g in stages] == [2, 4, 8, 16] if name == "maxvit_t" else [3, 6, 12, 24]
+    for group in stages:
+        rows = [m.mapping() for m in group.members if m.name.endswith(f"{qkv}.weight") and m.dim == 0]
+        assert set(rows) == {f"[0:{96 * group.size}], 96 per channel"}
+        group.prune([0])
+    pruned = mask.generate_pruned_model()
+    assert maskprune.verify(model, pruned, torch.randn(2, 3, size, size)).ok
+    pairs = zip(model.modules(), pruned.modules(), strict=True)
+    attentions = [(a, b) for a, b in pairs if hasattr(a, heads) and hasattr(a, qkv)]
+    assert attentions
+    for before, after in attentions:
+        assert getattr(after, heads) == getattr(before, heads) - 1
+        assert getattr(after, qkv).weight.shape == (96 * getattr(after, heads), 32 * getattr(after, heads))
 
 
 @pytest.mark.parametrize(
