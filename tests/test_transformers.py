@@ -295,9 +295,12 @@ def test_torchvision_vit_loses_whole_heads() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "size", "qkv", "heads"), [("swin_t", 96, "qkv", "num_heads"), ("maxvit_t", 224, "to_qkv", "n_heads")]
+    ("name", "size", "qkv", "heads", "per_stage"),
+    [("swin_t", 96, "qkv", "num_heads", [3, 6, 12, 24]), ("maxvit_t", 224, "to_qkv", "n_heads", [2, 4, 8, 16])],
 )
-def test_torchvision_heads_merged_by_the_residual_width_go_with_it(name: str, size: int, qkv: str, heads: str) -> None:
+def test_torchvision_heads_merged_by_the_residual_width_go_with_it(
+    name: str, size: int, qkv: str, heads: str, per_stage: list[int]
+) -> None:
     """Swin and MaxViT merge their heads back by the width they read from their input (``reshape(B, N, C)``) and
     derive ``head_dim`` from it (``C // num_heads``): the heads and the residual width of a stage are one group,
     a head (32 channels of the residual, 96 rows of qkv) at a time."""
@@ -307,7 +310,7 @@ def test_torchvision_heads_merged_by_the_residual_width_go_with_it(name: str, si
     x = torch.randn(1, 3, size, size)
     mask = Mask(model, x).make()
     stages = [g for g in mask.groups if any(m.name.endswith(f"{qkv}.weight") and m.dim == 0 for m in g.members)]
-    assert [g.size for g in stages] == [2, 4, 8, 16] if name == "maxvit_t" else [3, 6, 12, 24]
+    assert [g.size for g in stages] == per_stage
     for group in stages:
         rows = [m.mapping() for m in group.members if m.name.endswith(f"{qkv}.weight") and m.dim == 0]
         assert set(rows) == {f"[0:{96 * group.size}], 96 per channel"}
