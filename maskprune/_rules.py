@@ -562,7 +562,8 @@ def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]
 
 def _keep_count_of(call: OpCall, written: Any, space: int, sources: list[int]) -> None:
     """A size read from another tensor's dim fixes ``space``'s count to that dim's (PVT's ``reshape(B, N, C)`` of
-    its heads, ``C`` read from its input): the two lose the same channels, where nothing relates them yet. A
+    its heads, ``C`` read from its input; an ``expand`` to it): the two lose the same channels, where nothing
+    relates them yet. A
     dim the reshaped channels come from (``sources``) may already decide that count: a channel shuffle's
     ``view(B, C, H, W)`` with the ``C`` it split. The trial export still checks the size, and freezes (naming
     the model's error) where either is frozen already (a count read from a model input)."""
@@ -690,7 +691,9 @@ def expand(call: OpCall) -> None:
     for k in range(x.dim()):
         if x.shape[k] == out.shape[k + lead]:
             spaces[k + lead] = call.space(x, k)
-            if _fixes_count(_written_size(call, k + lead), spaces[k + lead]):
+            written = _written_size(call, k + lead)
+            if _fixes_count(written, spaces[k + lead]):
+                _keep_count_of(call, written, spaces[k + lead], [spaces[k + lead]])
                 call.unproven("a size written in the code")
         elif x.shape[k] == 1:
             call.claimed.add((id(x), k))

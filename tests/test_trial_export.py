@@ -141,6 +141,39 @@ class AssertsItsWidth(nn.Module):
         return self.c(F.relu(self.b(y)))
 
 
+class SizedByAnotherBranch(nn.Module):
+    """``b``'s 8 channels reshaped (or expanded) to the width read from ``a``'s output (``ya.shape[1]``): the two
+    counts must stay equal. Each branch alone would be a group, and losing one channel from every group (what the
+    trial export tries) keeps them equal by chance."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ya, yb = self.a(x), self.b(x).mean((2, 3))
+        if self.op == "reshape":
+            yb = yb.reshape(ya.shape[0], ya.shape[1])
+        else:
+            yb = yb[:, :, None].expand(ya.shape[0], ya.shape[1], 4).mean(-1)
+        return self.c(F.relu(ya)).mean((2, 3)) + self.d(F.relu(yb))
+
+
+@pytest.mark.parametrize("op", ["reshape", "expand"])
+def test_a_width_read_from_one_branch_sizes_the_other_one_group(op: str) -> None:
+    torch.manual_seed(0)
+    model, x = SizedByAnotherBranch(op).eval(), torch.randn(2, 3, 4, 4)
+    mask = Mask(model, x).make()
+    (group,) = mask.groups
+    assert {f"{m.name}[{m.dim}]" for m in group.members} >= {"a.weight[0]", "b.weight[0]", "c.weight[1]", "d.weight[1]"}
+    group.prune([0, 5])
+    pruned = mask.generate_pruned_model()
+    kept = [1, 2, 3, 4, 6, 7]
+    assert torch.equal(pruned.a.weight, model.a.weight[kept]) and torch.equal(pruned.b.weight, model.b.weight[kept])
+    assert maskprune.verify(model, pruned, torch.randn(3, 3, 6, 6)).ok
+
+
 @pytest.mark.parametrize(
     ("model_type", "input_shape", "fixed", "free"),
     [
