@@ -563,10 +563,9 @@ def _merge_carrier(call: OpCall, x: torch.Tensor, block_in: list[tuple[int, int]
 def _keep_count_of(call: OpCall, written: Any, space: int, sources: list[int]) -> None:
     """A size read from another tensor's dim fixes ``space``'s count to that dim's (PVT's ``reshape(B, N, C)`` of
     its heads, ``C`` read from its input; an ``expand`` to it): the two lose the same channels, where nothing
-    relates them yet. A
-    dim the reshaped channels come from (``sources``) may already decide that count: a channel shuffle's
-    ``view(B, C, H, W)`` with the ``C`` it split. The trial export still checks the size, and freezes (naming
-    the model's error) where either is frozen already (a count read from a model input)."""
+    relates them yet. A dim the reshaped channels come from (``sources``) may already decide that count: a
+    channel shuffle's ``view(B, C, H, W)`` with the ``C`` it split. The trial export still checks the size, and
+    freezes (naming the model's error) where either is frozen already (a count read from a model input)."""
     if not isinstance(written, TracedSize):
         return
     graph = call.graph

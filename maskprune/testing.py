@@ -494,7 +494,7 @@ class TinySpatialReduction(nn.Module):
     """PVT's spatial-reduction attention, which sizes its reshapes by the token width it reads from its input
     (``B, N, C = x.shape``): a strided conv reduces the tokens laid out as an image to fewer keys and values
     (``sr(...).reshape(B, C, -1)``), and the heads merge back into that width (``reshape(B, N, C)``). The
-    reduction's channels and the heads (2 of 4) must keep the residual's count. A width of 8 on 4x4 tokens."""
+    reduction's channels and the heads (2 of 4 channels) must keep the residual's count. A width of 8 on 4x4 tokens."""
 
     def __init__(self) -> None:
         super().__init__()
