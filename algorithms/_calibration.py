@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from maskprune import call_model
 
 BatchInputs = Callable[[Any], Any]
 
@@ -59,28 +60,6 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def call(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple, ``model(**x)`` for a dict (as Mask's example inputs)."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside the block; every module's ``training`` flag restored after, also on error."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def run_batches(
     model: nn.Module,
     data: Iterable[Any],
@@ -89,7 +68,8 @@ def run_batches(
     max_batches: int | None,
     desc: str,
 ) -> int:
-    """Feed the batches of ``data`` to ``model`` (call inside :func:`evaluating` and a ``watch``); returns their count.
+    """Feed the batches of ``data`` to ``model`` (call inside :func:`maskprune.evaluating`, ``torch.no_grad()`` and a
+    ``watch``); returns their count.
 
     Raises ValueError when ``data`` gives no batch (an exhausted iterator, for one).
     """
@@ -101,7 +81,7 @@ def run_batches(
     batches = data if max_batches is None else islice(data, max_batches)
     count = 0
     for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None):
-        call(model, to_device(get(batch), device))
+        call_model(model, to_device(get(batch), device))
         count += 1
     if count == 0:
         raise ValueError(

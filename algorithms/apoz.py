@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskprune import ActivationSite, Algorithm, Group, Mask, watch
+from maskprune import ActivationSite, Algorithm, Group, Mask, evaluating, watch
 from maskprune.distributed import all_reduce_sum, is_distributed
 
-from ._calibration import BatchInputs, check_batches, check_inputs, evaluating, run_batches
+from ._calibration import BatchInputs, check_batches, check_inputs, run_batches
 
 
 @dataclass
@@ -151,7 +151,7 @@ class APoZ(Algorithm):
         def count(site: ActivationSite, tensor: torch.Tensor) -> None:
             by_site[id(site)](site, tensor)
 
-        with evaluating(mask.model), watch(mask.model, watched, count):
+        with evaluating(mask.model), torch.no_grad(), watch(mask.model, watched, count):
             run_batches(mask.model, self.data, inputs=self.inputs, max_batches=self.max_batches, desc="APoZ")
         if is_distributed():
             _sum_over_ranks(list(counters.values()))

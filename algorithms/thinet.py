@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskprune import ActivationSite, Algorithm, Group, Mask, Member, watch
+from maskprune import ActivationSite, Algorithm, Group, Mask, Member, evaluating, watch
 
-from ._calibration import BatchInputs, check_batches, check_inputs, evaluating, run_batches
+from ._calibration import BatchInputs, check_batches, check_inputs, run_batches
 
 
 @dataclass
@@ -150,7 +150,7 @@ class ThiNet(Algorithm):
                     continue  # a Linear reads its last dimension only
                 _accumulate(consumer, own, size, contributions, outputs)
 
-        with evaluating(model), watch(model, watched, observe):
+        with evaluating(model), torch.no_grad(), watch(model, watched, observe):
             run_batches(model, self.data, inputs=self.inputs, max_batches=self.max_batches, desc="ThiNet")
         for group, stats in self._stats.items():
             if stats is None:

@@ -14,6 +14,7 @@ from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
+from ._records import call_model, evaluating, iter_tensors
 from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
@@ -42,8 +43,11 @@ __all__ = [
     "TraceError",
     "VerifyResult",
     "__version__",
+    "call_model",
     "count_flops",
     "count_parameters",
+    "evaluating",
+    "iter_tensors",
     "load_pruned",
     "masked_norm",
     "register",

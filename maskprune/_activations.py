@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._trace import TensorNode, iter_tensors
+from ._records import TensorNode, iter_tensors
 
 
 @dataclass(eq=False)

@@ -3,7 +3,7 @@
 Slicing parameters fixes the attributes of torch's own layers (:mod:`maskprune._layers`). A model's
 own modules often keep counts too, and read them in ``forward``:
 ``qkv.reshape(B, N, 3, self.num_heads, self.head_dim)``, ``x.split(self.split_size, dim=2)``. The
-trace records each such size as a :class:`~maskprune._trace.SizeSite` (module, value, channel space).
+trace records each such size as a :class:`~maskprune._records.SizeSite` (module, value, channel space).
 When an export changes the count of a site's space, the attributes of that module with a known name
 and the site's old value get the new count; a Hugging Face style ``config`` shared by the model gets
 its head counts when every site agrees. Whatever this misses, the trial export finds (the model then
@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from ._layers import norm_widths
-from ._trace import HEADS, LAYER, SizeSite
+from ._records import HEADS, LAYER, SizeSite
 
 # module path -> {attribute (``config.<field>`` for its config): new value (a tuple for ``normalized_shape``)}
 Attributes = dict[str, dict[str, int | tuple[int, ...]]]

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
-from ._trace import call_model
+from ._records import call_model
 
 
 @dataclass

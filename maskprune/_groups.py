@@ -20,7 +20,7 @@ import torch
 
 from ._activations import ActivationSite, activation_sites
 from ._graph import Resolution
-from ._trace import MODEL_INPUT, MODEL_OUTPUT, OwnedTensor, Trace
+from ._records import MODEL_INPUT, MODEL_OUTPUT, OwnedTensor, Trace
 
 if TYPE_CHECKING:
     from .mask import Mask

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._layers import masked_norm, rms_rescale
-from ._trace import LayerNormSite
+from ._records import LayerNormSite
 
 JOINT_FRACTION = 4  # masks of a tensor are multiplied together when their product is at most 1/4 of its size
 

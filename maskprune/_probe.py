@@ -23,7 +23,7 @@ from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
-from ._trace import Trace, call_model, iter_tensors, owned_tensors
+from ._records import Trace, call_model, iter_tensors, owned_tensors
 from ._walk import module_table, restore_training, set_mode, training_flags
 from .errors import first_line
 

@@ -12,7 +12,7 @@ only ever makes more channels prunable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +20,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._attributes import holds_count
-from ._trace import HEADS, NO_TENSORS, TensorNode, TracedSize, Tracer, iter_tensors
+from ._records import HEADS, NO_TENSORS, TensorNode, TracedSize, iter_tensors
+
+if TYPE_CHECKING:
+    from ._trace import Tracer
 
 RULES: dict[str, Callable[[OpCall], None]] = {}
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -21,229 +20,31 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import _rules
 from ._graph import ChannelGraph
 from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
-from ._walk import module_table, restore_training, set_mode, tensors_of, training_flags
+from ._records import (
+    LAYER,
+    MODEL_INPUT,
+    MODEL_OUTPUT,
+    WIDTH,
+    LayerNormSite,
+    LeafCall,
+    OwnedTensor,
+    SizeSite,
+    TensorNode,
+    Trace,
+    TracedSize,
+    call_model,
+    iter_tensors,
+    owned_tensors,
+    preserved_state,
+)
+from ._walk import module_table, set_mode
 from .errors import TraceError
 
-MODEL_INPUT = "model input"
 _SIZE_READS = {"size", "shape", "numel", "len"}
-MODEL_OUTPUT = "model output"
-
-
-@dataclass
-class OwnedTensor:
-    """A parameter or buffer of the model, under every name it has (ties included)."""
-
-    tensor: torch.Tensor
-    is_param: bool
-    names: list[tuple[str, str]]  # (module path, attribute)
-
-    @property
-    def qualname(self) -> str:
-        module, attr = self.names[0]
-        return f"{module}.{attr}" if module else attr
-
-
-@dataclass
-class TensorNode:
-    """A traced tensor: one channel space per dimension.
-
-    ``tainted``: derived from a masked parameter, so its removed channels may be
-    zero in the masked model (where the original had other values).
-    """
-
-    spaces: tuple[int, ...]
-    shape: tuple[int, ...]
-    tainted: bool = True
-
-
-@dataclass
-class LayerNormSite:
-    """A module whose output is a layer norm over a channel space (masked statistics needed)."""
-
-    kind: str  # "layer_norm", "rms_norm" (torch's ops) or "rms_scale" (a model's own RMS norm module)
-    module: nn.Module
-    path: str
-    space: int
-    in_dim: int
-    eps: float
-
-
-HEADS, WIDTH, LAYER = "heads", "width", "layer"
-
-
-@dataclass(frozen=True)
-class SizeSite:
-    """A size the model's code may hold in an attribute: ``value`` counted the channels of ``space`` in ``path``.
-
-    A reshape into attention heads (``view(B, N, self.num_heads, self.head_dim)``) or a split by a
-    width (``split(self.split_size)``) records one; an export that changes the count updates the
-    module's attributes of that name and value (see :mod:`maskprune._attributes`).
-    """
-
-    path: str
-    value: int
-    space: int
-    kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels; LAYER: a tensorless norm layer's width
-    written: bool = True  # False: implied, not written (``flatten(1)``, ``view(B, -1)`` merging channels)
-
-
-class TracedSize(int):
-    """An ``int`` read from a tensor's shape during the trace, that remembers the channel space it measured.
-
-    ``torch.zeros(len(rois), maps.shape[1])`` then shares ``maps``' channels in its second
-    dimension (a plain int could not say where it came from). Arithmetic gives plain ints.
-
-    Example:
-        >>> n = TracedSize.of(17, space=4); (n, n.space, type(n + 1).__name__)
-        (17, 4, 'int')
-    """
-
-    space: int
-
-    @classmethod
-    def of(cls, value: int, space: int) -> TracedSize:
-        size = cls(value)
-        size.space = space
-        return size
-
-
-@dataclass
-class LeafCall:
-    """One call of a leaf module during the first trace pass: its input and output tensors' channel spaces."""
-
-    path: str
-    module: nn.Module
-    call: int  # 0 for the module's first call in a forward, 1 for its second, ...
-    inputs: list[TensorNode]
-    outputs: list[TensorNode]
-
-
-@dataclass
-class Trace:
-    """What running the model taught us."""
-
-    graph: ChannelGraph
-    owned: dict[int, OwnedTensor]
-    param_nodes: dict[int, TensorNode]
-    roles: dict[tuple[int, int], str]
-    module_outputs: dict[str, list[TensorNode]]
-    layer_norms: list[LayerNormSite]
-    unknown_ops: dict[tuple[str, str], int]
-    unreached: list[str]
-    modes: list[bool]
-    size_reads: set[int]
-    leaf_calls: list[LeafCall] = field(default_factory=list)
-    size_sites: list[SizeSite] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    unproven: list[str] = field(default_factory=list)  # see Tracer.unproven
-    shadow: nn.Module | None = None  # the meta copy that was traced, if any (shapes only: reused by the probes)
-
-
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in nested tuples, lists, dicts, namedtuples and dataclasses, in order."""
-    found: list[torch.Tensor] = []
-    _collect_tensors(obj, found)
-    return iter(found)
-
-
-NO_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
-
-
-def _collect_tensors(obj: Any, found: list[torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        found.append(obj)
-    elif isinstance(obj, NO_TENSORS):
-        return
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            if isinstance(item, torch.Tensor):
-                found.append(item)
-            elif not isinstance(item, NO_TENSORS):
-                _collect_tensors(item, found)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            _collect_tensors(item, found)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            _collect_tensors(getattr(obj, f.name), found)
-
-
-def owned_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> dict[int, OwnedTensor]:
-    """Parameters and buffers by identity, with every (module path, attribute) that holds them.
-
-    ``table``: the model's :func:`module_table`, when the caller has it.
-    """
-    owned: dict[int, OwnedTensor] = {}
-    for path, module in module_table(model) if table is None else table:
-        for store, is_param in ((module._parameters, True), (module._buffers, False)):
-            for attr, tensor in store.items():
-                if tensor is None:
-                    continue
-                entry = owned.get(id(tensor))
-                if entry is None:
-                    owned[id(tensor)] = OwnedTensor(tensor, is_param, [(path, attr)])
-                elif (path, attr) not in entry.names:
-                    entry.names.append((path, attr))
-    return owned
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call the model on a tensor, a tuple of positional arguments or a dict of keyword arguments."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every module's ``training`` flag restored after, also on error.
-
-    Example:
-        >>> m = torch.nn.Dropout().train()
-        >>> with evaluating(m):
-        ...     m.training
-        False
-        >>> m.training
-        True
-    """
-    flags = training_flags(module_table(model))
-    if type(model).eval is nn.Module.eval:
-        set_mode(model, False)  # also when already in eval mode: an override may clear caches (timm's LeViT)
-    else:
-        model.eval()
-    try:
-        yield
-    finally:
-        restore_training(flags)
-
-
-@contextmanager
-def preserved_state(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> Iterator[None]:
-    """Restore training flags, buffers and the random state after the block, whatever happens.
-
-    Buffers on the meta device hold no values: there is nothing of theirs to restore. ``table``: the model's
-    :func:`module_table`, when the caller has it.
-    """
-    table = module_table(model) if table is None else table
-    flags = training_flags(table)
-    buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        restore_training(flags)
-        with torch.no_grad():
-            for buf, saved in buffers:
-                buf.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _rule_context() -> Any:
@@ -268,8 +69,6 @@ class Tracer:
     """Runs the model and builds the channel graph. Used through :func:`trace`."""
 
     def __init__(self, model: nn.Module, leaf_rules: Mapping[type, Any], fast: Mapping[Any, Any] | None = None) -> None:
-        from . import _rules
-
         self.model = model
         self.fast = fast or {}  # shape-only kernels to call directly (a trace on the meta device, see FastMeta)
         self.graph = ChannelGraph()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._trace import call_model, evaluating, iter_tensors
+from ._records import call_model, evaluating, iter_tensors
 from .errors import first_line
 
 # masked model -> weak method giving, for a module path, the kept index of each output dim (weak both

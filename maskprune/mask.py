@@ -36,12 +36,13 @@ from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups, needs_trial_export
 from ._pruning import Pruner
+from ._records import Trace, iter_tensors
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
 from ._spec import PruneSpec, as_spec, attach_text
 from ._state import load_mask_state, mask_state
-from ._trace import Trace, iter_tensors, trace
+from ._trace import trace
 from ._walk import module_table
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._trace import call_model, evaluating
+from ._records import call_model, evaluating
 
 
 def count_parameters(model: nn.Module) -> int:

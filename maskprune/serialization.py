@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ._export import apply_plan
+from ._records import owned_tensors
 from ._spec import SPEC_FILE, PruneSpec, as_spec, check_fits
-from ._trace import owned_tensors
 from .errors import SpecError
 
 WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "model.pt"}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._trace import call_model, evaluating, iter_tensors
+from ._records import call_model, evaluating, iter_tensors
 from .measure import count_flops, count_parameters
 
 

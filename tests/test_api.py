@@ -18,7 +18,7 @@ import maskprune
 import maskprune._export
 import maskprune._walk
 from maskprune import Mask
-from maskprune._trace import OwnedTensor
+from maskprune._records import OwnedTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

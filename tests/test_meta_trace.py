@@ -19,7 +19,8 @@ from maskprune import Mask
 from maskprune._groups import build_layout
 from maskprune._layers import leaf_rules
 from maskprune._meta import FastMeta
-from maskprune._trace import Trace, trace
+from maskprune._records import Trace
+from maskprune._trace import trace
 from maskprune.testing import TINY_MODELS
 
 

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from maskprune import _rules
 from maskprune._layers import leaf_rules
-from maskprune._trace import Trace, trace
+from maskprune._records import Trace
+from maskprune._trace import trace
 from maskprune.testing import TINY_MODELS
 
 
