@@ -20,9 +20,9 @@ from torch import nn
 from torch.overrides import has_torch_function_unary
 
 from ._attributes import Attributes, set_attributes, undo_attributes
-from ._layers import update_module
 from ._meta import copy_modules
 from ._records import OwnedTensor, owned_tensors
+from ._rules import update_module  # with every op family's updaters registered
 from ._walk import module_table
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]

@@ -4,7 +4,8 @@ How channels *flow* is decided by the op rules in :mod:`maskprune._rules`, which
 see ``conv2d``, ``linear``, ``batch_norm`` … whether a module or a user's
 function calls them. This table only covers what the slicing of parameters does
 not: the attributes a module's ``forward`` reads (``in_channels``, ``groups``,
-``normalized_shape`` …).
+``normalized_shape`` …). The updaters that set them live beside their op family's
+rules in :mod:`maskprune._rules` and register here with :func:`updater`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-
-from ._walk import store
 
 Updater = Callable[[nn.Module], None]
 
@@ -157,21 +155,21 @@ def rms_rescale(x: torch.Tensor, y: torch.Tensor, dim: int, keep: torch.Tensor, 
 
 
 # ---- attribute updates after slicing -----------------------------------------------------------
-def _update_conv(m: _ConvNd) -> None:
-    w = m.weight
-    if m.transposed:
-        new_in = w.shape[0]
-        groups = m.groups if m.groups == 1 else m.groups * new_in // m.in_channels
-        store(m, in_channels=new_in, out_channels=w.shape[1] * groups, groups=groups)
-    else:
-        new_out = w.shape[0]
-        groups = m.groups if m.groups == 1 else m.groups * new_out // m.out_channels
-        store(m, in_channels=w.shape[1] * groups, out_channels=new_out, groups=groups)
+_UPDATERS: list[tuple[type, Updater]] = []  # in registration order: a module takes the first whose type it is
 
 
-def _update_linear(m: nn.Linear) -> None:
-    out_features, in_features = m.weight.shape
-    store(m, out_features=out_features, in_features=in_features)
+def updater(*module_types: type) -> Callable[[Updater], Updater]:
+    """Register the size updater of ``module_types``: after slicing, it sets the attributes their forward reads.
+
+    The rules of each op family (:mod:`maskprune._rules`) register their layers' updaters beside them, e.g.
+    ``@updater(nn.Linear)`` on a function that sets ``in_features`` and ``out_features`` from the sliced weight.
+    """
+
+    def register(fn: Updater) -> Updater:
+        _UPDATERS.extend((module_type, fn) for module_type in module_types)
+        return fn
+
+    return register
 
 
 def norm_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...]]:
@@ -191,62 +189,16 @@ def norm_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...
     return {}
 
 
-def _update_batch_norm(m: nn.Module) -> None:
-    tensor = m.weight if m.weight is not None else m.running_mean
-    if tensor is not None:
-        store(m, **norm_widths(m, tensor.shape[0]))
-
-
-def _update_group_norm(m: nn.GroupNorm) -> None:
-    store(m, **norm_widths(m, m.weight.shape[0]))
-
-
-def _update_layer_norm(m: nn.Module) -> None:
-    if m.weight is not None:
-        store(m, normalized_shape=tuple(m.weight.shape))
-
-
-def _update_prelu(m: nn.PReLU) -> None:
-    store(m, num_parameters=m.weight.numel())
-
-
-def _update_embedding(m: nn.Embedding) -> None:
-    num_embeddings, embedding_dim = m.weight.shape
-    store(m, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
-
-
-def _update_multihead_attention(m: nn.MultiheadAttention) -> None:
-    if m._qkv_same_embed_dim:
-        m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
-    else:
-        m.embed_dim, m.kdim, m.vdim = m.q_proj_weight.shape[1], m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
-    m.num_heads = m.embed_dim // m.head_dim
-
-
-_UPDATERS: list[tuple[type, Updater]] = [
-    (nn.MultiheadAttention, _update_multihead_attention),
-    (_ConvNd, _update_conv),
-    (nn.Linear, _update_linear),
-    (_BatchNorm, _update_batch_norm),
-    (_InstanceNorm, _update_batch_norm),
-    (nn.GroupNorm, _update_group_norm),
-    (nn.LayerNorm, _update_layer_norm),
-    (nn.PReLU, _update_prelu),
-    (nn.Embedding, _update_embedding),
-]
-if hasattr(nn, "RMSNorm"):
-    _UPDATERS.append((nn.RMSNorm, _update_layer_norm))
-
-
 def update_module(module: nn.Module) -> None:
-    """Bring a module's attributes in line with its (sliced) tensors."""
+    """Bring a module's attributes in line with its (sliced) tensors: a registered module's own ``update``, else the
+    updater of its type (:func:`updater`; the rules of :mod:`maskprune._rules` register them)."""
     registered = _LEAF_RULES.get(type(module))
     if registered is not None and registered.update is not None:
         registered.update(module)
         return
-    for module_type, updater in _UPDATERS:
+    for module_type, update in _UPDATERS:
         if isinstance(module, module_type):
-            updater(module)
+            update(module)
             return
 
 

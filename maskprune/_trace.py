@@ -94,7 +94,7 @@ class Tracer:
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
-        self.part_spaces: set[int] = set()  # the parts of splits by a written count (_rules._split_into_heads)
+        self.part_spaces: set[int] = set()  # the parts of splits by a written count (_rules.shapes._split_into_heads)
         self.tensorless: dict[int, int] = {}  # id of a norm layer without tensors -> the channel space it normalises
         # calls whose rule cannot prove that an export handles them (a trial export checks), besides the
         # size reads and size sites

@@ -1,6 +1,6 @@
-"""The tracer's shortcuts (``_rules._SHORTCUTS``) give exactly what their rules give: the same spaces, unions,
-links, freeze reasons, roles and taint, numbered the same, for the common calls they take and the unusual
-ones they must leave to the rule.
+"""The tracer's shortcuts (``_rules.SHORTCUTS``, each registered beside its rule) give exactly what their rules
+give: the same spaces, unions, links, freeze reasons, roles and taint, numbered the same, for the common calls
+they take and the unusual ones they must leave to the rule.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maskprune import _rules
 from maskprune._layers import leaf_rules
 from maskprune._records import Trace
+from maskprune._rules import _core, shapes
 from maskprune._trace import trace
 from maskprune.testing import TINY_MODELS
 
@@ -49,7 +49,7 @@ def _same_with_and_without_shortcuts(
 ) -> None:
     fast = _fingerprint(trace(model, inputs, leaf_rules(), {}, on_meta=on_meta))
     with monkeypatch.context() as patch:
-        patch.setattr(_rules, "_SHORTCUTS", {})
+        patch.setattr(_core, "SHORTCUTS", {})
         ruled = _fingerprint(trace(model, inputs, leaf_rules(), {}, on_meta=on_meta))
     assert fast == ruled
 
@@ -216,11 +216,11 @@ def test_the_fingerprint_sees_a_wrong_shortcut(monkeypatch: pytest.MonkeyPatch) 
 
     def forgetful(tracer: Any, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
         links = list(tracer.graph._links)
-        done = _rules._concatenation(tracer, name, args, kwargs, out)
+        done = shapes._concatenation(tracer, name, args, kwargs, out)
         tracer.graph._links[:] = links
         return done
 
-    monkeypatch.setitem(_rules._SHORTCUTS, _rules.cat, forgetful)
+    monkeypatch.setitem(_core.SHORTCUTS, shapes.cat, forgetful)
     with pytest.raises(AssertionError):
         _same_with_and_without_shortcuts(
             Concatenation(CAT_CASES["list_positional_dim"]).eval(), torch.randn(2, 3, 5, 5), monkeypatch
