@@ -21,9 +21,8 @@ from torch.overrides import has_torch_function_unary
 
 from ._attributes import Attributes, set_attributes, undo_attributes
 from ._meta import copy_modules
-from ._records import OwnedTensor, owned_tensors
 from ._rules import update_module  # with every op family's updaters registered
-from ._walk import module_table
+from ._walk import ModelIndex, OwnedTensor, module_table
 
 Plan = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
 
@@ -89,22 +88,15 @@ class UndoLog:
             (module._parameters if is_param else module._buffers)[attr] = tensor
 
 
-def apply_plan(
-    model: nn.Module,
-    plan: Plan,
-    attributes: Attributes | None = None,
-    tensors: tuple[dict[str, nn.Module], dict[int, OwnedTensor]] | None = None,
-) -> UndoLog:
-    """Slice ``model``'s tensors by ``plan`` (ties stay tied), update the modules that changed and ``attributes``.
+def apply_plan(index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> UndoLog:
+    """Slice the tensors of ``index``'s model by ``plan`` (ties stay tied), update the modules that changed and
+    ``attributes``.
 
-    ``tensors``: the model's modules by path and :func:`owned_tensors`, when the caller keeps them (a model
-    that plans are applied to and undone from many times).
+    An index kept by the caller serves every plan applied and undone on one model (the undo puts the same
+    tensors back).
     """
     log = UndoLog()
-    if tensors is None:
-        table = module_table(model)
-        tensors = dict(table), owned_tensors(model, table)
-    modules, owned_by_id = tensors
+    modules, owned_by_id = index.modules, index.owned
     changed: dict[int, nn.Module] = {}
     slicer = Slicer(plan)
     try:
@@ -127,33 +119,27 @@ def apply_plan(
     return log
 
 
-def sliced_copy(
-    model: nn.Module,
-    plan: Plan,
-    attributes: Attributes | None = None,
-    table: list[tuple[str, nn.Module]] | None = None,
-) -> nn.Module:
-    """A deep copy of ``model`` with ``plan`` applied: pruned tensors are sliced from the original, not copied whole.
-
-    ``table``: the model's :func:`module_table`, when the caller has it.
+def sliced_copy(index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> nn.Module:
+    """A deep copy of ``index``'s model with ``plan`` applied: pruned tensors are sliced from the original, not
+    copied whole.
 
     Example:
         >>> keep = [(0, np.array([0, 2]))]
-        >>> small = sliced_copy(torch.nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep})
+        >>> small = sliced_copy(ModelIndex(torch.nn.Linear(4, 3)), {("", "weight"): keep, ("", "bias"): keep})
         >>> tuple(small.weight.shape), tuple(small.bias.shape), small.out_features
         ((2, 4), (2,), 2)
     """
     memo: dict[int, Any] = {}
     sliced: list[tuple[str, str]] = []
     slicer = Slicer(plan)
-    for owned in owned_tensors(model, table).values():
+    for owned in index.owned.values():
         new = slicer.slice(owned)
         if new is not None:
             memo[id(owned.tensor)] = new
             sliced += owned.names
         else:
             memo[id(owned.tensor)] = _copy_tensor(owned.tensor, memo)
-    pruned = copy_modules(model, memo)
+    pruned = copy_modules(index.model, memo)
     modules = dict(module_table(pruned))
     changed = {id(m): m for m in (modules[path] for path, _ in sliced)}
     for module in changed.values():

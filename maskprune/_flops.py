@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
 from ._records import call_model
+from ._walk import ModelIndex
 
 
 @dataclass
@@ -38,7 +39,8 @@ class FlopsProbe:
 
     def __init__(self, model: nn.Module, inputs: Any, shadow: nn.Module | None = None) -> None:
         """``shadow``: a meta copy of ``model`` to use instead of making one."""
-        self.model = (shadow if shadow is not None else meta_copy(model)).eval()
+        self.model = (shadow if shadow is not None else meta_copy(ModelIndex(model))).eval()
+        self.index = ModelIndex(self.model)  # the same after every undo
         self.inputs = to_meta(inputs)
         self._dense: FlopCount | None = None
 
@@ -46,7 +48,7 @@ class FlopsProbe:
         """FLOPs of the model sliced by ``plan`` (an empty plan: the unpruned model)."""
         if not plan and self._dense is not None:
             return self._dense
-        log = apply_plan(self.model, plan) if plan else None
+        log = apply_plan(self.index, plan) if plan else None
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(products=False):
                 call_model(self.model, self.inputs)

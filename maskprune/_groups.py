@@ -20,7 +20,8 @@ import torch
 
 from ._activations import ActivationSite, activation_sites
 from ._graph import Resolution
-from ._records import MODEL_INPUT, MODEL_OUTPUT, OwnedTensor, Trace
+from ._records import MODEL_INPUT, MODEL_OUTPUT, Trace
+from ._walk import OwnedTensor
 
 if TYPE_CHECKING:
     from .mask import Mask

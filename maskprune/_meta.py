@@ -19,25 +19,21 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._walk import module_table, tensors_of
+from ._walk import ModelIndex, tensors_of
 
 
-def meta_copy(
-    model: nn.Module,
-    originals: dict[int, torch.Tensor] | None = None,
-    table: list[tuple[str, nn.Module]] | None = None,
-) -> nn.Module:
-    """A deep copy whose parameters, buffers and tensor attributes live on the meta device (ties stay tied).
+def meta_copy(index: ModelIndex, originals: dict[int, torch.Tensor] | None = None) -> nn.Module:
+    """A deep copy of ``index``'s model whose parameters, buffers and tensor attributes live on the meta device
+    (ties stay tied).
 
     ``originals``, when given, is filled with each meta tensor's original, by the meta tensor's ``id``.
-    ``table``: the model's :func:`module_table`, when the caller has it.
 
     Example:
-        >>> meta_copy(torch.nn.Linear(4, 3)).weight.device
+        >>> meta_copy(ModelIndex(torch.nn.Linear(4, 3))).weight.device
         device(type='meta')
     """
     memo: dict[int, Any] = {}
-    table = module_table(model) if table is None else table
+    table = index.table
     tensors = itertools.chain(
         (t for t, _ in tensors_of(table)),
         (v for _, m in table for v in vars(m).values() if type(v) not in _PLAIN and isinstance(v, torch.Tensor)),
@@ -51,7 +47,7 @@ def meta_copy(
         memo[id(t)] = meta
         if originals is not None:
             originals[id(meta)] = t
-    return copy_modules(model, memo)
+    return copy_modules(index.model, memo)
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
@@ -135,9 +131,9 @@ def to_meta(inputs: Any) -> Any:
     return inputs
 
 
-def has_meta_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> bool:
-    """Whether a parameter or buffer of the model is on the meta device (``table``: its :func:`module_table`)."""
-    return any(t.is_meta for t, _ in tensors_of(module_table(model) if table is None else table))
+def has_meta_tensors(index: ModelIndex) -> bool:
+    """Whether a parameter or buffer of ``index``'s model is on the meta device."""
+    return any(t.is_meta for t, _ in tensors_of(index.table))
 
 
 class FastMeta(TorchFunctionMode):

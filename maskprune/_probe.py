@@ -23,8 +23,8 @@ from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._groups import GroupLayout, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
-from ._records import Trace, call_model, iter_tensors, owned_tensors
-from ._walk import module_table, restore_training, set_mode, training_flags
+from ._records import Trace, call_model, iter_tensors
+from ._walk import ModelIndex, restore_training, set_mode, training_flags
 from .errors import first_line
 
 MAX_PROBES = 200
@@ -61,9 +61,10 @@ def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[
     return bool(groups_of_spaces(layout, (site.space for site in trace.size_sites if site.written)))
 
 
-def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str]) -> Failure | None:
-    """None if the model runs in every mode, else the first error. ``paths``: module id -> name."""
-    flags = training_flags(module_table(model))
+def _runs(index: ModelIndex, inputs: Any, modes: list[bool]) -> Failure | None:
+    """None if ``index``'s model runs in every mode, else the first error."""
+    model = index.model
+    flags = training_flags(index.table)
     try:
         for mode in modes:
             set_mode(model, mode)  # also when already in it: an override may clear caches (timm's LeViT)
@@ -72,7 +73,7 @@ def _runs(model: nn.Module, inputs: Any, modes: list[bool], paths: dict[int, str
             for _ in iter_tensors(out):
                 pass
     except Exception as error:  # noqa: BLE001 - any failure is the answer
-        return Failure(first_line(error), _raising_module(error, paths))
+        return Failure(first_line(error), _raising_module(error, index.paths))
     finally:
         restore_training(flags)
     return None
@@ -107,28 +108,26 @@ def fixed_size_groups(
     Returns ({group index: error}, note); the note says why no check was possible.
     """
     try:
-        base = shadow if shadow is not None else meta_copy(model)
+        base = shadow if shadow is not None else meta_copy(ModelIndex(model))
         meta_inputs = to_meta(inputs)
     except Exception as error:  # noqa: BLE001
         return {}, f"no trial export on the meta device ({type(error).__name__}: {error})"
-    table = module_table(base)
-    paths = {id(m): name for name, m in table}
-    tensors = dict(table), owned_tensors(base, table)  # the same after every undo
+    index = ModelIndex(base)  # the same after every undo
     probes = 0
 
     def failing(subset: list[int]) -> Failure | None:
         nonlocal probes
         probes += 1
-        log = apply_plan(base, *plan_for(subset), tensors=tensors)
+        log = apply_plan(index, *plan_for(subset))
         try:
-            return _runs(base, meta_inputs, modes, paths)
+            return _runs(index, meta_inputs, modes)
         finally:
             log.undo()
 
     culprits: dict[int, str] = {}
     remaining = list(range(n_groups))
     error = failing(remaining)
-    if error is not None and (failure := _runs(base, meta_inputs, modes, paths)) is not None:
+    if error is not None and (failure := _runs(index, meta_inputs, modes)) is not None:
         return {}, f"no trial export: the model does not run on the meta device ({failure.text})"
     innocent = [g for g in remaining if g not in suspects]
     if error is not None and suspects and innocent and failing(innocent) is None:

@@ -16,24 +16,10 @@ import torch
 from torch import nn
 
 from ._graph import ChannelGraph
-from ._walk import module_table, restore_training, set_mode, tensors_of, training_flags
+from ._walk import ModelIndex, OwnedTensor, module_table, restore_training, set_mode, tensors_of, training_flags
 
 MODEL_INPUT = "model input"
 MODEL_OUTPUT = "model output"
-
-
-@dataclass
-class OwnedTensor:
-    """A parameter or buffer of the model, under every name it has (ties included)."""
-
-    tensor: torch.Tensor
-    is_param: bool
-    names: list[tuple[str, str]]  # (module path, attribute)
-
-    @property
-    def qualname(self) -> str:
-        module, attr = self.names[0]
-        return f"{module}.{attr}" if module else attr
 
 
 @dataclass
@@ -167,25 +153,6 @@ def _collect_tensors(obj: Any, found: list[torch.Tensor]) -> None:
             _collect_tensors(getattr(obj, f.name), found)
 
 
-def owned_tensors(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> dict[int, OwnedTensor]:
-    """Parameters and buffers by identity, with every (module path, attribute) that holds them.
-
-    ``table``: the model's :func:`module_table`, when the caller has it.
-    """
-    owned: dict[int, OwnedTensor] = {}
-    for path, module in module_table(model) if table is None else table:
-        for store, is_param in ((module._parameters, True), (module._buffers, False)):
-            for attr, tensor in store.items():
-                if tensor is None:
-                    continue
-                entry = owned.get(id(tensor))
-                if entry is None:
-                    owned[id(tensor)] = OwnedTensor(tensor, is_param, [(path, attr)])
-                elif (path, attr) not in entry.names:
-                    entry.names.append((path, attr))
-    return owned
-
-
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call the model on a tensor, a tuple of positional arguments or a dict of keyword arguments.
 
@@ -227,13 +194,12 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(model: nn.Module, table: list[tuple[str, nn.Module]] | None = None) -> Iterator[None]:
-    """Restore training flags, buffers and the random state after the block, whatever happens.
+def preserved_state(index: ModelIndex) -> Iterator[None]:
+    """Restore the training flags, buffers and random state of ``index``'s model after the block, whatever happens.
 
-    Buffers on the meta device hold no values: there is nothing of theirs to restore. ``table``: the model's
-    :func:`module_table`, when the caller has it.
+    Buffers on the meta device hold no values: there is nothing of theirs to restore.
     """
-    table = module_table(model) if table is None else table
+    table = index.table
     flags = training_flags(table)
     buffers = [(b, b.detach().clone()) for b, is_param in tensors_of(table) if not is_param and not b.is_meta]
     cpu_rng = torch.get_rng_state()

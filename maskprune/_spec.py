@@ -24,7 +24,7 @@ from torch import nn
 
 from ._attributes import Attributes
 from ._export import Plan
-from ._walk import module_table
+from ._walk import ModelIndex
 from .errors import SpecError
 
 FORMAT = "maskprune-pruned"
@@ -71,45 +71,32 @@ class PruneSpec:
     version: int = FORMAT_VERSION
 
     @classmethod
-    def from_plan(
-        cls,
-        model: nn.Module,
-        plan: Plan,
-        attributes: Attributes | None = None,
-        table: list[tuple[str, nn.Module]] | None = None,
-    ) -> PruneSpec:
-        """The spec of exporting ``model`` (still at its original shapes) by ``plan``.
-
-        ``table``: the model's :func:`module_table`, when the caller has it.
-        """
+    def from_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
+        """The spec of exporting ``index``'s model (still at its original shapes) by ``plan``."""
+        model = index.model
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         tensors = [
             TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
-            for path, attr, shape, dims in _planned_tensors(model, plan, table)
+            for path, attr, shape, dims in _planned_tensors(index, plan)
         ]
         spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
 
     @classmethod
-    def text_of_plan(
-        cls,
-        model: nn.Module,
-        plan: Plan,
-        attributes: Attributes | None = None,
-        table: list[tuple[str, nn.Module]] | None = None,
-    ) -> str:
-        """``from_plan(...).to_json()``, written straight from the plan where ``model`` is an original.
+    def text_of_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> str:
+        """``from_plan(...).to_json()``, written straight from the plan where ``index``'s model is an original.
 
         Example:
-            >>> keep = [(0, np.array([0, 2]))]
-            >>> text = PruneSpec.text_of_plan(nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep})
-            >>> text == PruneSpec.from_plan(nn.Linear(4, 3), {("", "weight"): keep, ("", "bias"): keep}).to_json()
+            >>> keep, index = [(0, np.array([0, 2]))], ModelIndex(nn.Linear(4, 3))
+            >>> text = PruneSpec.text_of_plan(index, {("", "weight"): keep, ("", "bias"): keep})
+            >>> text == PruneSpec.from_plan(index, {("", "weight"): keep, ("", "bias"): keep}).to_json()
             True
         """
+        model = index.model
         if isinstance(getattr(model, SPEC_ATTRIBUTE, None), str):  # relative to the first original: the long way
-            return cls.from_plan(model, plan, attributes, table).to_json()
-        rows = _planned_tensors(model, plan, table)
+            return cls.from_plan(index, plan, attributes).to_json()
+        rows = _planned_tensors(index, plan)
         return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION)
 
     def then(self, later: PruneSpec) -> PruneSpec:
@@ -207,9 +194,9 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(valu
 Row = tuple[str, str, tuple[int, ...], Any]  # module path, attribute, original shape, [(dim, kept positions)]
 
 
-def _planned_tensors(model: nn.Module, plan: Plan, table: list[tuple[str, nn.Module]] | None) -> list[Row]:
+def _planned_tensors(index: ModelIndex, plan: Plan) -> list[Row]:
     """The plan's tensors in spec order, with their original shapes; kept positions as the plan holds them."""
-    modules = dict(module_table(model) if table is None else table)
+    modules = index.modules
     planned = sorted(plan.items())
     return [(path, attr, tuple(getattr(modules[path], attr).shape), dims) for (path, attr), dims in planned]
 

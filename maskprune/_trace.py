@@ -38,10 +38,9 @@ from ._records import (
     TracedSize,
     call_model,
     iter_tensors,
-    owned_tensors,
     preserved_state,
 )
-from ._walk import module_table, set_mode
+from ._walk import ModelIndex, set_mode
 from .errors import TraceError
 
 _SIZE_READS = {"size", "shape", "numel", "len"}
@@ -68,17 +67,19 @@ class _Recorder(TorchFunctionMode):
 class Tracer:
     """Runs the model and builds the channel graph. Used through :func:`trace`."""
 
-    def __init__(self, model: nn.Module, leaf_rules: Mapping[type, Any], fast: Mapping[Any, Any] | None = None) -> None:
-        self.model = model
+    def __init__(
+        self, index: ModelIndex, leaf_rules: Mapping[type, Any], fast: Mapping[Any, Any] | None = None
+    ) -> None:
+        self.model = index.model
         self.fast = fast or {}  # shape-only kernels to call directly (a trace on the meta device, see FastMeta)
         self.graph = ChannelGraph()
-        self.modules = modules = module_table(model)
-        self.owned = owned_tensors(model, modules)
+        modules = index.table
+        self.owned = index.owned
         self.param_nodes: dict[int, TensorNode] = {}
         self.nodes: dict[int, TensorNode] = {}
         self.watched: dict[int, weakref.ref] = {}  # a freed tensor's id may be reused: forget its node then
         self.roles: dict[tuple[int, int], str] = {}
-        self.module_paths = {id(m): p for p, m in modules}
+        self.module_paths = index.paths
         self.childless = {id(m) for _, m in modules if all(c is None for c in m._modules.values())}
         self.stack: list[nn.Module] = []
         self.ops_in_call: list[list[str]] = []
@@ -371,41 +372,43 @@ def trace(
         >>> sorted(o.qualname for o in t.owned.values())
         ['bias', 'weight']
     """
-    table = module_table(model)
-    if on_meta and not has_meta_tensors(model, table):
+    index = ModelIndex(model)
+    if on_meta and not has_meta_tensors(index):
         try:
             originals: dict[int, torch.Tensor] = {}
-            shadow = meta_copy(model, originals, table)
+            shadow = meta_copy(index, originals)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
             shadow_trace = _trace_model(
-                shadow, to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
+                ModelIndex(shadow), to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
             )
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
         else:
-            on_model = _on_model(shadow_trace, table, shadow, originals)
+            on_model = _on_model(shadow_trace, index, shadow, originals)
             if on_model is not None:
                 return on_model
-    return _trace_model(model, inputs, leaf_rules, frozen_modules, strict=False)
+    return _trace_model(index, inputs, leaf_rules, frozen_modules, strict=False)
 
 
 def _trace_model(
-    model: nn.Module,
+    index: ModelIndex,
     inputs: Any,
     leaf_rules: Mapping[type, Any],
     frozen_modules: Mapping[str, nn.Module],
     strict: bool,
     fast: Mapping[Any, Any] | None = None,
 ) -> Trace:
-    """Run the tracer; ``strict``: a failed second (other-mode) pass raises instead of freezing what it reached.
+    """Run the tracer on ``index``'s model; ``strict``: a failed second (other-mode) pass raises instead of
+    freezing what it reached.
 
     ``fast``: shape-only kernels the tracer calls directly (on a meta copy; its forward then runs inside
     :class:`FastMeta`).
     """
-    tracer = Tracer(model, leaf_rules, fast)
+    tracer = Tracer(index, leaf_rules, fast)
+    model = index.model
     notes: list[str] = []
     modes = [model.training]
-    with preserved_state(model, tracer.modules):
+    with preserved_state(index):
         try:
             tracer.run(inputs)
         except TraceError:
@@ -456,11 +459,11 @@ def _trace_model(
 
 
 def _on_model(
-    shadow_trace: Trace, table: list[tuple[str, nn.Module]], shadow: nn.Module, originals: dict[int, torch.Tensor]
+    shadow_trace: Trace, index: ModelIndex, shadow: nn.Module, originals: dict[int, torch.Tensor]
 ) -> Trace | None:
     """The trace of ``shadow`` (a meta copy of the model) in the model's own tensors and modules.
 
-    ``table``: the model's :func:`module_table`. ``originals``: each of the shadow's tensors' original in the
+    ``index``: the model's. ``originals``: each of the shadow's tensors' original in the
     model, by the shadow tensor's ``id``. None when the shadow holds a tensor that is not a copy of one of the
     model's (a module whose own ``__deepcopy__`` made new ones).
     """
@@ -468,7 +471,7 @@ def _on_model(
         return None
     keys = {key: id(originals[key]) for key in shadow_trace.owned}
     owned = {keys[key]: OwnedTensor(originals[key], o.is_param, o.names) for key, o in shadow_trace.owned.items()}
-    modules = dict(table)
+    modules = index.modules
     return dataclasses.replace(
         shadow_trace,
         owned=owned,

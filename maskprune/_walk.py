@@ -3,12 +3,14 @@
 ``nn.Module.named_modules`` recurses through one generator per module, and
 ``parameters()``/``buffers()``/``modules()`` each walk the tree again: on a model
 of a few hundred modules a walk costs about a millisecond, and the trace needs
-many. One list, made once, serves them all.
+many. One list, made once, serves them all: :class:`ModelIndex` holds it, with the lookups made from it,
+for one ``make()`` or one export.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +33,82 @@ def module_table(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     visit("", model)
     return table
+
+
+@dataclass
+class OwnedTensor:
+    """A parameter or buffer of the model, under every name it has (ties included)."""
+
+    tensor: torch.Tensor
+    is_param: bool
+    names: list[tuple[str, str]]  # (module path, attribute)
+
+    @property
+    def qualname(self) -> str:
+        module, attr = self.names[0]
+        return f"{module}.{attr}" if module else attr
+
+
+class ModelIndex:
+    """One model's walk, made once and handed down: its :func:`module_table`, its modules by path and its tensors.
+
+    Each view is made at its first use and kept: the index describes the model as it was then. Make one per
+    ``make()`` or export; a change of what the model holds (an export's slicing, ``model.to()`` replacing
+    buffers) needs a new one, or an undo that puts the same tensors back (as the trial export does).
+
+    Example:
+        >>> index = ModelIndex(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> [path for path, _ in index.table], sorted(o.qualname for o in index.owned.values())
+        (['', '0'], ['0.bias', '0.weight'])
+    """
+
+    __slots__ = ("model", "_table", "_modules", "_paths", "_owned")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._table: list[tuple[str, nn.Module]] | None = None
+        self._modules: dict[str, nn.Module] | None = None
+        self._paths: dict[int, str] | None = None
+        self._owned: dict[int, OwnedTensor] | None = None
+
+    @property
+    def table(self) -> list[tuple[str, nn.Module]]:
+        """Every (path, module), parents first, a shared module under each of its paths (:func:`module_table`)."""
+        if self._table is None:
+            self._table = module_table(self.model)
+        return self._table
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules by path."""
+        if self._modules is None:
+            self._modules = dict(self.table)
+        return self._modules
+
+    @property
+    def paths(self) -> dict[int, str]:
+        """Each module's path by its ``id`` (a shared module's last)."""
+        if self._paths is None:
+            self._paths = {id(m): p for p, m in self.table}
+        return self._paths
+
+    @property
+    def owned(self) -> dict[int, OwnedTensor]:
+        """Parameters and buffers by identity, with every (module path, attribute) that holds them."""
+        if self._owned is None:
+            owned: dict[int, OwnedTensor] = {}
+            for path, module in self.table:
+                for held, is_param in ((module._parameters, True), (module._buffers, False)):
+                    for attr, tensor in held.items():
+                        if tensor is None:
+                            continue
+                        entry = owned.get(id(tensor))
+                        if entry is None:
+                            owned[id(tensor)] = OwnedTensor(tensor, is_param, [(path, attr)])
+                        elif (path, attr) not in entry.names:
+                            entry.names.append((path, attr))
+            self._owned = owned
+        return self._owned
 
 
 def distinct_modules(table: list[tuple[str, nn.Module]]) -> list[nn.Module]:

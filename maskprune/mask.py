@@ -43,7 +43,7 @@ from ._settings import Settings
 from ._spec import PruneSpec, as_spec, attach_text
 from ._state import load_mask_state, mask_state
 from ._trace import trace
-from ._walk import module_table
+from ._walk import ModelIndex
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
@@ -327,14 +327,14 @@ class Mask:
         # the slices leave out every masked position: only the verification's masked forward needs them zero,
         # and there they mostly are already (since the last do_mask() or tracked optimizer step)
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
-            table = module_table(self.model)  # one walk of the model for the plan's attributes, spec and copy
-            plan, attributes = self._plan(), self._attributes(table=table)
-            spec_text = PruneSpec.text_of_plan(self.model, plan, attributes, table)  # the exported model carries it
+            index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
+            plan, attributes = self._plan(), self._attributes(index)
+            spec_text = PruneSpec.text_of_plan(index, plan, attributes)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
                 soft = _verify.float32_outputs(self.model, inputs) if verify else None
-                pruned = self._plain_copy(plan, attributes, table)
+                pruned = self._plain_copy(plan, attributes, index)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
                     result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=settle, soft=soft)
@@ -420,21 +420,15 @@ class Mask:
             start, size, _ = self._layout.groups[index]
             if size > 1:
                 keep[start + size - 1] = False
-        return self._plan(keep), self._attributes(keep)
+        return self._plan(keep), self._attributes(ModelIndex(self.model), keep)
 
-    def _attributes(
-        self, keep_flags: np.ndarray | None = None, table: list[tuple[str, nn.Module]] | None = None
-    ) -> Attributes:
-        """The counts held in module attributes (``num_heads`` …) that the export changes.
-
-        ``table``: the model's :func:`module_table`, when the caller has it.
-        """
+    def _attributes(self, index: ModelIndex, keep_flags: np.ndarray | None = None) -> Attributes:
+        """The counts held in module attributes (``num_heads`` …) of ``index``'s model that the export changes."""
         keep_flags = self._keep if keep_flags is None else keep_flags
         sites = self._trace.size_sites
         if not sites:  # no size written in the model's code: no count to update
             return {}
-        modules = dict(module_table(self.model) if table is None else table)
-        return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
+        return attribute_updates(index.modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
 
     def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
         """Kept positions per pruned dimension of every parameter and buffer, by first name."""
@@ -464,11 +458,11 @@ class Mask:
             keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
         return keeps
 
-    def _plain_copy(self, plan: Plan, attributes: Attributes, table: list[tuple[str, nn.Module]]) -> nn.Module:
-        """A deep copy of the model (whose :func:`module_table` is ``table``) sliced by ``plan``, without hooks."""
+    def _plain_copy(self, plan: Plan, attributes: Attributes, index: ModelIndex) -> nn.Module:
+        """A deep copy of the model (``index``: its index) sliced by ``plan``, without hooks."""
         self._runtime.uninstall()
         try:
-            plain = sliced_copy(self.model, plan, attributes, table)
+            plain = sliced_copy(index, plan, attributes)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
@@ -477,7 +471,7 @@ class Mask:
     def _export_inplace(self, plan: Plan, attributes: Attributes, inputs: Any, verify: bool, rtol: float) -> nn.Module:
         soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
-        log = apply_plan(self.model, plan, attributes) if plan else None
+        log = apply_plan(ModelIndex(self.model), plan, attributes) if plan else None
         if verify:
             try:
                 result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ._export import apply_plan
-from ._records import owned_tensors
 from ._spec import SPEC_FILE, PruneSpec, as_spec, check_fits
+from ._walk import ModelIndex
 from .errors import SpecError
 
 WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "model.pt"}
@@ -82,7 +82,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if source in state:
             state[alias] = state[source]
     check_fits(spec, model)
-    log = apply_plan(model, spec.plan(), spec.attributes)
+    log = apply_plan(ModelIndex(model), spec.plan(), spec.attributes)
     try:
         _check_state(model, state)
         model.load_state_dict(state)
@@ -97,7 +97,7 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     """The state dict with each tied tensor once (safetensors refuses shared storage), and alias -> saved name."""
     state = model.state_dict()
     aliases: dict[str, str] = {}
-    for owned in owned_tensors(model).values():
+    for owned in ModelIndex(model).owned.values():
         names = [f"{path}.{attr}" if path else attr for path, attr in owned.names]
         names = [name for name in names if name in state]
         for alias in names[1:]:

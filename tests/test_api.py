@@ -18,7 +18,7 @@ import maskprune
 import maskprune._export
 import maskprune._walk
 from maskprune import Mask
-from maskprune._records import OwnedTensor
+from maskprune._walk import ModelIndex, OwnedTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -713,7 +713,7 @@ def test_the_sliced_copy_copies_unsliced_buffers_as_deepcopy_does() -> None:
             self.tagged.note = "kept"
 
     model = Buffers()
-    new, old = maskprune._export.sliced_copy(model, {}), copy.deepcopy(model)
+    new, old = maskprune._export.sliced_copy(ModelIndex(model), {}), copy.deepcopy(model)
     for name, buffer in model.named_buffers(remove_duplicate=False):
         copied, reference = getattr(new, name), getattr(old, name)
         assert (

@@ -19,6 +19,7 @@ from torch import nn
 
 import maskprune
 from maskprune import Mask, PruneSpec, SpecError, TensorCut
+from maskprune._walk import ModelIndex
 from maskprune.testing import TINY_MODELS, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,7 +167,8 @@ def test_an_export_writes_the_spec_text_its_fields_give(case: str) -> None:
     """The export writes its spec straight from the plan: the text the spec's fields write, attributes included."""
     model, inputs = build(case)
     mask, pruned = prune(model, inputs)
-    long_way = PruneSpec.from_plan(model, mask._plan(), mask._attributes())
+    index = ModelIndex(model)
+    long_way = PruneSpec.from_plan(index, mask._plan(), mask._attributes(index))
     assert pruned.maskprune_spec == long_way.to_json()
     assert PruneSpec.of(pruned) == long_way and long_way.tensors
 
