@@ -21,13 +21,14 @@ if TYPE_CHECKING:
     from maskprune._trace import Tracer
 
 
-RULES: dict[str, Callable[[OpCall], None]] = {}
-
+RULES: dict[str, Callable[[OpCall], None]] = {}  # op name (as op_name() gives it) -> its rule
 
 PRODUCER, CONSUMER, NORM, BIAS = "producer", "consumer", "norm", "bias"
 
 
 def rule(*names: str) -> Callable:
+    """Register the decorated function as the rule of every op in ``names`` (each name has one rule)."""
+
     def register(fn: Callable[[OpCall], None]) -> Callable[[OpCall], None]:
         for name in names:
             RULES[name] = fn
