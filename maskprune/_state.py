@@ -7,13 +7,16 @@ changes the model's keys, so a masked model's checkpoint loads into an unmasked 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .mask import Mask
+    from ._algorithm import Algorithm
+    from ._pruning import Pruner
+    from ._selection import Selection
 
 FORMAT = 1
 KEYS = (
@@ -30,26 +33,40 @@ KEYS = (
 )
 
 
-def mask_state(mask: Mask) -> dict[str, Any]:
-    """Everything ``do_mask()`` needs to continue exactly where ``mask`` is."""
-    pruner = mask._pruner
+@dataclass
+class MaskState:
+    """A checked Mask state, ready to be put into the Mask it was checked against."""
+
+    keep: np.ndarray
+    semantics: str
+    step: int
+    cursor: int
+    layer_counts: tuple[np.ndarray, ...] | None
+    requested: dict[int, float]
+    algorithm: dict
+
+
+def mask_state(
+    selection: Selection, pruner: Pruner, requested: dict[int, float], algorithm: Algorithm | None
+) -> dict[str, Any]:
+    """Everything ``do_mask()`` needs to continue exactly where a Mask is."""
     counts = pruner.layer_counts
     return {
         "format": FORMAT,
-        "group_sizes": torch.tensor([g.size for g in mask.groups]),
-        "keep": torch.as_tensor(mask._keep.copy()),
-        "semantics": mask.settings.semantics,
+        "group_sizes": torch.tensor([g.size for g in selection.groups]),
+        "keep": torch.as_tensor(selection.keep.copy()),
+        "semantics": pruner.settings.semantics,
         "step": pruner.step,
         "cursor": pruner.cursor,
         "layer_counts": None if counts is None else [torch.as_tensor(part) for part in counts],
-        "requested": {int(k): float(v) for k, v in mask._requested.items()},
-        "algorithm_type": _algorithm_type(mask),
-        "algorithm": mask.algorithm.state_dict() if mask.algorithm is not None else {},
+        "requested": {int(k): float(v) for k, v in requested.items()},
+        "algorithm_type": _algorithm_type(algorithm),
+        "algorithm": algorithm.state_dict() if algorithm is not None else {},
     }
 
 
-def load_mask_state(mask: Mask, state: Any) -> None:
-    """Put ``state`` (from :func:`mask_state`) into ``mask``; checked first, so a bad state changes nothing."""
+def read_mask_state(state: Any, selection: Selection, algorithm: Algorithm | None) -> MaskState:
+    """``state`` (from :func:`mask_state`) checked against ``selection`` and the Mask's criterion."""
     if not isinstance(state, dict):
         raise TypeError(f"a Mask state is the dict Mask.state_dict() returns, got {type(state).__name__}")
     missing = [k for k in KEYS if k not in state]
@@ -57,7 +74,7 @@ def load_mask_state(mask: Mask, state: Any) -> None:
         raise ValueError(f"not a Mask state: missing {', '.join(missing)} (expected the keys {', '.join(KEYS)})")
     if state["format"] != FORMAT:
         raise ValueError(f"Mask state format {state['format']!r} is not supported (this version reads {FORMAT})")
-    sizes = [g.size for g in mask.groups]
+    sizes = [g.size for g in selection.groups]
     saved = [int(n) for n in state["group_sizes"]]
     if saved != sizes:
         raise ValueError(
@@ -65,27 +82,24 @@ def load_mask_state(mask: Mask, state: Any) -> None:
             f"groups of sizes {sizes[:8]}...: load it into a Mask made on the same architecture and inputs"
         )
     keep = state["keep"].numpy().astype(bool) if isinstance(state["keep"], torch.Tensor) else None
-    if keep is None or keep.shape != mask._keep.shape:
-        raise ValueError(f"the state's keep flags do not fit: expected a bool tensor of shape {mask._keep.shape}")
-    if state["algorithm_type"] != _algorithm_type(mask):
+    if keep is None or keep.shape != selection.keep.shape:
+        raise ValueError(f"the state's keep flags do not fit: expected a bool tensor of shape {selection.keep.shape}")
+    if state["algorithm_type"] != _algorithm_type(algorithm):
         raise ValueError(
-            f"the state was saved with the criterion {state['algorithm_type']}, this Mask has {_algorithm_type(mask)}: "
-            "give the Mask the same criterion"
+            f"the state was saved with the criterion {state['algorithm_type']}, this Mask has "
+            f"{_algorithm_type(algorithm)}: give the Mask the same criterion"
         )
-    if mask.algorithm is not None:
-        mask.algorithm.load_state_dict(state["algorithm"])
-    pruner = mask._pruner
-    pruner.step, pruner.cursor = int(state["step"]), int(state["cursor"])
     counts = state["layer_counts"]
-    pruner.layer_counts = None if counts is None else tuple(np.asarray(part.numpy()) for part in counts)
-    mask._requested = {int(k): float(v) for k, v in state["requested"].items()}
-    if state["semantics"] != mask.settings.semantics:
-        mask.semantics = state["semantics"]
-    mask._keep = keep
-    mask._runtime.refresh(keep)
-    if mask.settings.semantics == "frozen":
-        mask._runtime.apply()
+    return MaskState(
+        keep=keep,
+        semantics=state["semantics"],
+        step=int(state["step"]),
+        cursor=int(state["cursor"]),
+        layer_counts=None if counts is None else tuple(np.asarray(part.numpy()) for part in counts),
+        requested={int(k): float(v) for k, v in state["requested"].items()},
+        algorithm=state["algorithm"],
+    )
 
 
-def _algorithm_type(mask: Mask) -> str:
-    return type(mask.algorithm).__name__ if mask.algorithm is not None else "None"
+def _algorithm_type(algorithm: Algorithm | None) -> str:
+    return type(algorithm).__name__ if algorithm is not None else "None"

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import difflib
 import os
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,31 +16,22 @@ from torch import nn
 from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
-from ._attributes import Attributes, attribute_updates
+from ._attributes import Attributes
 from ._collector import collector_paused
-from ._export import Plan, TensorDims, apply_plan, sliced_copy
+from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import (
-    Group,
-    GroupLayout,
-    build_layout,
-    format_names,
-    groups_by_module,
-    groups_of_spaces,
-    prunable_spaces,
-    unit_index,
-    unit_views,
-)
+from ._groups import Group, build_layout, format_names, groups_by_module, groups_of_spaces
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups, needs_trial_export
 from ._pruning import Pruner
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
+from ._selection import Selection
 from ._settings import Settings
 from ._spec import PruneSpec, as_spec, attach_text
-from ._state import load_mask_state, mask_state
-from ._trace import Trace, iter_tensors, trace
+from ._state import mask_state, read_mask_state
+from ._trace import iter_tensors, trace
 from ._walk import module_table
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
@@ -69,8 +59,8 @@ class Mask:
         round_to: kept channels rounded up to a multiple of this (for fast kernels).
         steps: ``do_mask()`` calls to reach the target, each moving one step of ``ramp``.
         ramp: ``"linear"``, ``"exp"`` (the kept fraction shrinks by a constant factor) or ``"cubic"`` (AGP).
-        pre_layer: layer-by-layer mode: each ``do_mask()`` prunes the next group to its target and
-            returns True while groups remain.
+        pre_layer: layer-by-layer mode: each ``do_mask()`` prunes the next group to its target, until
+            :attr:`finished`.
         semantics: ``"frozen"`` (a removed channel stays zero and gets no gradient) or ``"soft"``
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
@@ -133,11 +123,7 @@ class Mask:
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
         self._made = False
-        self._trace: Trace | None = None
-        self._layout: GroupLayout | None = None
-        self._tensor_dims: TensorDims | None = None
-        self._groups: list[Group] = []
-        self._keep = np.ones(0, dtype=bool)
+        self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
         self._pruner: Pruner | None = None
         self._requested: dict[int, float] = {}
@@ -173,17 +159,22 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = build_layout(tr, res)
-        self._trace, self._res = tr, res
-        self._use_layout(layout)
         suspects = groups_of_spaces(layout, tr.size_reads)
         fixed, note = {}, None
         if needs_trial_export(tr, layout, suspects):
+            first = Selection(tr, res, layout)
+            modules = dict(module_table(self.model)) if tr.size_sites else {}
+
+            def probe_plan(groups: list[int]) -> tuple[Plan, Attributes]:
+                keep = first.without_last_unit(groups)
+                return first.plan(keep), first.attributes(modules, keep)
+
             fixed, note = fixed_size_groups(
                 self.model,
                 self.example_inputs,
                 tr.modes,
                 len(layout.groups),
-                self._probe_plan,
+                probe_plan,
                 suspects,
                 groups_by_module(layout),
                 tr.shadow,
@@ -199,13 +190,12 @@ class Mask:
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._use_layout(layout)
-        self._keep = np.ones(layout.n_units + 1, dtype=bool)
-        self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
+        self._selection = Selection(
+            tr, res, layout, on_change=self._keep_changed, device_keep=self._device_keep, leaves=self._leaves
+        )
         self._runtime = self._new_runtime()
         self._made = True
-        _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
-        self._pruner = Pruner(self)
+        self._pruner = Pruner(self._selection, self.settings, self._count_flops)
         if self.algorithm is not None:
             self.algorithm.attach(self)
         return self
@@ -213,40 +203,53 @@ class Mask:
     @property
     def groups(self) -> list[Group]:
         """The prunable dependency groups (after :meth:`make`)."""
-        self._require_made("groups")
-        return self._groups
+        return self.selection.groups
+
+    @property
+    def selection(self) -> Selection:
+        """What :meth:`make` found (trace, group layout, units) and the keep flags now (after :meth:`make`)."""
+        self._require_made("selection")
+        return self._selection
+
+    @property
+    def finished(self) -> bool:
+        """Whether the schedule is done: every step taken (frozen semantics) or, with ``pre_layer=True``,
+        every group visited. A layer-by-layer loop is ``while not mask.finished: mask.do_mask(); fine_tune()``.
+        With soft semantics the schedule never finishes: every ``do_mask()`` re-selects."""
+        self._require_made("finished")
+        return self._pruner.finished()
 
     def do_mask(self) -> bool:
-        """Move one step of the schedule: zero the lowest-scoring channels. Returns whether anything changed.
+        """Move one step of the schedule: zero the lowest-scoring channels. Returns whether any flag changed.
 
         One shot (``steps=1``): the first call reaches the target. ``steps=N``: each call
-        moves one step of the ramp. ``pre_layer=True``: each call prunes the next group and
-        returns True while groups remain (False once every group was visited). With soft
-        semantics every call re-selects from all channels. Atomic: a criterion that fails
-        on one group changes nothing. Under ``torch.distributed`` call it on every rank at the
-        same step: criteria sum their statistics over the ranks and every rank takes the keep
-        flags rank 0 decided.
+        moves one step of the ramp. ``pre_layer=True``: each call prunes the next group;
+        :attr:`finished` says when every group was visited. A call once the schedule is
+        finished changes nothing. With soft semantics every call re-selects from all channels.
+        Atomic: a criterion that fails on one group changes nothing. Under ``torch.distributed``
+        call it on every rank at the same step: criteria sum their statistics over the ranks
+        and every rank takes the keep flags rank 0 decided.
         """
         self._require_made("do_mask()")
         if self.algorithm is None:
             raise ValueError("do_mask() needs an algorithm: Mask(..., algorithm=maskprune.algorithms.L1Norm())")
-        pruner = self._pruner
+        pruner, selection = self._pruner, self._selection
         if pruner.finished():
             return False
-        decision = pruner.decide()
+        decision = pruner.decide(self.algorithm, lambda groups: self.algorithm.prepare(self, groups))
         decision.keep = broadcast_flags(decision.keep)
         pruner.advance()
-        changed = not np.array_equal(decision.keep, self._keep)
+        changed = not np.array_equal(decision.keep, selection.keep)
         self._requested.update(decision.requested)
         if changed:
-            self._keep = decision.keep
-            self._runtime.refresh(self._keep)
+            selection.keep = decision.keep
+            self._runtime.refresh(selection.keep)
             if self.settings.semantics == "frozen":
                 self._runtime.apply()
             else:
                 self._runtime.apply_producers()
         self.algorithm.finish(self)
-        return changed or self.settings.pre_layer
+        return changed
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> Mask:
         """Keep removed channels exactly zero through ``optimizer.step()`` (frozen semantics).
@@ -276,7 +279,7 @@ class Mask:
             >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")  # doctest: +SKIP
         """
         self._require_made("state_dict()")
-        return mask_state(self)
+        return mask_state(self._selection, self._pruner, self._requested, self.algorithm)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (on a Mask made on the same architecture and example inputs).
@@ -288,7 +291,18 @@ class Mask:
             >>> mask.load_state_dict(ckpt["mask"])                              # doctest: +SKIP
         """
         self._require_made("load_state_dict()")
-        load_mask_state(self, state)
+        loaded = read_mask_state(state, self._selection, self.algorithm)
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(loaded.algorithm)
+        pruner = self._pruner
+        pruner.step, pruner.cursor, pruner.layer_counts = loaded.step, loaded.cursor, loaded.layer_counts
+        self._requested = loaded.requested
+        if loaded.semantics != self.settings.semantics:
+            self.semantics = loaded.semantics
+        self._selection.keep = loaded.keep
+        self._runtime.refresh(loaded.keep)
+        if self.settings.semantics == "frozen":
+            self._runtime.apply()
 
     def sparsity(self) -> Sparsity:
         """Requested versus achieved ratio, parameters and FLOPs per group and for the model.
@@ -299,7 +313,7 @@ class Mask:
             >>> print(mask.sparsity())                                   # doctest: +SKIP
         """
         self._require_made("sparsity()")
-        return sparsity_report(self)
+        return sparsity_report(self._selection, self._flops_probe(), self.settings, self._requested)
 
     @collector_paused()
     def generate_pruned_model(
@@ -327,7 +341,7 @@ class Mask:
         # and there they mostly are already (since the last do_mask() or tracked optimizer step)
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             table = module_table(self.model)  # one walk of the model for the plan's attributes, spec and copy
-            plan, attributes = self._plan(), self._attributes(table=table)
+            plan, attributes = self._selection.plan(), self._selection.attributes(dict(table))
             spec_text = PruneSpec.text_of_plan(self.model, plan, attributes, table)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
@@ -336,7 +350,10 @@ class Mask:
                 pruned = self._plain_copy(plan, attributes, table)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
-                    result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=settle, soft=soft)
+                    keeps = self._selection.output_keeps
+                    result = _verify.verify_outputs(
+                        self.model, pruned, inputs, rtol, settle=settle, soft=soft, keeps=keeps
+                    )
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
         attach_text(pruned, spec_text)
@@ -353,7 +370,7 @@ class Mask:
             >>> pruned = mask.apply_spec("resnet18-pruned").generate_pruned_model()              # doctest: +SKIP
         """
         self._require_made("apply_spec()")
-        self._set_keep(0, keep_flags_of(self, as_spec(spec)))
+        self._selection.replace(keep_flags_of(self._selection, self.model, as_spec(spec)))
         return self
 
     def remove(self) -> None:
@@ -364,104 +381,53 @@ class Mask:
             self._runtime = None
         if self._made and self.algorithm is not None:
             self.algorithm.detach(self)
-        _verify._KEEP_LOOKUP.pop(self.model, None)
         self._made = False
-        self._groups = []
 
     # ---- state -----------------------------------------------------------------------------
-    def _set_keep(self, start: int, keep: np.ndarray) -> None:
-        self._keep[start : start + len(keep)] = keep
-        self._runtime.refresh(self._keep)
+    def _keep_changed(self, keep: np.ndarray) -> None:
+        """A group's flags were set by hand (``group.prune``, ``apply_spec``): mask and zero at once."""
+        self._runtime.refresh(keep)
         self._runtime.apply()
+
+    def _device_keep(self) -> torch.Tensor:
+        return self._runtime.keep
+
+    def _leaves(self) -> set[str]:
+        return {name for name, m in self.model.named_modules() if not any(True for _ in m.children())}
 
     def _flops_probe(self) -> FlopsProbe:
         """Counts FLOPs of would-be exports (a weightless copy on the meta device, made once)."""
         if self._probe is None:
             self._runtime.uninstall()
             try:
-                self._probe = FlopsProbe(self.model, self.example_inputs, self._trace.shadow)
+                self._probe = FlopsProbe(self.model, self.example_inputs, self._selection.trace.shadow)
             finally:
                 self._runtime.install()
         return self._probe
 
+    def _count_flops(self, plan: Plan) -> int:
+        return self._flops_probe().count(plan).total
+
     def _new_runtime(self) -> MaskRuntime:
         """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
-        tr, layout = self._trace, self._layout
-        prunable = prunable_spaces(layout, self._res).tolist()
+        selection = self._selection
+        tr, units = selection.trace, selection.units
+        prunable = selection.prunable_spaces().tolist()
         dims = []
         for key, node in tr.param_nodes.items():
             owned = tr.owned[key]
             if owned.is_param:
                 dims += [
-                    (owned.tensor, dim, self._units(space), tr.roles.get((key, dim)) == "producer")
+                    (owned.tensor, dim, units(space), tr.roles.get((key, dim)) == "producer")
                     for dim, space in enumerate(node.spaces)
                     if prunable[space]
                 ]
-        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
+        runtime = MaskRuntime(self.model, selection.n_units, _device(self.model))
         runtime.add_dims(dims)
-        runtime.add_norms([(site, self._units(site.space)) for site in tr.layer_norms if prunable[site.space]])
+        runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
         return runtime
-
-    def _use_layout(self, layout: GroupLayout) -> None:
-        self._layout = layout
-        self._tensor_dims = None  # made at the first plan of the layout
-
-    def _units(self, space: int) -> np.ndarray:
-        """Flat unit of each channel of ``space`` (a view: read it, do not write to it)."""
-        return unit_index(self._layout, space)
-
-    def _probe_plan(self, groups: list[int]) -> tuple[Plan, Attributes]:
-        """The export that removes the last channel of each of ``groups`` (for the trial export)."""
-        keep = np.ones(self._layout.n_units + 1, dtype=bool)
-        for index in groups:
-            start, size, _ = self._layout.groups[index]
-            if size > 1:
-                keep[start + size - 1] = False
-        return self._plan(keep), self._attributes(keep)
-
-    def _attributes(
-        self, keep_flags: np.ndarray | None = None, table: list[tuple[str, nn.Module]] | None = None
-    ) -> Attributes:
-        """The counts held in module attributes (``num_heads`` …) that the export changes.
-
-        ``table``: the model's :func:`module_table`, when the caller has it.
-        """
-        keep_flags = self._keep if keep_flags is None else keep_flags
-        sites = self._trace.size_sites
-        if not sites:  # no size written in the model's code: no count to update
-            return {}
-        modules = dict(module_table(self.model) if table is None else table)
-        return attribute_updates(modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
-
-    def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
-        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
-        keep_flags = self._keep if keep_flags is None else keep_flags
-        if self._tensor_dims is None:
-            self._tensor_dims = self._dims_table()
-        return self._tensor_dims.plan(keep_flags)
-
-    def _dims_table(self) -> TensorDims:
-        """Every dimension of the traced parameters and buffers with its units (made at the layout's first plan)."""
-        tr = self._trace
-        names, spaces = [], []
-        for key, node in tr.param_nodes.items():
-            name = tr.owned[key].names[0]
-            names += [(name, dim) for dim in range(len(node.spaces))]
-            spaces += node.spaces
-        units = unit_views(self._layout, spaces)  # spaces over one stretch of units share an array: compared once
-        return TensorDims.of((name, dim, view) for (name, dim), view in zip(names, units, strict=True))
-
-    def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
-        nodes = self._trace.module_outputs.get(path) if self._trace else None
-        if not nodes or len(nodes[0].spaces) != ndim:
-            return None
-        keeps: list[torch.Tensor | None] = []
-        for space in nodes[0].spaces:
-            keep = self._keep[self._units(space)]
-            keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
-        return keeps
 
     def _plain_copy(self, plan: Plan, attributes: Attributes, table: list[tuple[str, nn.Module]]) -> nn.Module:
         """A deep copy of the model (whose :func:`module_table` is ``table``) sliced by ``plan``, without hooks."""
@@ -496,45 +462,27 @@ class Mask:
             raise NotMadeError(f"call make() before {what}")
 
     # ---- reporting -------------------------------------------------------------------------
-    def _activation_members(self, group: Group) -> list[tuple[str, int, str]]:
-        """Leaf-module outputs whose channels belong to ``group``: (module path, dim, mapping)."""
-        rows = []
-        leaves = {name for name, m in self.model.named_modules() if not any(True for _ in m.children())}
-        lo, hi = group.start, group.start + group.size
-        for path, nodes in self._trace.module_outputs.items():
-            if path not in leaves or not nodes:
-                continue
-            for dim, space in enumerate(nodes[0].spaces):
-                units = self._units(space)
-                inside = (units >= lo) & (units < hi)
-                if inside.any():
-                    positions = np.flatnonzero(inside)
-                    span = f"[{positions.min()}:{positions.max() + 1}]"
-                    if positions.max() + 1 - positions.min() != len(positions):
-                        span = f"{len(positions)} of {len(units)}"
-                    rows.append((path, dim, span))
-        return rows
-
     def __repr__(self) -> str:
         if not self._made:
             return f"Mask({type(self.model).__name__}, ratio={self.ratio}, not made)"
-        kept = sum(g.kept for g in self._groups)
-        total = sum(g.size for g in self._groups)
+        groups = self._selection.groups
+        kept = sum(g.kept for g in groups)
+        total = sum(g.size for g in groups)
         algo = type(self.algorithm).__name__ if self.algorithm is not None else "no algorithm"
         lines = [
             f"Mask({type(self.model).__name__}, {algo}, ratio={self.ratio}): "
-            f"{len(self._groups)} groups, {kept}/{total} channels kept"
+            f"{len(groups)} groups, {kept}/{total} channels kept"
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
-        for g in self._groups:
+        for g in groups:
             names = [f"{m.name}[{m.dim}]" for m in g.members]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
-        frozen = self._layout.frozen
+        frozen = self._selection.layout.frozen
         if frozen:
             lines.append("Frozen (never pruned):")
             for reason, names in frozen.items():
                 lines.append(f"  {reason}: {format_names(names)}")
-        tr = self._trace
+        tr = self._selection.trace
         if tr.unknown_ops:
             ops = sorted({f"`{op}` in {path}" for op, path in tr.unknown_ops})
             lines.append(f"Unsupported ops (their channels are frozen): {format_names(ops, 6)}")

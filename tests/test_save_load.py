@@ -166,7 +166,7 @@ def test_an_export_writes_the_spec_text_its_fields_give(case: str) -> None:
     """The export writes its spec straight from the plan: the text the spec's fields write, attributes included."""
     model, inputs = build(case)
     mask, pruned = prune(model, inputs)
-    long_way = PruneSpec.from_plan(model, mask._plan(), mask._attributes())
+    long_way = PruneSpec.from_plan(model, mask.selection.plan(), mask.selection.attributes(dict(model.named_modules())))
     assert pruned.maskprune_spec == long_way.to_json()
     assert PruneSpec.of(pruned) == long_way and long_way.tensors
 
