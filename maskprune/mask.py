@@ -203,7 +203,8 @@ class Mask:
     @property
     def groups(self) -> list[Group]:
         """The prunable dependency groups (after :meth:`make`)."""
-        return self.selection.groups
+        self._require_made("groups")
+        return self._selection.groups
 
     @property
     def selection(self) -> Selection:
