@@ -20,10 +20,10 @@ from ._attributes import Attributes
 from ._collector import collector_paused
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, build_layout, format_names, groups_by_module, groups_of_spaces
+from ._groups import Group, build_layout, format_names
 from ._layers import leaf_rules
 from ._masking import MaskRuntime
-from ._probe import fixed_size_groups, needs_trial_export
+from ._probe import settled_layout
 from ._pruning import Pruner
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
@@ -158,35 +158,7 @@ class Mask:
             return self
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
-        layout = build_layout(tr, res)
-        suspects = groups_of_spaces(layout, tr.size_reads)
-        fixed, note = {}, None
-        if needs_trial_export(tr, layout, suspects):
-            first = Selection(tr, res, layout)
-            modules = dict(module_table(self.model)) if tr.size_sites else {}
-
-            def probe_plan(groups: list[int]) -> tuple[Plan, Attributes]:
-                keep = first.without_last_unit(groups)
-                return first.plan(keep), first.attributes(modules, keep)
-
-            fixed, note = fixed_size_groups(
-                self.model,
-                self.example_inputs,
-                tr.modes,
-                len(layout.groups),
-                probe_plan,
-                suspects,
-                groups_by_module(layout),
-                tr.shadow,
-            )
-        if note:
-            tr.notes.append(note)
-        if fixed:
-            for index, error in fixed.items():
-                start, size, _ = layout.groups[index]
-                comps = np.flatnonzero((layout.component_unit >= start) & (layout.component_unit < start + size))
-                res.freeze_components(comps, f"the model's code fixes this size (trial export: {error})")
-            layout = build_layout(tr, res)
+        layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
