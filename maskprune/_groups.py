@@ -61,8 +61,11 @@ class Group:
     Channel ``i`` of the group is its ``i``-th unit; :meth:`prune` removes units.
 
     Example:
-        >>> group = mask.groups[0]                     # doctest: +SKIP
-        >>> group.prune([0, 5]); group.kept            # doctest: +SKIP
+        >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
+        >>> group = mask.groups[0]
+        >>> group, group.members[0].name
+        (Group(0, channels=64, kept=64, members=13), 'conv1.weight')
+        >>> group.prune([0, 5]); group.kept
         62
     """
 
@@ -102,8 +105,9 @@ class Group:
         """Where this group's channels appear in leaf modules' outputs (or ``kind="input"``: inputs).
 
         Example:
-            >>> [(s.path, s.dim) for s in group.activations()]             # doctest: +SKIP
-            [('bn1', 1), ('relu', 1)]
+            >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
+            >>> [(s.path, s.dim) for s in mask.groups[0].activations()][:3]
+            [('conv1', 1), ('bn1', 1), ('relu', 1)]
         """
         selection = self._selection
         return activation_sites(selection.trace.leaf_calls, selection.units, self.start, self.size, kind)

@@ -55,8 +55,8 @@ def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[
     runs it.
 
     Example:
-        >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
-        >>> needs_trial_export(mask.selection.trace, mask.selection.layout, set())                      # doctest: +SKIP
+        >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()
+        >>> needs_trial_export(mask.selection.trace, mask.selection.layout, set())
         False
     """
     if trace.shadow is None or trace.unproven or size_read_groups:

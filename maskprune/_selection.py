@@ -37,14 +37,11 @@ class Selection:
     view with other flags: what a criterion sees while it scores candidates.
 
     Example:
-        >>> import torch
-        >>> from maskprune import Mask
-        >>> mask = Mask(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)),
-        ...             torch.randn(1, 4)).make()
-        >>> selection = mask.selection
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> selection = Mask(model, torch.randn(1, 4)).make().selection
         >>> selection.groups[0].prune([0, 1])
-        >>> {name: dims for name, dims in selection.plan().items()}["0.weight"][0][1].tolist()
-        [2, 3, 4, 5]
+        >>> [(dim, kept.tolist()) for dim, kept in selection.plan()["2", "weight"]]
+        [(1, [2, 3, 4, 5])]
         >>> view = selection.candidates(selection.keep | True)
         >>> view.groups[0].kept, selection.groups[0].kept
         (6, 4)

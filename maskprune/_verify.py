@@ -142,11 +142,14 @@ def verify(
     where a rounding difference between two near-equal scores may pick another box.
 
     Example:
-        >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()   # doctest: +SKIP
-        >>> mask.do_mask(); pruned = mask.generate_pruned_model()          # doctest: +SKIP
-        >>> maskprune.verify(model, pruned, x).max_rel < 1e-5              # doctest: +SKIP
+        >>> model, x = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)
+        >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+        >>> mask.do_mask(); pruned = mask.generate_pruned_model()
         True
-        >>> maskprune.verify(detector, pruned, images, within="backbone", mask=mask)  # doctest: +SKIP
+        >>> maskprune.verify(model, pruned, torch.randn(3, 3, 64, 64)).max_rel < 1e-5
+        True
+        >>> maskprune.verify(model, pruned, x, within="layer1", mask=mask).ok
+        True
     """
     keeps = mask.selection.output_keeps if mask is not None else None
     if within is not None:

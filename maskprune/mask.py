@@ -67,10 +67,13 @@ class Mask:
         ignore: modules (or qualified names) whose channels must never be pruned.
 
     Example:
-        >>> model = torchvision.models.resnet18()                               # doctest: +SKIP
-        >>> mask = Mask(model, input_shape=(1, 3, 224, 224), algorithm=L1Norm(), ratio=0.5)  # doctest: +SKIP
-        >>> mask.make().do_mask()                                               # doctest: +SKIP
-        >>> pruned = mask.generate_pruned_model()                               # doctest: +SKIP
+        >>> model = torchvision.models.resnet18()
+        >>> mask = Mask(model, input_shape=(1, 3, 64, 64), algorithm=L1Norm(), ratio=0.5)
+        >>> mask.make().do_mask()
+        True
+        >>> pruned = mask.generate_pruned_model()  # verified: computes what the masked model computes
+        >>> pruned.conv1.out_channels, pruned.layer4[1].conv1.out_channels
+        (32, 256)
     """
 
     def __init__(
@@ -235,8 +238,11 @@ class Mask:
         it) are zeroed there too, so a removed channel never moves. Returns self.
 
         Example:
-            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # doctest: +SKIP
-            >>> mask.track_optimizer(opt)                                           # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm()).make()
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> mask.track_optimizer(opt) is mask
+            True
         """
         self._require_made("track_optimizer()")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -249,7 +255,11 @@ class Mask:
         random stream), readable with ``torch.load(weights_only=True)``. The model's weights are not in it.
 
         Example:
-            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), steps=2).make()
+            >>> mask.do_mask()
+            True
+            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")
         """
         self._require_made("state_dict()")
         return mask_state(self._selection, self._pruner, self._requested, self.algorithm)
@@ -258,10 +268,20 @@ class Mask:
         """Continue from :meth:`state_dict` (on a Mask made on the same architecture and example inputs).
 
         Example:
-            >>> ckpt = torch.load("ckpt.pt", weights_only=True)                 # doctest: +SKIP
-            >>> model.load_state_dict(ckpt["model"])                            # doctest: +SKIP
-            >>> mask = Mask(model, x, algorithm=Taylor(), steps=4).make()       # doctest: +SKIP
-            >>> mask.load_state_dict(ckpt["mask"])                              # doctest: +SKIP
+            >>> x = torch.randn(1, 3, 16, 16)
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, x, algorithm=L1Norm(), steps=2).make()
+            >>> mask.do_mask()
+            True
+            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")
+            >>> ckpt = torch.load("ckpt.pt", weights_only=True)
+            >>> again = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> again.load_state_dict(ckpt["model"])
+            <All keys matched successfully>
+            >>> resumed = Mask(again, x, algorithm=L1Norm(), steps=2).make()
+            >>> resumed.load_state_dict(ckpt["mask"])
+            >>> resumed.groups[0].kept, resumed.finished
+            (6, False)
         """
         self._require_made("load_state_dict()")
         loaded = read_mask_state(state, self._selection, self.algorithm)
@@ -283,7 +303,13 @@ class Mask:
         FLOPs are counted on the shapes the export would have (eval mode, example inputs).
 
         Example:
-            >>> print(mask.sparsity())                                   # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), ratio=0.5).make()
+            >>> mask.do_mask()
+            True
+            >>> report = mask.sparsity()
+            >>> report.channels, round(report.flops_removed, 3)
+            ((4, 8), 0.5)
         """
         self._require_made("sparsity()")
         return sparsity_report(self._selection, self._flops_probe(), self.settings, self._requested)
@@ -339,8 +365,16 @@ class Mask:
         model. Raises :class:`SpecError` when the spec does not fit this mask's groups.
 
         Example:
-            >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
-            >>> pruned = mask.apply_spec("resnet18-pruned").generate_pruned_model()              # doctest: +SKIP
+            >>> x = torch.randn(1, 3, 16, 16)
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+            >>> mask.do_mask()
+            True
+            >>> folder = maskprune.save_pruned(mask.generate_pruned_model(), "pruned")
+            >>> fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> replayed = Mask(fresh, x).make().apply_spec(folder)
+            >>> replayed.groups[0].pruned == mask.groups[0].pruned
+            True
         """
         self._require_made("apply_spec()")
         self._selection.replace(keep_flags_of(self._selection, self.model, as_spec(spec)))
