@@ -12,16 +12,16 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import maskprune.algorithms
 import numpy as np
 import pytest
 import torch
 import torchvision
+from maskprune.algorithms import L1Norm
 from torch import nn
 
 import maskprune
-import maskprune.algorithms
 from maskprune import Mask
-from maskprune.algorithms import L1Norm
 
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
