@@ -96,6 +96,6 @@ def sparsity_report(
             )
         )
     s = settings
-    target = f"target_flops={s.target_flops}" if s.target_flops is not None else f"ratio={s.ratio}"
+    target = s.target
     before, after = selection.parameter_counts()
     return Sparsity(rows, f"{target} ({s.allocation})", before, after, dense.total, now.total)

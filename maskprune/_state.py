@@ -17,8 +17,23 @@ if TYPE_CHECKING:
     from ._algorithm import Algorithm
     from ._pruning import Pruner
     from ._selection import Selection
+    from ._settings import Settings
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1 had no "settings": its schedule is taken on trust
+#: The options a state is only valid under: the schedule it is a position in.
+SCHEDULE = (
+    "ratio",
+    "target_flops",
+    "ratios",
+    "allocation",
+    "min_channels",
+    "max_ratio",
+    "round_to",
+    "steps",
+    "ramp",
+    "pre_layer",
+)
 KEYS = (
     "format",
     "group_sizes",
@@ -62,18 +77,29 @@ def mask_state(
         "requested": {int(k): float(v) for k, v in requested.items()},
         "algorithm_type": _algorithm_type(algorithm),
         "algorithm": algorithm.state_dict() if algorithm is not None else {},
+        "settings": _schedule(pruner.settings),
     }
 
 
-def read_mask_state(state: Any, selection: Selection, algorithm: Algorithm | None) -> MaskState:
-    """``state`` (from :func:`mask_state`) checked against ``selection`` and the Mask's criterion."""
+def read_mask_state(state: Any, selection: Selection, settings: Settings, algorithm: Algorithm | None) -> MaskState:
+    """``state`` (from :func:`mask_state`) checked against ``selection``, the Mask's options and its criterion."""
     if not isinstance(state, dict):
         raise TypeError(f"a Mask state is the dict Mask.state_dict() returns, got {type(state).__name__}")
     missing = [k for k in KEYS if k not in state]
     if missing:
         raise ValueError(f"not a Mask state: missing {', '.join(missing)} (expected the keys {', '.join(KEYS)})")
-    if state["format"] != FORMAT:
-        raise ValueError(f"Mask state format {state['format']!r} is not supported (this version reads {FORMAT})")
+    if state["format"] not in READS:
+        raise ValueError(f"Mask state format {state['format']!r} is not supported (this version reads {READS})")
+    if "settings" in state:
+        saved, now = state["settings"], _schedule(settings)
+        differ = [k for k in SCHEDULE if saved.get(k) != now[k]]
+        if differ:
+            said = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            have = ", ".join(f"{k}={now[k]!r}" for k in differ)
+            raise ValueError(
+                f"the state was saved by a Mask with {said}; this one has {have}: "
+                "make the Mask with the options of the one that saved it"
+            )
     sizes = [g.size for g in selection.groups]
     saved = [int(n) for n in state["group_sizes"]]
     if saved != sizes:
@@ -99,6 +125,10 @@ def read_mask_state(state: Any, selection: Selection, algorithm: Algorithm | Non
         requested={int(k): float(v) for k, v in state["requested"].items()},
         algorithm=state["algorithm"],
     )
+
+
+def _schedule(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in SCHEDULE}
 
 
 def _algorithm_type(algorithm: Algorithm | None) -> str:

@@ -22,7 +22,7 @@ from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, build_layout, format_names
 from ._layers import leaf_rules
-from ._masking import MaskRuntime
+from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
 from ._pruning import Pruner
 from ._replay import keep_flags_of
@@ -36,6 +36,9 @@ from ._walk import module_table
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
 
+DEFAULT_RATIO = 0.5
+DEFAULT_MAX_RATIO = 0.9
+
 
 class Mask:
     """Soft masks over a model's dependency groups, and their export to a smaller model.
@@ -46,16 +49,17 @@ class Mask:
         input_shape: shorthand for ``example_inputs=torch.randn(input_shape)`` on the model's device.
         algorithm: scores channels (see :mod:`maskprune.algorithms`); needed by :meth:`do_mask`.
         ratio: fraction of the channels to remove, in [0, 1) (of each group, or of all of them with
-            ``allocation="global"``).
-        target_flops: instead of ``ratio``, the fraction of the model's FLOPs to remove, in (0, 1),
-            met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
+            ``allocation="global"``); 0.5 when neither it nor ``target_flops`` is given.
+        target_flops: instead of ``ratio`` (give one of them), the fraction of the model's FLOPs to
+            remove, in (0, 1), met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
         ratios: per-module ratio overrides, ``{module or qualified name: ratio}``; a group takes the
             entry of the most specific module holding its first producer.
         allocation: ``"uniform"`` (every group loses ``ratio``) or ``"global"`` (channels ranked across
             groups by score, each group's scores divided by their mean unless the criterion's raw
             scores compare across groups).
         min_channels: channels every group keeps at least.
-        max_ratio: the largest fraction any group loses (global ranking, random ratios, FLOPs search).
+        max_ratio: the largest fraction any group loses (global ranking, random ratios, FLOPs search);
+            0.9 by default, or ``ratio`` where that is larger.
         round_to: kept channels rounded up to a multiple of this (for fast kernels).
         steps: ``do_mask()`` calls to reach the target, each moving one step of ``ramp``.
         ramp: ``"linear"``, ``"exp"`` (the kept fraction shrinks by a constant factor) or ``"cubic"`` (AGP).
@@ -83,12 +87,12 @@ class Mask:
         *,
         input_shape: Sequence[int] | None = None,
         algorithm: Algorithm | None = None,
-        ratio: float = 0.5,
+        ratio: float | None = None,
         target_flops: float | None = None,
         ratios: Mapping[nn.Module | str, float] | None = None,
         allocation: str = "uniform",
         min_channels: int = 1,
-        max_ratio: float = 0.9,
+        max_ratio: float | None = None,
         round_to: int = 1,
         steps: int = 1,
         ramp: str = "linear",
@@ -98,12 +102,25 @@ class Mask:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(algorithm, type):
+            raise TypeError(
+                f"algorithm must be an instance, got the class {algorithm.__name__}: "
+                f"pass algorithm={algorithm.__name__}() (with its options)"
+            )
         if algorithm is not None and not callable(getattr(algorithm, "score", None)):
             raise TypeError(
                 f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
             )
         if not isinstance(ratios, (Mapping, type(None))):
             raise TypeError(f"ratios must be a dict {{module or name: ratio}}, got {type(ratios).__name__}")
+        if ratio is not None and target_flops is not None:
+            raise ValueError(
+                f"give ratio ({ratio}) or target_flops ({target_flops}), not both: ratio removes a share of the "
+                "channels, target_flops a share of the FLOPs"
+            )
+        ratio = DEFAULT_RATIO if ratio is None else ratio
+        if max_ratio is None:
+            max_ratio = max(DEFAULT_MAX_RATIO, ratio) if isinstance(ratio, (int, float)) else DEFAULT_MAX_RATIO
         named_ratios = {}
         for key, value in (ratios or {}).items():
             (name,) = _resolve_modules(model, [key], "ratios")
@@ -159,6 +176,12 @@ class Mask:
         """Trace the model, build the dependency groups, install the mask hooks. Returns self."""
         if self._made:
             return self
+        if runtime_on(self.model) is not None:
+            raise RuntimeError(
+                f"the {type(self.model).__name__} is already masked by another Mask: call remove() on that Mask "
+                "first (or export it), then make this one"
+            )
+        _check_inputs(self.model, self.example_inputs)
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
@@ -168,11 +191,16 @@ class Mask:
         self._selection = Selection(
             tr, res, layout, on_change=self._keep_changed, device_keep=self._device_keep, leaves=self._leaves
         )
-        self._runtime = self._new_runtime()
-        self._made = True
-        self._pruner = Pruner(self._selection, self.settings, self._count_flops)
-        if self.algorithm is not None:
-            self.algorithm.attach(self)
+        try:
+            self._runtime = self._new_runtime()
+            self._made = True
+            self._pruner = Pruner(self._selection, self.settings, self._count_flops)
+            if self.algorithm is not None:
+                self.algorithm.attach(self)
+        except BaseException:
+            self.remove()  # no hook of this make() stays on the model
+            self._selection = self._pruner = None
+            raise
         return self
 
     @property
@@ -284,7 +312,7 @@ class Mask:
             (6, False)
         """
         self._require_made("load_state_dict()")
-        loaded = read_mask_state(state, self._selection, self.algorithm)
+        loaded = read_mask_state(state, self._selection, self.settings, self.algorithm)
         if self.algorithm is not None:
             self.algorithm.load_state_dict(loaded.algorithm)
         pruner = self._pruner
@@ -383,8 +411,7 @@ class Mask:
     def remove(self) -> None:
         """Take every hook and mask buffer off; the model keeps its current (zeroed) weights."""
         if self._runtime is not None:
-            self._runtime.uninstall()
-            self._runtime.unhook_optimizers()
+            self._runtime.release()
             self._runtime = None
         if self._made and self.algorithm is not None:
             self.algorithm.detach(self)
@@ -471,13 +498,13 @@ class Mask:
     # ---- reporting -------------------------------------------------------------------------
     def __repr__(self) -> str:
         if not self._made:
-            return f"Mask({type(self.model).__name__}, ratio={self.ratio}, not made)"
+            return f"Mask({type(self.model).__name__}, {self.settings.target}, not made)"
         groups = self._selection.groups
         kept = sum(g.kept for g in groups)
         total = sum(g.size for g in groups)
         algo = type(self.algorithm).__name__ if self.algorithm is not None else "no algorithm"
         lines = [
-            f"Mask({type(self.model).__name__}, {algo}, ratio={self.ratio}): "
+            f"Mask({type(self.model).__name__}, {algo}, {self.settings.target}): "
             f"{len(groups)} groups, {kept}/{total} channels kept"
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
@@ -507,6 +534,24 @@ def _device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_inputs(model: nn.Module, inputs: Any) -> None:
+    """Floating example inputs must have the dtype of the model's floating parameters, on their device."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return
+    for tensor in iter_tensors(inputs):
+        if tensor.is_floating_point() and tensor.dtype != param.dtype:
+            raise TypeError(
+                f"an example input is {tensor.dtype} but the model's parameters are {param.dtype}: "
+                f"pass inputs of the model's dtype (x.to({param.dtype}))"
+            )
+        if not tensor.is_meta and not param.is_meta and tensor.device != param.device:
+            raise ValueError(
+                f"an example input is on {tensor.device} but the model's parameters are on {param.device}: "
+                f"pass inputs on the model's device (x.to({str(param.device)!r}))"
+            )
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any, input_shape: Sequence[int] | None) -> Any:
