@@ -42,7 +42,8 @@ def unit_rows(member: Member, size: int) -> torch.Tensor:
     group). Channels with fewer positions than others are padded with zeros.
 
     Example:
-        >>> unit_rows(group.producers()[0], group.size).shape     # doctest: +SKIP
+        >>> group = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make().groups[1]
+        >>> unit_rows(group.producers()[0], group.size).shape
         torch.Size([64, 576])
     """
     w = member.tensor.detach().movedim(member.dim, 0).reshape(member.tensor.shape[member.dim], -1)

@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="iterative",
         choices=SCHEDULES,
         help="oneshot: one do_mask() then fine-tune; iterative: --steps do_mask() calls while fine-tuning; "
-        "layer: pre_layer=True, one group per do_mask() call until it returns False",
+        "layer: pre_layer=True, one group per do_mask() call until mask.finished",
     )
     how.add_argument("--steps", type=int, help="do_mask() calls of the iterative schedule (default 8)")
     how.add_argument("--ramp", default="cubic", choices=("linear", "exp", "cubic"))
@@ -280,17 +280,17 @@ def prune(
         sgd_step(model, optimizer, next(train), regularize if pruning else None)  # Taylor watches this backward
         schedule.step()
         if pruning and step % every == 0:
-            changed = mask.do_mask()  # zero the next share of channels (the schedule's next step)
+            mask.do_mask()  # zero the next share of channels (the schedule's next step)
             calls += 1
-            # iterative: a fixed number of steps; layer: do_mask() returns False once every group had its turn
-            pruning = calls < args.steps if args.schedule == "iterative" else changed
+            # iterative: a fixed number of steps; layer: until every group had its turn
+            pruning = calls < args.steps if args.schedule == "iterative" else not mask.finished
             if not pruning:
                 log(f"step {step}: pruning done after {calls} do_mask() calls; fine-tuning what is left")
                 mask.semantics = "frozen"  # keep the last selection; removed filters stop training
     if pruning:  # a budget too short for the layer schedule: finish it without training
-        while mask.do_mask():
+        while not mask.finished:
+            mask.do_mask()
             calls += 1
-        calls += 1
         mask.semantics = "frozen"
 
     model.eval()

@@ -93,9 +93,13 @@ def watch(
     """Call ``callback(site, tensor)`` for every site on each forward of ``model`` inside the block.
 
     Example:
+        >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
+        >>> group = Mask(model, x).make().groups[0]
         >>> seen = []
-        >>> with watch(model, group.activations(), lambda site, t: seen.append(t.shape)):  # doctest: +SKIP
-        ...     model(x)
+        >>> with watch(model, group.activations(), lambda site, t: seen.append((site.path, tuple(t.shape)))):
+        ...     _ = model(x)
+        >>> seen[:2]
+        [('conv1', (1, 64, 32, 32)), ('bn1', (1, 64, 32, 32))]
     """
     by_module: dict[int, list[ActivationSite]] = {}
     for site in sites:

@@ -24,7 +24,7 @@ from ._records import MODEL_INPUT, MODEL_OUTPUT, Trace
 from ._walk import OwnedTensor
 
 if TYPE_CHECKING:
-    from .mask import Mask
+    from ._selection import Selection
 
 _ROLE_ORDER = {"producer": 0, "norm": 1, "bias": 2, "consumer": 3, "other": 4}
 
@@ -62,13 +62,16 @@ class Group:
     Channel ``i`` of the group is its ``i``-th unit; :meth:`prune` removes units.
 
     Example:
-        >>> group = mask.groups[0]                     # doctest: +SKIP
-        >>> group.prune([0, 5]); group.kept            # doctest: +SKIP
+        >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
+        >>> group = mask.groups[0]
+        >>> group, group.members[0].name
+        (Group(0, channels=64, kept=64, members=13), 'conv1.weight')
+        >>> group.prune([0, 5]); group.kept
         62
     """
 
-    def __init__(self, mask: Mask, index: int, start: int, size: int, members: list[Member]):
-        self._mask = mask
+    def __init__(self, selection: Selection, index: int, start: int, size: int, members: list[Member]):
+        self._selection = selection
         self.index = index
         self.start = start
         self.size = size
@@ -77,20 +80,23 @@ class Group:
     @property
     def keep(self) -> np.ndarray:
         """Boolean keep flag per channel (a copy)."""
-        return self._mask._keep[self.start : self.start + self.size].copy()
+        return self._selection.keep[self.start : self.start + self.size].copy()
 
     @property
     def mask(self) -> torch.Tensor:
         """The group's 0/1 mask on the model's device (a view of the Mask's buffer; change it with prune)."""
-        return self._mask._runtime.keep[self.start : self.start + self.size]
+        device_keep = self._selection.device_keep
+        if device_keep is None:
+            raise RuntimeError(f"group {self.index} belongs to a view of candidate flags: it has no device mask")
+        return device_keep()[self.start : self.start + self.size]
 
     @property
     def kept(self) -> int:
-        return int(self._mask._keep[self.start : self.start + self.size].sum())
+        return int(self._selection.keep[self.start : self.start + self.size].sum())
 
     @property
     def pruned(self) -> list[int]:
-        return np.flatnonzero(~self._mask._keep[self.start : self.start + self.size]).tolist()
+        return np.flatnonzero(~self._selection.keep[self.start : self.start + self.size]).tolist()
 
     def producers(self) -> list[Member]:
         """Members that compute the channels (conv/linear output rows), the slices criteria look at."""
@@ -100,11 +106,12 @@ class Group:
         """Where this group's channels appear in leaf modules' outputs (or ``kind="input"``: inputs).
 
         Example:
-            >>> [(s.path, s.dim) for s in group.activations()]             # doctest: +SKIP
-            [('bn1', 1), ('relu', 1)]
+            >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
+            >>> [(s.path, s.dim) for s in mask.groups[0].activations()][:3]
+            [('conv1', 1), ('bn1', 1), ('relu', 1)]
         """
-        mask = self._mask
-        return activation_sites(mask._trace.leaf_calls, mask._units, self.start, self.size, kind)
+        selection = self._selection
+        return activation_sites(selection.trace.leaf_calls, selection.units, self.start, self.size, kind)
 
     def prune(self, channels: Iterable[int]) -> None:
         """Zero these channels of the group (0 <= c < size). A group always keeps at least one channel."""
@@ -113,13 +120,13 @@ class Group:
         keep[idx] = False
         if not keep.any():
             raise ValueError(f"group {self.index} would lose all {self.size} channels; keep at least one")
-        self._mask._set_keep(self.start, keep)
+        self._selection.set(self.start, keep)
 
     def restore(self, channels: Iterable[int] | None = None) -> None:
         """Bring channels back (all when ``channels`` is None); weights zeroed meanwhile stay zero."""
         keep = self.keep
         keep[self._check(range(self.size) if channels is None else channels)] = True
-        self._mask._set_keep(self.start, keep)
+        self._selection.set(self.start, keep)
 
     def _check(self, channels: Iterable[int]) -> np.ndarray:
         channels = list(channels)
@@ -132,6 +139,15 @@ class Group:
             raise IndexError(f"group {self.index} has channels 0..{self.size - 1}; got {bad.tolist()}")
         return idx
 
+    def __eq__(self, other: object) -> bool:
+        """The same group of the same layout: a criterion's view of candidate flags equals the Mask's group."""
+        if not isinstance(other, Group):
+            return NotImplemented
+        return other.index == self.index and other._selection.layout is self._selection.layout
+
+    def __hash__(self) -> int:
+        return hash((id(self._selection.layout), self.index))
+
     def __repr__(self) -> str:
         return f"Group({self.index}, channels={self.size}, kept={self.kept}, members={len(self.members)})"
 
@@ -141,7 +157,7 @@ class Group:
         ]
         rows += [
             (path, "output", str(dim), "activation", mapping)
-            for path, dim, mapping in self._mask._activation_members(self)
+            for path, dim, mapping in self._selection.activation_members(self)
         ]
         header = ("module", "tensor", "dim", "role", "index mapping")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,6 +146,16 @@ class MaskedTensor:
         self.stamp = (self.tensor._version, self.tensor.data_ptr())
 
 
+# model -> the runtime masking it (weak both ways: a runtime lives while its hooks or its Mask hold it)
+_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def runtime_on(model: nn.Module) -> MaskRuntime | None:
+    """The runtime of the Mask that masks ``model`` now, if one does (until that Mask's ``remove()``)."""
+    ref = _RUNTIMES.get(model)
+    return ref() if ref is not None else None
+
+
 class MaskRuntime:
     """Mask buffers and hooks of one model.
 
@@ -166,6 +177,7 @@ class MaskRuntime:
         self.active: list[MaskedTensor] = []
         self.stepped: set[int] = set()  # ids of the tracked optimizers that stepped since the masks last changed
         self.zeroed_depth = 0  # inside zeroed(): the weights were just zeroed, the forward pre-hook need not
+        _RUNTIMES[model] = weakref.ref(self)
 
     def add_dims(self, dims: list[tuple[torch.Tensor, int, np.ndarray, bool]]) -> None:
         """Mask these (tensor, dim, flat unit per position, is a producer): a buffer per device, dtype and shape."""
@@ -280,6 +292,13 @@ class MaskRuntime:
         for handle in self.optimizer_handles:
             handle.remove()
         self.optimizer_handles.clear()
+
+    def release(self) -> None:
+        """Take every hook off and forget the model: it is no longer masked."""
+        self.uninstall()
+        self.unhook_optimizers()
+        if runtime_on(self.model) is self:
+            del _RUNTIMES[self.model]
 
     def _follow_device(self, device: torch.device) -> None:
         """The model moved: move every mask with it (host-side metadata check only)."""

@@ -16,14 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._attributes import Attributes
 from ._export import Plan, apply_plan
-from ._groups import GroupLayout, groups_of_spaces
+from ._graph import Resolution
+from ._groups import GroupLayout, build_layout, groups_by_module, groups_of_spaces
 from ._meta import FastMeta, meta_copy, to_meta
 from ._records import Trace, call_model, iter_tensors
+from ._selection import Selection
 from ._walk import ModelIndex, restore_training, set_mode, training_flags
 from .errors import first_line
 
@@ -52,8 +55,8 @@ def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[
     runs it.
 
     Example:
-        >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
-        >>> needs_trial_export(mask._trace, mask._layout, set())                          # doctest: +SKIP
+        >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()
+        >>> needs_trial_export(mask.selection.trace, mask.selection.layout, set())
         False
     """
     if trace.shadow is None or trace.unproven or size_read_groups:
@@ -166,3 +169,33 @@ def _failing_alone(
     if len(tried) > MAX_NEAR:
         return {}
     return {g: found.text for g in tried if (found := failing([g])) is not None}
+
+
+def settled_layout(model: nn.Module, inputs: Any, trace: Trace, res: Resolution, layout: GroupLayout) -> GroupLayout:
+    """``layout`` after the trial export: the groups whose count the model's code fixes frozen, with the reason.
+
+    The trial export runs only where :func:`needs_trial_export` says the trace alone does not prove the export;
+    a note on ``trace`` says why it could not run, where it could not.
+    """
+    suspects = groups_of_spaces(layout, trace.size_reads)
+    if not needs_trial_export(trace, layout, suspects):
+        return layout
+    first = Selection(trace, res, layout)
+    modules = ModelIndex(model).modules if trace.size_sites else {}
+
+    def plan_for(groups: list[int]) -> tuple[Plan, Attributes]:
+        keep = first.without_last_unit(groups)
+        return first.plan(keep), first.attributes(modules, keep)
+
+    fixed, note = fixed_size_groups(
+        model, inputs, trace.modes, len(layout.groups), plan_for, suspects, groups_by_module(layout), trace.shadow
+    )
+    if note:
+        trace.notes.append(note)
+    if not fixed:
+        return layout
+    for index, error in fixed.items():
+        start, size, _ = layout.groups[index]
+        comps = np.flatnonzero((layout.component_unit >= start) & (layout.component_unit < start + size))
+        res.freeze_components(comps, f"the model's code fixes this size (trial export: {error})")
+    return build_layout(trace, res)

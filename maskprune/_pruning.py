@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,11 @@ import torch
 from . import _allocate as alloc
 
 if TYPE_CHECKING:
+    from ._algorithm import Algorithm
+    from ._export import Plan
     from ._groups import Group
-    from .mask import Mask
+    from ._selection import Selection
+    from ._settings import Settings
 
 FLOPS_TOLERANCE = 0.002  # stop searching closer than this to the FLOPs target (the promise is 0.01)
 MAX_SEARCH = 24
@@ -36,11 +40,17 @@ class Decision:
 
 
 class Pruner:
-    """The schedule's state (step, layer cursor) and the allocation of one :class:`Mask`."""
+    """The schedule's state (step, layer cursor) and the allocation over one :class:`Selection`.
 
-    def __init__(self, mask: Mask) -> None:
-        self.mask = mask
-        self.settings = mask.settings
+    ``flops(plan)`` counts the FLOPs of the export ``plan`` describes (the empty plan: the dense model).
+    """
+
+    def __init__(self, selection: Selection, settings: Settings, flops: Callable[[Plan], int]) -> None:
+        self.selection = selection
+        self.settings = settings
+        self.flops = flops
+        self.algorithm: Algorithm | None = None  # the criterion and its prepare hook, as of the last decide()
+        self.prepare: Callable[[Sequence[Group]], None] = _no_preparation
         self.step = 0
         self.cursor = 0
         self.weights: np.ndarray | None = None
@@ -51,22 +61,25 @@ class Pruner:
     def finished(self) -> bool:
         s = self.settings
         if s.pre_layer:
-            return self.cursor >= len(self.mask.groups)
+            return self.cursor >= len(self.selection.groups)
         return self.step >= s.steps and s.semantics == "frozen"
 
-    def decide(self) -> Decision:
-        """The keep flags after the next step (the Mask's flags are not changed)."""
-        mask, s = self.mask, self.settings
-        groups = [mask.groups[self.cursor]] if s.pre_layer else mask.groups
+    def decide(self, algorithm: Algorithm, prepare: Callable[[Sequence[Group]], None]) -> Decision:
+        """The keep flags after the next step (the selection's flags are not changed).
+
+        ``prepare(groups)`` runs before ``algorithm`` scores ``groups`` (the criterion's own hook).
+        """
+        self.algorithm, self.prepare = algorithm, prepare
+        s, every = self.settings, self.selection.groups
+        groups = [every[self.cursor]] if s.pre_layer else every
         step = min(self.step + 1, s.steps)
-        candidates = mask._keep.copy()
+        candidates = self.selection.keep.copy()
         if s.semantics == "soft":
             for g in groups:
                 candidates[g.start : g.start + g.size] = True
         if s.pre_layer:
             if self.layer_counts is None:
-                every = self._scores(mask.groups, candidates)
-                self.layer_counts = self._counts(mask.groups, every, candidates, 1, 1)
+                self.layer_counts = self._counts(every, self._scores(every, candidates), candidates, 1, 1)
             scores = self._scores(groups, candidates)
             counts, ratios = (part[[g.index for g in groups]] for part in self.layer_counts)
         else:
@@ -92,19 +105,15 @@ class Pruner:
 
     # ---- scores ------------------------------------------------------------------------
     def _scores(self, groups: list[Group], candidates: np.ndarray) -> dict[int, np.ndarray]:
-        """The criterion's scores, with ``group.keep`` showing the candidates while it scores."""
-        mask = self.mask
-        algorithm = mask.algorithm
-        saved = mask._keep
-        mask._keep = candidates
-        try:
-            algorithm.prepare(mask, groups)
-            scores = {}
-            for g in groups:
-                raw = algorithm.score(g)
-                scores[g.index] = None if raw is None else _as_scores(raw, g, algorithm)
-        finally:
-            mask._keep = saved
+        """The criterion's scores of ``groups`` as seen in a view whose flags are ``candidates``."""
+        algorithm = self.algorithm
+        view = self.selection.candidates(candidates).groups
+        seen = [view[g.index] for g in groups]
+        self.prepare(seen)
+        scores = {}
+        for g in seen:
+            raw = algorithm.score(g)
+            scores[g.index] = None if raw is None else _as_scores(raw, g, algorithm)
         return scores
 
     # ---- allocation --------------------------------------------------------------------
@@ -160,7 +169,7 @@ class Pruner:
 
     def _ranked(self, group: Group, scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         live = candidates[group.start : group.start + group.size]
-        if not self.mask.algorithm.comparable_across_groups:
+        if not self.algorithm.comparable_across_groups:
             scores = alloc.normalised(scores, live)
         return np.where(live, scores, -np.inf)
 
@@ -169,7 +178,7 @@ class Pruner:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Kept counts and ratios asked whose export removes ``target`` of the FLOPs: bisection over the ratio."""
         s = self.settings
-        dense = self.mask._flops_probe().count({}).total
+        dense = self.flops({})
 
         def removed_at(ratio: float) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
             allocated = self._counts_at(groups, scores, candidates, ratio, fixed, dither=True)
@@ -198,26 +207,26 @@ class Pruner:
 
     def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
         """FLOPs of the export where each group keeps ``counts`` channels (which ones does not change the count)."""
-        keep = self.mask._keep.copy()
+        keep = self.selection.keep.copy()
         for g, kept in zip(groups, counts, strict=True):
             part = slice(g.start, g.start + g.size)
             live = np.flatnonzero(candidates[part])
             flags = np.zeros(g.size, dtype=bool)
             flags[live[: int(kept)]] = True
             keep[part] = flags if len(live) >= kept else candidates[part]
-        return self.mask._flops_probe().count(self.mask._plan(keep)).total
+        return self.flops(self.selection.plan(keep))
 
     # ---- per-group options -------------------------------------------------------------
     def _group_weights(self, groups: list[Group]) -> np.ndarray | None:
         if self.weights is None:
-            sizes = np.asarray([g.size for g in self.mask.groups])
-            weights = self.mask.algorithm.group_weights(sizes)
+            sizes = np.asarray([g.size for g in self.selection.groups])
+            weights = self.algorithm.group_weights(sizes)
             if weights is None:
                 return None
             self.weights = np.asarray(weights, dtype=float)
             if self.weights.shape != sizes.shape:
                 raise ValueError(
-                    f"{type(self.mask.algorithm).__name__}.group_weights() returned shape {self.weights.shape}; "
+                    f"{type(self.algorithm).__name__}.group_weights() returned shape {self.weights.shape}; "
                     f"expected ({len(sizes)},), one weight per group"
                 )
         return self.weights[[g.index for g in groups]]
@@ -228,7 +237,7 @@ class Pruner:
         if not ratios:
             return {}
         found = {}
-        for g in self.mask.groups:
+        for g in self.selection.groups:
             members = g.producers() or g.members
             path = members[0].module
             matching = [k for k in ratios if k == "<root>" or path == k or path.startswith(k + ".")]
@@ -236,6 +245,10 @@ class Pruner:
             if best is not None:
                 found[g.index] = ratios[best]
         return found
+
+
+def _no_preparation(groups: Sequence[Group]) -> None:
+    return None
 
 
 def _as_scores(raw: object, group: Group, algorithm: object) -> np.ndarray:

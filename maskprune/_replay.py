@@ -10,13 +10,16 @@ from ._spec import PruneSpec, check_fits
 from .errors import SpecError
 
 if TYPE_CHECKING:
-    from .mask import Mask
+    from torch import nn
+
+    from ._selection import Selection
 
 
-def keep_flags_of(mask: Mask, spec: PruneSpec) -> np.ndarray:
-    """One flag per unit of ``mask`` (plus the always-kept frozen slot) reproducing ``spec``'s kept positions."""
-    check_fits(spec, mask.model)
-    tr, n_units = mask._trace, mask._layout.n_units
+def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np.ndarray:
+    """One flag per unit of ``selection`` (plus the always-kept frozen slot) reproducing ``spec``'s kept positions
+    on ``model``."""
+    check_fits(spec, model)
+    tr, n_units = selection.trace, selection.n_units
     cuts = {(t.module, t.attr): dict(t.kept) for t in spec.tensors}
     want = np.full(n_units + 1, -1, dtype=np.int8)  # -1: no tensor said yet
     said_by = np.zeros(n_units + 1, dtype=np.int64)
@@ -28,7 +31,7 @@ def keep_flags_of(mask: Mask, spec: PruneSpec) -> np.ndarray:
         if cut is not None:
             found.add(cut[0])
         for dim, space in enumerate(node.spaces):
-            units = mask._units(space)
+            units = selection.units(space)
             wanted = np.ones(len(units), dtype=bool)
             if cut is not None and dim in cut[1]:
                 wanted[:] = False
@@ -40,15 +43,15 @@ def keep_flags_of(mask: Mask, spec: PruneSpec) -> np.ndarray:
                     f"the spec removes {int(frozen.sum())} positions of {where}, which this mask never prunes "
                     "(frozen or ignored: see print(mask))"
                 )
-            _merge(want, said_by, sources, units[units < n_units], wanted[units < n_units], where, mask)
+            _merge(want, said_by, sources, units[units < n_units], wanted[units < n_units], where, selection)
     missing = [f"{m}.{a}" if m else a for m, a in cuts if (m, a) not in found]
     if missing:
         raise SpecError(f"the spec prunes {missing[0]!r}, which the mask's trace never reached")
     keep = want != 0
-    for group in mask.groups:
+    for group in selection.groups:
         if not keep[group.start : group.start + group.size].any():
             raise SpecError(f"the spec removes every channel of group {group.index} ({group.members[0].name})")
-    plan = mask._plan(keep)
+    plan = selection.plan(keep)
     for cut in spec.tensors:
         got = [(d, list(k)) for d, k in plan.get((cut.module, cut.attr), [])]
         if got != [(d, list(k)) for d, k in cut.kept]:
@@ -63,7 +66,7 @@ def _merge(
     units: np.ndarray,
     wanted: np.ndarray,
     where: str,
-    mask: Mask,
+    selection: Selection,
 ) -> None:
     """Record what ``where`` wants of its units; two tensors (or positions) disagreeing on one channel is an error."""
     before, prior = want[units], said_by[units]
@@ -72,7 +75,7 @@ def _merge(
     clash |= want[units] != wanted  # two positions of this very dimension share a channel
     if clash.any():
         first = np.flatnonzero(clash)[0]
-        group = next(g for g in mask.groups if g.start <= units[first] < g.start + g.size)
+        group = next(g for g in selection.groups if g.start <= units[first] < g.start + g.size)
         other = sources[prior[first]] if before[first] >= 0 else where
         raise SpecError(
             f"the spec keeps a channel of group {group.index} in {where} and removes it in {other} (or the reverse): "

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
-    from .mask import Mask
+    from ._flops import FlopsProbe
+    from ._selection import Selection
+    from ._settings import Settings
 
 
 @dataclass
@@ -75,12 +75,14 @@ class Sparsity:
         return "\n".join(lines)
 
 
-def sparsity_report(mask: Mask) -> Sparsity:
-    probe = mask._flops_probe()
+def sparsity_report(
+    selection: Selection, probe: FlopsProbe, settings: Settings, requested: dict[int, float]
+) -> Sparsity:
+    """The report of ``selection``'s flags; ``requested``: the ratio the schedule asked of each group so far."""
     dense = probe.count({})
-    now = probe.count(mask._plan())
+    now = probe.count(selection.plan())
     rows = []
-    for g in mask.groups:
+    for g in selection.groups:
         modules = {m.module for m in g.members}
         rows.append(
             GroupSparsity(
@@ -88,28 +90,12 @@ def sparsity_report(mask: Mask) -> Sparsity:
                 name=(g.producers() or g.members)[0].module or "<root>",
                 channels=g.size,
                 kept=g.kept,
-                requested=mask._requested.get(g.index),
+                requested=requested.get(g.index),
                 flops_before=sum(dense.per_module.get(m, 0) for m in modules),
                 flops_after=sum(now.per_module.get(m, 0) for m in modules),
             )
         )
-    s = mask.settings
-    requested = f"target_flops={s.target_flops}" if s.target_flops is not None else f"ratio={s.ratio}"
-    before, after = _parameters(mask)
-    return Sparsity(rows, f"{requested} ({s.allocation})", before, after, dense.total, now.total)
-
-
-def _parameters(mask: Mask) -> tuple[int, int]:
-    """Parameter elements now and after the export (each tied parameter once)."""
-    tr = mask._trace
-    plan = mask._plan()
-    before = after = 0
-    for owned in tr.owned.values():
-        if not owned.is_param:
-            continue
-        shape = list(owned.tensor.shape)
-        before += int(np.prod(shape))
-        for dim, kept in plan.get(owned.names[0], []):
-            shape[dim] = len(kept)
-        after += int(np.prod(shape))
-    return before, after
+    s = settings
+    target = s.target
+    before, after = selection.parameter_counts()
+    return Sparsity(rows, f"{target} ({s.allocation})", before, after, dense.total, now.total)

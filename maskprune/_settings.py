@@ -26,6 +26,11 @@ class Settings:
     pre_layer: bool = False
     semantics: str = "frozen"
 
+    @property
+    def target(self) -> str:
+        """The target in use, as the constructor's argument: ``"ratio=0.3"`` or ``"target_flops=0.5"``."""
+        return f"target_flops={self.target_flops}" if self.target_flops is not None else f"ratio={self.ratio}"
+
     def __post_init__(self) -> None:
         _fraction("ratio", self.ratio, low_open=False)
         if self.target_flops is not None:

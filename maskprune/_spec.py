@@ -5,8 +5,10 @@ model carries its own as a plain string attribute (no hook, no buffer: ``torch.j
 a ``str`` constant), which :func:`maskprune.save_pruned` writes next to the weights.
 
 Example:
-    >>> spec = PruneSpec.of(pruned)                                  # doctest: +SKIP
-    >>> [(t.name, t.shape, [(d, len(k)) for d, k in t.kept]) for t in spec.tensors][:1]    # doctest: +SKIP
+    >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64), algorithm=L1Norm()).make()
+    >>> mask.do_mask(); spec = PruneSpec.of(mask.generate_pruned_model())
+    True
+    >>> [(t.name, t.shape, [(d, len(k)) for d, k in t.kept]) for t in spec.tensors if t.name == "conv1.weight"]
     [('conv1.weight', (64, 3, 7, 7), [(0, 32)])]
 """
 

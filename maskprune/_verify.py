@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,14 +13,11 @@ from torch import nn
 from ._records import call_model, evaluating, iter_tensors
 from .errors import first_line
 
-# masked model -> weak method giving, for a module path, the kept index of each output dim (weak both
-# ways: the Mask holds the model, so a strong value would keep its own key alive)
-_KEEP_LOOKUP: weakref.WeakKeyDictionary[nn.Module, weakref.WeakMethod] = weakref.WeakKeyDictionary()
+if TYPE_CHECKING:
+    from .mask import Mask
 
-
-def keep_lookup(model: nn.Module) -> Callable[[str, int], list[torch.Tensor | None] | None] | None:
-    ref = _KEEP_LOOKUP.get(model)
-    return ref() if ref is not None else None
+#: For a module path and its output's number of dims: the kept positions of each dim (None: all kept).
+KeepLookup = Callable[[str, int], "list[torch.Tensor | None] | None"]
 
 
 @dataclass
@@ -124,30 +120,42 @@ def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
 
 
 def verify(
-    masked_model: nn.Module, pruned_model: nn.Module, inputs: Any, *, rtol: float = 1e-5, within: str | None = None
+    masked_model: nn.Module,
+    pruned_model: nn.Module,
+    inputs: Any,
+    *,
+    rtol: float = 1e-5,
+    within: str | None = None,
+    mask: Mask | None = None,
 ) -> VerifyResult:
     """Run both models in eval mode on ``inputs`` and compare every output.
 
     When they differ, the result names the first module (in call order) whose
-    output differs, comparing the masked output on its kept channels. Both run in
-    full float32 (TF32 off, see :func:`full_float32`); the settings are restored.
+    output differs. Both run in full float32 (TF32 off, see :func:`full_float32`);
+    the settings are restored. ``mask``: the :class:`~maskprune.Mask` on
+    ``masked_model``, so that a module's masked output is compared with the
+    pruned one on the kept channels (without it, only outputs of equal shapes compare).
 
     ``within="backbone"`` compares instead the output of every module inside that
-    submodule (the masked ones on their kept channels): the exactness of one part
-    of a model whose outputs pass through discrete steps (top-k, NMS), where a
-    rounding difference between two near-equal scores may pick another box.
+    submodule (the masked ones on their kept channels: give ``mask``): the exactness
+    of one part of a model whose outputs pass through discrete steps (top-k, NMS),
+    where a rounding difference between two near-equal scores may pick another box.
 
     Example:
-        >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()   # doctest: +SKIP
-        >>> mask.do_mask(); pruned = mask.generate_pruned_model()          # doctest: +SKIP
-        >>> maskprune.verify(model, pruned, x).max_rel < 1e-5              # doctest: +SKIP
+        >>> model, x = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)
+        >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+        >>> mask.do_mask(); pruned = mask.generate_pruned_model()
         True
-        >>> maskprune.verify(detector, pruned, images, within="backbone")  # doctest: +SKIP
+        >>> maskprune.verify(model, pruned, torch.randn(3, 3, 64, 64)).max_rel < 1e-5
+        True
+        >>> maskprune.verify(model, pruned, x, within="layer1", mask=mask).ok
+        True
     """
+    keeps = mask.selection.output_keeps if mask is not None else None
     if within is not None:
         with full_float32():
-            return _verify_within(masked_model, pruned_model, inputs, rtol, within)
-    return verify_outputs(masked_model, pruned_model, inputs, rtol)
+            return _verify_within(masked_model, pruned_model, inputs, rtol, within, keeps)
+    return verify_outputs(masked_model, pruned_model, inputs, rtol, keeps=keeps)
 
 
 def float32_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -163,6 +171,7 @@ def verify_outputs(
     rtol: float,
     settle: Callable[[], None] | None = None,
     soft: list[torch.Tensor] | None = None,
+    keeps: KeepLookup | None = None,
 ) -> VerifyResult:
     """:func:`verify` on the models' outputs; ``settle``, when given, is called where they differ, and the masked
     model runs again before the verdict (the export's masked weights zeroed only where written to, then all).
@@ -170,6 +179,7 @@ def verify_outputs(
     ``soft``: the masked model's :func:`float32_outputs`, where the caller computed them first. The export
     does, before it makes the pruned copy: the copy's tensors then take memory that the masked forward's
     activations freed, rather than fresh memory, which costs a page fault per page on a CPU.
+    ``keeps``: where the masked model's channels are kept (to name the first diverging module).
 
     Example:
         >>> model = torch.nn.Linear(3, 2)
@@ -189,7 +199,7 @@ def verify_outputs(
                 settle()
                 result = compare(outputs(masked_model, inputs), hard, rtol)
         if not result.ok:
-            result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol)
+            result.first_divergence = _first_divergence(masked_model, pruned_model, inputs, rtol, keeps)
         return result
 
 
@@ -225,7 +235,7 @@ def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str
     return outputs, None
 
 
-def _kept(lookup: Callable | None, name: str, soft: torch.Tensor) -> torch.Tensor:
+def _kept(lookup: KeepLookup | None, name: str, soft: torch.Tensor) -> torch.Tensor:
     """The masked module's output on the channels the pruned module kept."""
     keeps = lookup(name, soft.dim()) if lookup else None
     for dim, keep in enumerate(keeps or ()):
@@ -238,11 +248,12 @@ def _differs(rtol: float, module: str, problem: str) -> VerifyResult:
     return VerifyResult(float("inf"), float("inf"), rtol, first_divergence=module, problem=problem)
 
 
-def _verify_within(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, within: str) -> VerifyResult:
+def _verify_within(
+    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, within: str, lookup: KeepLookup | None
+) -> VerifyResult:
     if not within or within not in dict(masked.named_modules()):
         children = ", ".join(repr(name) for name, _ in masked.named_children())
         raise ValueError(f"verify(within={within!r}): not a submodule of the masked model (its children: {children})")
-    lookup = keep_lookup(masked)
     soft, _ = _record(masked, inputs)
     hard, raised = _record(pruned, inputs)
     if raised:
@@ -263,8 +274,9 @@ def _verify_within(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: floa
     return result
 
 
-def _first_divergence(masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float) -> str | None:
-    lookup = keep_lookup(masked)
+def _first_divergence(
+    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, lookup: KeepLookup | None
+) -> str | None:
     soft, _ = _record(masked, inputs)
     hard, raised = _record(pruned, inputs)
     for name, s in soft.items():

@@ -29,8 +29,10 @@ class PruningCallback:
         start: optimizer steps to train before the schedule begins.
 
     Example:
-        >>> callback = PruningCallback(mask, every=100)                 # doctest: +SKIP
-        >>> trainer = lightning.Trainer(callbacks=[callback])           # doctest: +SKIP
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), steps=2).make()
+        >>> callback = PruningCallback(mask, every=100)  # with Lightning installed:
+        >>> trainer = lightning.Trainer(callbacks=[callback])  # doctest: +SKIP
     """
 
     def __init__(self, mask: Mask, every: int, start: int = 0) -> None:

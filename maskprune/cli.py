@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pruning_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="l1", help="criterion (default l1)")
-    sub.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
+    sub.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.5)")
     sub.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove instead of --ratio")
     sub.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="per group or ranked")
     sub.add_argument("--steps", type=int, default=1, help="do_mask() steps to reach the target (default 1)")

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import difflib
 import os
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,35 +16,29 @@ from torch import nn
 from . import _verify
 from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
-from ._attributes import Attributes, attribute_updates
+from ._attributes import Attributes
 from ._collector import collector_paused
-from ._export import Plan, TensorDims, apply_plan, sliced_copy
+from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import (
-    Group,
-    GroupLayout,
-    build_layout,
-    format_names,
-    groups_by_module,
-    groups_of_spaces,
-    prunable_spaces,
-    unit_index,
-    unit_views,
-)
+from ._groups import Group, build_layout, format_names
 from ._layers import leaf_rules
-from ._masking import MaskRuntime
-from ._probe import fixed_size_groups, needs_trial_export
+from ._masking import MaskRuntime, runtime_on
+from ._probe import settled_layout
 from ._pruning import Pruner
-from ._records import Trace, iter_tensors
+from ._records import iter_tensors
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
+from ._selection import Selection
 from ._settings import Settings
 from ._spec import PruneSpec, as_spec, attach_text
-from ._state import load_mask_state, mask_state
+from ._state import mask_state, read_mask_state
 from ._trace import trace
 from ._walk import ModelIndex
 from .distributed import broadcast_flags
 from .errors import ExportError, NothingToPruneError, NotMadeError
+
+DEFAULT_RATIO = 0.5
+DEFAULT_MAX_RATIO = 0.9
 
 
 class Mask:
@@ -57,31 +50,35 @@ class Mask:
         input_shape: shorthand for ``example_inputs=torch.randn(input_shape)`` on the model's device.
         algorithm: scores channels (see :mod:`maskprune.algorithms`); needed by :meth:`do_mask`.
         ratio: fraction of the channels to remove, in [0, 1) (of each group, or of all of them with
-            ``allocation="global"``).
-        target_flops: instead of ``ratio``, the fraction of the model's FLOPs to remove, in (0, 1),
-            met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
+            ``allocation="global"``); 0.5 when neither it nor ``target_flops`` is given.
+        target_flops: instead of ``ratio`` (give one of them), the fraction of the model's FLOPs to
+            remove, in (0, 1), met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
         ratios: per-module ratio overrides, ``{module or qualified name: ratio}``; a group takes the
             entry of the most specific module holding its first producer.
         allocation: ``"uniform"`` (every group loses ``ratio``) or ``"global"`` (channels ranked across
             groups by score, each group's scores divided by their mean unless the criterion's raw
             scores compare across groups).
         min_channels: channels every group keeps at least.
-        max_ratio: the largest fraction any group loses (global ranking, random ratios, FLOPs search).
+        max_ratio: the largest fraction any group loses (global ranking, random ratios, FLOPs search);
+            0.9 by default, or ``ratio`` where that is larger.
         round_to: kept channels rounded up to a multiple of this (for fast kernels).
         steps: ``do_mask()`` calls to reach the target, each moving one step of ``ramp``.
         ramp: ``"linear"``, ``"exp"`` (the kept fraction shrinks by a constant factor) or ``"cubic"`` (AGP).
-        pre_layer: layer-by-layer mode: each ``do_mask()`` prunes the next group to its target and
-            returns True while groups remain.
+        pre_layer: layer-by-layer mode: each ``do_mask()`` prunes the next group to its target, until
+            :attr:`finished`.
         semantics: ``"frozen"`` (a removed channel stays zero and gets no gradient) or ``"soft"``
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
 
     Example:
-        >>> model = torchvision.models.resnet18()                               # doctest: +SKIP
-        >>> mask = Mask(model, input_shape=(1, 3, 224, 224), algorithm=L1Norm(), ratio=0.5)  # doctest: +SKIP
-        >>> mask.make().do_mask()                                               # doctest: +SKIP
-        >>> pruned = mask.generate_pruned_model()                               # doctest: +SKIP
+        >>> model = torchvision.models.resnet18()
+        >>> mask = Mask(model, input_shape=(1, 3, 64, 64), algorithm=L1Norm(), ratio=0.5)
+        >>> mask.make().do_mask()
+        True
+        >>> pruned = mask.generate_pruned_model()  # verified: computes what the masked model computes
+        >>> pruned.conv1.out_channels, pruned.layer4[1].conv1.out_channels
+        (32, 256)
     """
 
     def __init__(
@@ -91,12 +88,12 @@ class Mask:
         *,
         input_shape: Sequence[int] | None = None,
         algorithm: Algorithm | None = None,
-        ratio: float = 0.5,
+        ratio: float | None = None,
         target_flops: float | None = None,
         ratios: Mapping[nn.Module | str, float] | None = None,
         allocation: str = "uniform",
         min_channels: int = 1,
-        max_ratio: float = 0.9,
+        max_ratio: float | None = None,
         round_to: int = 1,
         steps: int = 1,
         ramp: str = "linear",
@@ -106,12 +103,25 @@ class Mask:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(algorithm, type):
+            raise TypeError(
+                f"algorithm must be an instance, got the class {algorithm.__name__}: "
+                f"pass algorithm={algorithm.__name__}() (with its options)"
+            )
         if algorithm is not None and not callable(getattr(algorithm, "score", None)):
             raise TypeError(
                 f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
             )
         if not isinstance(ratios, (Mapping, type(None))):
             raise TypeError(f"ratios must be a dict {{module or name: ratio}}, got {type(ratios).__name__}")
+        if ratio is not None and target_flops is not None:
+            raise ValueError(
+                f"give ratio ({ratio}) or target_flops ({target_flops}), not both: ratio removes a share of the "
+                "channels, target_flops a share of the FLOPs"
+            )
+        ratio = DEFAULT_RATIO if ratio is None else ratio
+        if max_ratio is None:
+            max_ratio = max(DEFAULT_MAX_RATIO, ratio) if isinstance(ratio, (int, float)) else DEFAULT_MAX_RATIO
         named_ratios = {}
         for key, value in (ratios or {}).items():
             (name,) = _resolve_modules(model, [key], "ratios")
@@ -134,11 +144,7 @@ class Mask:
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
         self._made = False
-        self._trace: Trace | None = None
-        self._layout: GroupLayout | None = None
-        self._tensor_dims: TensorDims | None = None
-        self._groups: list[Group] = []
-        self._keep = np.ones(0, dtype=bool)
+        self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
         self._pruner: Pruner | None = None
         self._requested: dict[int, float] = {}
@@ -171,83 +177,84 @@ class Mask:
         """Trace the model, build the dependency groups, install the mask hooks. Returns self."""
         if self._made:
             return self
+        if runtime_on(self.model) is not None:
+            raise RuntimeError(
+                f"the {type(self.model).__name__} is already masked by another Mask: call remove() on that Mask "
+                "first (or export it), then make this one"
+            )
+        _check_inputs(self.model, self.example_inputs)
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
-        layout = build_layout(tr, res)
-        self._trace, self._res = tr, res
-        self._use_layout(layout)
-        suspects = groups_of_spaces(layout, tr.size_reads)
-        fixed, note = {}, None
-        if needs_trial_export(tr, layout, suspects):
-            fixed, note = fixed_size_groups(
-                self.model,
-                self.example_inputs,
-                tr.modes,
-                len(layout.groups),
-                self._probe_plan,
-                suspects,
-                groups_by_module(layout),
-                tr.shadow,
-            )
-        if note:
-            tr.notes.append(note)
-        if fixed:
-            for index, error in fixed.items():
-                start, size, _ = layout.groups[index]
-                comps = np.flatnonzero((layout.component_unit >= start) & (layout.component_unit < start + size))
-                res.freeze_components(comps, f"the model's code fixes this size (trial export: {error})")
-            layout = build_layout(tr, res)
+        layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
         if not layout.groups:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
-        self._use_layout(layout)
-        self._keep = np.ones(layout.n_units + 1, dtype=bool)
-        self._groups = [Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)]
-        self._runtime = self._new_runtime()
-        self._made = True
-        _verify._KEEP_LOOKUP[self.model] = weakref.WeakMethod(self._output_keeps)
-        self._pruner = Pruner(self)
-        if self.algorithm is not None:
-            self.algorithm.attach(self)
+        self._selection = Selection(
+            tr, res, layout, on_change=self._keep_changed, device_keep=self._device_keep, leaves=self._leaves
+        )
+        try:
+            self._runtime = self._new_runtime()
+            self._made = True
+            self._pruner = Pruner(self._selection, self.settings, self._count_flops)
+            if self.algorithm is not None:
+                self.algorithm.attach(self)
+        except BaseException:
+            self.remove()  # no hook of this make() stays on the model
+            self._selection = self._pruner = None
+            raise
         return self
 
     @property
     def groups(self) -> list[Group]:
         """The prunable dependency groups (after :meth:`make`)."""
         self._require_made("groups")
-        return self._groups
+        return self._selection.groups
+
+    @property
+    def selection(self) -> Selection:
+        """What :meth:`make` found (trace, group layout, units) and the keep flags now (after :meth:`make`)."""
+        self._require_made("selection")
+        return self._selection
+
+    @property
+    def finished(self) -> bool:
+        """Whether the schedule is done: every step taken (frozen semantics) or, with ``pre_layer=True``,
+        every group visited. A layer-by-layer loop is ``while not mask.finished: mask.do_mask(); fine_tune()``.
+        With soft semantics the schedule never finishes: every ``do_mask()`` re-selects."""
+        self._require_made("finished")
+        return self._pruner.finished()
 
     def do_mask(self) -> bool:
-        """Move one step of the schedule: zero the lowest-scoring channels. Returns whether anything changed.
+        """Move one step of the schedule: zero the lowest-scoring channels. Returns whether any flag changed.
 
         One shot (``steps=1``): the first call reaches the target. ``steps=N``: each call
-        moves one step of the ramp. ``pre_layer=True``: each call prunes the next group and
-        returns True while groups remain (False once every group was visited). With soft
-        semantics every call re-selects from all channels. Atomic: a criterion that fails
-        on one group changes nothing. Under ``torch.distributed`` call it on every rank at the
-        same step: criteria sum their statistics over the ranks and every rank takes the keep
-        flags rank 0 decided.
+        moves one step of the ramp. ``pre_layer=True``: each call prunes the next group;
+        :attr:`finished` says when every group was visited. A call once the schedule is
+        finished changes nothing. With soft semantics every call re-selects from all channels.
+        Atomic: a criterion that fails on one group changes nothing. Under ``torch.distributed``
+        call it on every rank at the same step: criteria sum their statistics over the ranks
+        and every rank takes the keep flags rank 0 decided.
         """
         self._require_made("do_mask()")
         if self.algorithm is None:
             raise ValueError("do_mask() needs an algorithm: Mask(..., algorithm=maskprune.algorithms.L1Norm())")
-        pruner = self._pruner
+        pruner, selection = self._pruner, self._selection
         if pruner.finished():
             return False
-        decision = pruner.decide()
+        decision = pruner.decide(self.algorithm, lambda groups: self.algorithm.prepare(self, groups))
         decision.keep = broadcast_flags(decision.keep)
         pruner.advance()
-        changed = not np.array_equal(decision.keep, self._keep)
+        changed = not np.array_equal(decision.keep, selection.keep)
         self._requested.update(decision.requested)
         if changed:
-            self._keep = decision.keep
-            self._runtime.refresh(self._keep)
+            selection.keep = decision.keep
+            self._runtime.refresh(selection.keep)
             if self.settings.semantics == "frozen":
                 self._runtime.apply()
             else:
                 self._runtime.apply_producers()
         self.algorithm.finish(self)
-        return changed or self.settings.pre_layer
+        return changed
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> Mask:
         """Keep removed channels exactly zero through ``optimizer.step()`` (frozen semantics).
@@ -260,8 +267,11 @@ class Mask:
         it) are zeroed there too, so a removed channel never moves. Returns self.
 
         Example:
-            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # doctest: +SKIP
-            >>> mask.track_optimizer(opt)                                           # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm()).make()
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> mask.track_optimizer(opt) is mask
+            True
         """
         self._require_made("track_optimizer()")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -274,22 +284,47 @@ class Mask:
         random stream), readable with ``torch.load(weights_only=True)``. The model's weights are not in it.
 
         Example:
-            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")  # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), steps=2).make()
+            >>> mask.do_mask()
+            True
+            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")
         """
         self._require_made("state_dict()")
-        return mask_state(self)
+        return mask_state(self._selection, self._pruner, self._requested, self.algorithm)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (on a Mask made on the same architecture and example inputs).
 
         Example:
-            >>> ckpt = torch.load("ckpt.pt", weights_only=True)                 # doctest: +SKIP
-            >>> model.load_state_dict(ckpt["model"])                            # doctest: +SKIP
-            >>> mask = Mask(model, x, algorithm=Taylor(), steps=4).make()       # doctest: +SKIP
-            >>> mask.load_state_dict(ckpt["mask"])                              # doctest: +SKIP
+            >>> x = torch.randn(1, 3, 16, 16)
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, x, algorithm=L1Norm(), steps=2).make()
+            >>> mask.do_mask()
+            True
+            >>> torch.save({"model": model.state_dict(), "mask": mask.state_dict()}, "ckpt.pt")
+            >>> ckpt = torch.load("ckpt.pt", weights_only=True)
+            >>> again = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> again.load_state_dict(ckpt["model"])
+            <All keys matched successfully>
+            >>> resumed = Mask(again, x, algorithm=L1Norm(), steps=2).make()
+            >>> resumed.load_state_dict(ckpt["mask"])
+            >>> resumed.groups[0].kept, resumed.finished
+            (6, False)
         """
         self._require_made("load_state_dict()")
-        load_mask_state(self, state)
+        loaded = read_mask_state(state, self._selection, self.settings, self.algorithm)
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(loaded.algorithm)
+        pruner = self._pruner
+        pruner.step, pruner.cursor, pruner.layer_counts = loaded.step, loaded.cursor, loaded.layer_counts
+        self._requested = loaded.requested
+        if loaded.semantics != self.settings.semantics:
+            self.semantics = loaded.semantics
+        self._selection.keep = loaded.keep
+        self._runtime.refresh(loaded.keep)
+        if self.settings.semantics == "frozen":
+            self._runtime.apply()
 
     def sparsity(self) -> Sparsity:
         """Requested versus achieved ratio, parameters and FLOPs per group and for the model.
@@ -297,10 +332,16 @@ class Mask:
         FLOPs are counted on the shapes the export would have (eval mode, example inputs).
 
         Example:
-            >>> print(mask.sparsity())                                   # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), ratio=0.5).make()
+            >>> mask.do_mask()
+            True
+            >>> report = mask.sparsity()
+            >>> report.channels, round(report.flops_removed, 3)
+            ((4, 8), 0.5)
         """
         self._require_made("sparsity()")
-        return sparsity_report(self)
+        return sparsity_report(self._selection, self._flops_probe(), self.settings, self._requested)
 
     @collector_paused()
     def generate_pruned_model(
@@ -328,7 +369,7 @@ class Mask:
         # and there they mostly are already (since the last do_mask() or tracked optimizer step)
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
-            plan, attributes = self._plan(), self._attributes(index)
+            plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
             spec_text = PruneSpec.text_of_plan(index, plan, attributes)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
@@ -337,7 +378,10 @@ class Mask:
                 pruned = self._plain_copy(plan, attributes, index)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
-                    result = _verify.verify_outputs(self.model, pruned, inputs, rtol, settle=settle, soft=soft)
+                    keeps = self._selection.output_keeps
+                    result = _verify.verify_outputs(
+                        self.model, pruned, inputs, rtol, settle=settle, soft=soft, keeps=keeps
+                    )
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
         attach_text(pruned, spec_text)
@@ -350,113 +394,75 @@ class Mask:
         model. Raises :class:`SpecError` when the spec does not fit this mask's groups.
 
         Example:
-            >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()   # doctest: +SKIP
-            >>> pruned = mask.apply_spec("resnet18-pruned").generate_pruned_model()              # doctest: +SKIP
+            >>> x = torch.randn(1, 3, 16, 16)
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+            >>> mask.do_mask()
+            True
+            >>> folder = maskprune.save_pruned(mask.generate_pruned_model(), "pruned")
+            >>> fresh = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> replayed = Mask(fresh, x).make().apply_spec(folder)
+            >>> replayed.groups[0].pruned == mask.groups[0].pruned
+            True
         """
         self._require_made("apply_spec()")
-        self._set_keep(0, keep_flags_of(self, as_spec(spec)))
+        self._selection.replace(keep_flags_of(self._selection, self.model, as_spec(spec)))
         return self
 
     def remove(self) -> None:
         """Take every hook and mask buffer off; the model keeps its current (zeroed) weights."""
         if self._runtime is not None:
-            self._runtime.uninstall()
-            self._runtime.unhook_optimizers()
+            self._runtime.release()
             self._runtime = None
         if self._made and self.algorithm is not None:
             self.algorithm.detach(self)
-        _verify._KEEP_LOOKUP.pop(self.model, None)
         self._made = False
-        self._groups = []
 
     # ---- state -----------------------------------------------------------------------------
-    def _set_keep(self, start: int, keep: np.ndarray) -> None:
-        self._keep[start : start + len(keep)] = keep
-        self._runtime.refresh(self._keep)
+    def _keep_changed(self, keep: np.ndarray) -> None:
+        """A group's flags were set by hand (``group.prune``, ``apply_spec``): mask and zero at once."""
+        self._runtime.refresh(keep)
         self._runtime.apply()
+
+    def _device_keep(self) -> torch.Tensor:
+        return self._runtime.keep
+
+    def _leaves(self) -> set[str]:
+        return {name for name, m in self.model.named_modules() if not any(True for _ in m.children())}
 
     def _flops_probe(self) -> FlopsProbe:
         """Counts FLOPs of would-be exports (a weightless copy on the meta device, made once)."""
         if self._probe is None:
             self._runtime.uninstall()
             try:
-                self._probe = FlopsProbe(self.model, self.example_inputs, self._trace.shadow)
+                self._probe = FlopsProbe(self.model, self.example_inputs, self._selection.trace.shadow)
             finally:
                 self._runtime.install()
         return self._probe
 
+    def _count_flops(self, plan: Plan) -> int:
+        return self._flops_probe().count(plan).total
+
     def _new_runtime(self) -> MaskRuntime:
         """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
-        tr, layout = self._trace, self._layout
-        prunable = prunable_spaces(layout, self._res).tolist()
+        selection = self._selection
+        tr, units = selection.trace, selection.units
+        prunable = selection.prunable_spaces().tolist()
         dims = []
         for key, node in tr.param_nodes.items():
             owned = tr.owned[key]
             if owned.is_param:
                 dims += [
-                    (owned.tensor, dim, self._units(space), tr.roles.get((key, dim)) == "producer")
+                    (owned.tensor, dim, units(space), tr.roles.get((key, dim)) == "producer")
                     for dim, space in enumerate(node.spaces)
                     if prunable[space]
                 ]
-        runtime = MaskRuntime(self.model, layout.n_units, _device(self.model))
+        runtime = MaskRuntime(self.model, selection.n_units, _device(self.model))
         runtime.add_dims(dims)
-        runtime.add_norms([(site, self._units(site.space)) for site in tr.layer_norms if prunable[site.space]])
+        runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
         return runtime
-
-    def _use_layout(self, layout: GroupLayout) -> None:
-        self._layout = layout
-        self._tensor_dims = None  # made at the first plan of the layout
-
-    def _units(self, space: int) -> np.ndarray:
-        """Flat unit of each channel of ``space`` (a view: read it, do not write to it)."""
-        return unit_index(self._layout, space)
-
-    def _probe_plan(self, groups: list[int]) -> tuple[Plan, Attributes]:
-        """The export that removes the last channel of each of ``groups`` (for the trial export)."""
-        keep = np.ones(self._layout.n_units + 1, dtype=bool)
-        for index in groups:
-            start, size, _ = self._layout.groups[index]
-            if size > 1:
-                keep[start + size - 1] = False
-        return self._plan(keep), self._attributes(ModelIndex(self.model), keep)
-
-    def _attributes(self, index: ModelIndex, keep_flags: np.ndarray | None = None) -> Attributes:
-        """The counts held in module attributes (``num_heads`` …) of ``index``'s model that the export changes."""
-        keep_flags = self._keep if keep_flags is None else keep_flags
-        sites = self._trace.size_sites
-        if not sites:  # no size written in the model's code: no count to update
-            return {}
-        return attribute_updates(index.modules, sites, lambda space: int(keep_flags[self._units(space)].sum()))
-
-    def _plan(self, keep_flags: np.ndarray | None = None) -> Plan:
-        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
-        keep_flags = self._keep if keep_flags is None else keep_flags
-        if self._tensor_dims is None:
-            self._tensor_dims = self._dims_table()
-        return self._tensor_dims.plan(keep_flags)
-
-    def _dims_table(self) -> TensorDims:
-        """Every dimension of the traced parameters and buffers with its units (made at the layout's first plan)."""
-        tr = self._trace
-        names, spaces = [], []
-        for key, node in tr.param_nodes.items():
-            name = tr.owned[key].names[0]
-            names += [(name, dim) for dim in range(len(node.spaces))]
-            spaces += node.spaces
-        units = unit_views(self._layout, spaces)  # spaces over one stretch of units share an array: compared once
-        return TensorDims.of((name, dim, view) for (name, dim), view in zip(names, units, strict=True))
-
-    def _output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
-        nodes = self._trace.module_outputs.get(path) if self._trace else None
-        if not nodes or len(nodes[0].spaces) != ndim:
-            return None
-        keeps: list[torch.Tensor | None] = []
-        for space in nodes[0].spaces:
-            keep = self._keep[self._units(space)]
-            keeps.append(None if keep.all() else torch.as_tensor(np.flatnonzero(keep)))
-        return keeps
 
     def _plain_copy(self, plan: Plan, attributes: Attributes, index: ModelIndex) -> nn.Module:
         """A deep copy of the model (``index``: its index) sliced by ``plan``, without hooks."""
@@ -491,45 +497,27 @@ class Mask:
             raise NotMadeError(f"call make() before {what}")
 
     # ---- reporting -------------------------------------------------------------------------
-    def _activation_members(self, group: Group) -> list[tuple[str, int, str]]:
-        """Leaf-module outputs whose channels belong to ``group``: (module path, dim, mapping)."""
-        rows = []
-        leaves = {name for name, m in self.model.named_modules() if not any(True for _ in m.children())}
-        lo, hi = group.start, group.start + group.size
-        for path, nodes in self._trace.module_outputs.items():
-            if path not in leaves or not nodes:
-                continue
-            for dim, space in enumerate(nodes[0].spaces):
-                units = self._units(space)
-                inside = (units >= lo) & (units < hi)
-                if inside.any():
-                    positions = np.flatnonzero(inside)
-                    span = f"[{positions.min()}:{positions.max() + 1}]"
-                    if positions.max() + 1 - positions.min() != len(positions):
-                        span = f"{len(positions)} of {len(units)}"
-                    rows.append((path, dim, span))
-        return rows
-
     def __repr__(self) -> str:
         if not self._made:
-            return f"Mask({type(self.model).__name__}, ratio={self.ratio}, not made)"
-        kept = sum(g.kept for g in self._groups)
-        total = sum(g.size for g in self._groups)
+            return f"Mask({type(self.model).__name__}, {self.settings.target}, not made)"
+        groups = self._selection.groups
+        kept = sum(g.kept for g in groups)
+        total = sum(g.size for g in groups)
         algo = type(self.algorithm).__name__ if self.algorithm is not None else "no algorithm"
         lines = [
-            f"Mask({type(self.model).__name__}, {algo}, ratio={self.ratio}): "
-            f"{len(self._groups)} groups, {kept}/{total} channels kept"
+            f"Mask({type(self.model).__name__}, {algo}, {self.settings.target}): "
+            f"{len(groups)} groups, {kept}/{total} channels kept"
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
-        for g in self._groups:
+        for g in groups:
             names = [f"{m.name}[{m.dim}]" for m in g.members]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
-        frozen = self._layout.frozen
+        frozen = self._selection.layout.frozen
         if frozen:
             lines.append("Frozen (never pruned):")
             for reason, names in frozen.items():
                 lines.append(f"  {reason}: {format_names(names)}")
-        tr = self._trace
+        tr = self._selection.trace
         if tr.unknown_ops:
             ops = sorted({f"`{op}` in {path}" for op, path in tr.unknown_ops})
             lines.append(f"Unsupported ops (their channels are frozen): {format_names(ops, 6)}")
@@ -547,6 +535,24 @@ def _device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_inputs(model: nn.Module, inputs: Any) -> None:
+    """Floating example inputs must have the dtype of the model's floating parameters, on their device."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return
+    for tensor in iter_tensors(inputs):
+        if tensor.is_floating_point() and tensor.dtype != param.dtype:
+            raise TypeError(
+                f"an example input is {tensor.dtype} but the model's parameters are {param.dtype}: "
+                f"pass inputs of the model's dtype (x.to({param.dtype}))"
+            )
+        if not tensor.is_meta and not param.is_meta and tensor.device != param.device:
+            raise ValueError(
+                f"an example input is on {tensor.device} but the model's parameters are on {param.device}: "
+                f"pass inputs on the model's device (x.to({str(param.device)!r}))"
+            )
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any, input_shape: Sequence[int] | None) -> Any:

@@ -9,9 +9,14 @@ A saved model is a folder::
 Nothing is pickled: loading runs no code from the files.
 
 Example:
-    >>> pruned = mask.generate_pruned_model()                                # doctest: +SKIP
-    >>> maskprune.save_pruned(pruned, "resnet18-pruned")                      # doctest: +SKIP
-    >>> model = maskprune.load_pruned(torchvision.models.resnet18(), "resnet18-pruned")   # doctest: +SKIP
+    >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64), algorithm=L1Norm()).make()
+    >>> mask.do_mask(); pruned = mask.generate_pruned_model()
+    True
+    >>> maskprune.save_pruned(pruned, "resnet18-pruned")
+    PosixPath('resnet18-pruned')
+    >>> model = maskprune.load_pruned(torchvision.models.resnet18(), "resnet18-pruned")
+    >>> model.layer1[0].conv1.weight.shape
+    torch.Size([32, 32, 3, 3])
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ def save_pruned(
     Returns the folder.
 
     Example:
-        >>> save_pruned(mask.generate_pruned_model(), "out")        # doctest: +SKIP
+        >>> mask = Mask(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(1, 4)).make()
+        >>> mask.groups[0].prune([0, 1])
+        >>> save_pruned(mask.generate_pruned_model(), "out")
         PosixPath('out')
     """
     if weights not in WEIGHT_FILES:
@@ -69,7 +76,11 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     leaves ``model`` untouched.
 
     Example:
-        >>> model = load_pruned(torchvision.models.resnet18(), "resnet18-pruned")   # doctest: +SKIP
+        >>> mask = Mask(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(1, 4)).make()
+        >>> mask.groups[0].prune([0, 1])
+        >>> folder = save_pruned(mask.generate_pruned_model(), "out")
+        >>> load_pruned(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), folder)[0]
+        Linear(in_features=4, out_features=4, bias=True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pruned takes a torch.nn.Module (the original architecture), got {type(model).__name__}")

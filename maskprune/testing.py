@@ -729,7 +729,7 @@ def randomize_norms(model: nn.Module) -> nn.Module:
     can be nearly zero otherwise, which proves nothing when comparing two models). Returns the model.
 
     Example:
-        >>> model = randomize_norms(torchvision.models.mobilenet_v3_small())   # doctest: +SKIP
+        >>> model = randomize_norms(torchvision.models.mobilenet_v3_small())
     """
     with torch.no_grad():
         for module in model.modules():

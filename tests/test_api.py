@@ -535,15 +535,17 @@ def test_verify_within_a_submodule_compares_every_module_on_kept_channels() -> N
     mask.do_mask()
     pruned = mask.generate_pruned_model()
     assert pruned.features[0].out_channels == 4 and pruned.features[3].out_channels == 4
-    result = maskprune.verify(model, pruned, x, within="features")
+    result = maskprune.verify(model, pruned, x, within="features", mask=mask)
     assert result.ok and result.scale > 0 and result.max_rel <= RTOL
+    unmatched = maskprune.verify(model, pruned, x, within="features")  # without the mask: full widths compared
+    assert not unmatched and unmatched.problem == "output shape (2, 4, 8, 8), expected (2, 8, 8, 8)"
 
     broken = copy.deepcopy(pruned)
     with torch.no_grad():
         broken.features[3].weight[0] += 0.5
-    result = maskprune.verify(model, broken, x, within="features")
+    result = maskprune.verify(model, broken, x, within="features", mask=mask)
     assert not result and result.first_divergence.startswith("features.3 ")
-    assert maskprune.verify(model, broken, x, within="features.0").ok  # before the change
+    assert maskprune.verify(model, broken, x, within="features.0", mask=mask).ok  # before the change
 
     with pytest.raises(ValueError, match=r"verify\(within='head'\): not a submodule of the masked model"):
         maskprune.verify(model, pruned, x, within="head")

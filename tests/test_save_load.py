@@ -168,7 +168,7 @@ def test_an_export_writes_the_spec_text_its_fields_give(case: str) -> None:
     model, inputs = build(case)
     mask, pruned = prune(model, inputs)
     index = ModelIndex(model)
-    long_way = PruneSpec.from_plan(index, mask._plan(), mask._attributes(index))
+    long_way = PruneSpec.from_plan(index, mask.selection.plan(), mask.selection.attributes(index.modules))
     assert pruned.maskprune_spec == long_way.to_json()
     assert PruneSpec.of(pruned) == long_way and long_way.tensors
 

@@ -118,23 +118,39 @@ def test_one_shot_reaches_the_target_then_changes_nothing() -> None:
     assert mask.do_mask() is False
 
 
-def test_layer_by_layer_visits_every_group_once_then_returns_false() -> None:
+def test_layer_by_layer_visits_every_group_once_then_is_finished() -> None:
     model, x = convnet()
     mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5, pre_layer=True).make()
     size = sizes(mask)
     for visited in range(len(size)):
+        assert not mask.finished
         assert mask.do_mask() is True
         expected = [s - s // 2 if i <= visited else s for i, s in enumerate(size)]
         assert kept(mask) == expected
+    assert mask.finished
     assert mask.do_mask() is False
     assert mask.do_mask() is False
+
+
+def test_layer_by_layer_do_mask_says_whether_the_visited_group_changed() -> None:
+    """A group whose override keeps every channel is visited without change: ``do_mask()`` is False, the
+    loop goes on until ``finished``."""
+    model, x = convnet()
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5, ratios={"0": 0.0}, pre_layer=True).make()
+    first = next(g.index for g in mask.groups if (g.producers() or g.members)[0].module == "0")
+    changes = []
+    while not mask.finished:
+        changes.append(mask.do_mask())
+    assert len(changes) == len(mask.groups)
+    assert [i for i, changed in enumerate(changes) if not changed] == [first]
+    assert mask.groups[first].kept == mask.groups[first].size
 
 
 def test_layer_by_layer_with_a_flops_target_lands_on_it() -> None:
     model, x = convnet()
     mask = Mask(model, x, algorithm=L1Norm(), target_flops=0.4, pre_layer=True).make()
-    while mask.do_mask():
-        pass
+    while not mask.finished:
+        mask.do_mask()
     dense = maskprune.count_flops(model, x)
     pruned = mask.generate_pruned_model()
     assert abs(1 - maskprune.count_flops(pruned, x) / dense - 0.4) <= 0.01

@@ -957,7 +957,7 @@ def test_a_buffer_sized_by_channels_reaching_the_output_freezes_them() -> None:
     model, x = SizedBuffer(to_output=True), torch.randn(2, 3, 6, 6)
     mask = Mask(model, x).make()
     assert found(mask) == {G(8, "a.weight[0]", "a.bias[0]", "b.weight[1]")}
-    assert "b.weight[0]" in mask._layout.frozen["reaches a model output"]
+    assert "b.weight[0]" in mask.selection.layout.frozen["reaches a model output"]
 
 
 def test_a_buffer_sized_by_channels_is_pruned_with_them() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import maskprune
-import maskprune.mask
+import maskprune._probe
 from maskprune import Mask
 from maskprune.testing import TINY_MODELS
 
@@ -22,7 +22,7 @@ def _forbid_trial_export(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the trial export ran")
 
-    monkeypatch.setattr(maskprune.mask, "fixed_size_groups", refuse)
+    monkeypatch.setattr(maskprune._probe, "fixed_size_groups", refuse)
 
 
 def _prune_and_verify(mask: Mask, model: nn.Module, inputs: torch.Tensor) -> nn.Module:
