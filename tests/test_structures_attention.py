@@ -10,8 +10,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- heads --------------------------------------------------------------------------------------------
-
-
 def test_attention_loses_whole_heads() -> None:
     mask, model, inputs = make("multihead_attention")
     (heads,) = [g for g in mask.groups if any(m.name.startswith("attn.") for m in g.members)]

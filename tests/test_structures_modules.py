@@ -26,8 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- parameters and modules ---------------------------------------------------------------------------
-
-
 def test_embedding_keeps_its_vocabulary() -> None:
     mask, model, inputs = make("embedding")
     assert "emb.weight[0]" not in grouped(mask)
