@@ -130,8 +130,10 @@ def test_failed_export_leaves_the_masked_model_as_it_was(inplace: bool, change, 
     after, after_sizes, after_hooks = masked_state(model)
     assert list(after) == list(state)
     for key, value in state.items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert after[key].shape == value.shape and torch.equal(after[key], value), key
     assert after_hooks == hooks and after_sizes == sizes
+    # bit-exact: the same model, weights and input: the same kernels on the same shapes
     torch.testing.assert_close(run(model, x), soft, rtol=0, atol=0)
     group = mask.groups[0]
     producer = group.members[0]
@@ -139,7 +141,9 @@ def test_failed_export_leaves_the_masked_model_as_it_was(inplace: bool, change, 
     removed = torch.as_tensor(pruned_positions(group, producer))
     with torch.no_grad():  # the hooks are live: removed weights brought back are zeroed again by the forward
         model.conv1.weight[removed] = 1.0
+    # bit-exact: the removed weights are zeroed again: the same weights, kernels and shapes
     torch.testing.assert_close(run(model, x), soft, rtol=0, atol=0)
+    # bit-exact: masks write exact zeros
     assert torch.count_nonzero(model.conv1.weight[removed]) == 0
 
     monkeypatch.undo()  # a faithful export again: the mask is still usable
@@ -185,6 +189,7 @@ def test_the_sliced_copy_copies_unsliced_buffers_as_deepcopy_does() -> None:
     new, old = maskprune._export.sliced_copy(model, {}), copy.deepcopy(model)
     for name, buffer in model.named_buffers(remove_duplicate=False):
         copied, reference = getattr(new, name), getattr(old, name)
+        # bit-exact: the buffers are copies
         assert (
             torch.equal(copied, buffer) and copied.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
         )
@@ -223,6 +228,7 @@ def test_slices_of_large_tensors_pruned_along_several_dims_are_their_own_and_exa
         expected = tensor
         for dim, keep in plan["", name]:
             expected = expected.index_select(dim, torch.as_tensor(keep))
+        # bit-exact: index selections copy values
         assert torch.equal(out[name], expected), name
         assert out[name].is_contiguous() and out[name].untyped_storage().nbytes() == expected.nbytes
     scratch_pointers = {flat.data_ptr() for flat in slicer.scratch.values()}

@@ -65,6 +65,7 @@ def test_l1norm_prunes_the_lowest_l1_filters() -> None:
     assert np.flatnonzero(zero).tolist() == drop.tolist()
 
     pruned = mask.generate_pruned_model()
+    # bit-exact: exported tensors are copies of the kept slices
     torch.testing.assert_close(pruned[0].weight, torch.from_numpy(w1[keep]), rtol=0, atol=0)
     torch.testing.assert_close(pruned[2].weight, w2[:, keep], rtol=0, atol=0)
 

@@ -39,6 +39,7 @@ def test_make_changes_no_name_shape_or_value(train: bool, tiny_cnn) -> None:
     assert list(after) == list(state)
     assert [n for n, _ in model.named_parameters()] == names
     for key, value in state.items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert torch.equal(after[key], value), f"make() changed {key}"
 
 
@@ -106,8 +107,10 @@ def test_remove_takes_every_hook_off_and_keeps_the_weights(kind: str, tiny_cnn, 
 
     assert leftover_hooks(model) == []
     for key, value in model.state_dict().items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert torch.equal(value, weights[key]), f"remove() changed {key}"
     if kind == "cnn":  # no hook computed anything, so the plain forward is the masked one
+        # bit-exact: the same weights, kernels and shapes
         torch.testing.assert_close(run(model, x), masked_out, rtol=0, atol=0)
 
 
@@ -139,6 +142,7 @@ def test_training_the_masked_model_keeps_removed_channels_zero(tiny_cnn) -> None
             for member in group.members:
                 if member.dim == 0 and member.module in outputs and member.role in ("producer", "norm"):
                     channels = torch.as_tensor(pruned_positions(group, member))
+                    # bit-exact: removed channels' weights, biases and norm parameters are exact zeros
                     assert torch.count_nonzero(outputs[member.module][:, channels]) == 0, member.name
                     checked += 1
     assert checked >= 9

@@ -24,6 +24,7 @@ def test_verify_names_the_first_diverging_module(tiny_cnn) -> None:
     assert result.max_rel > result.rtol == RTOL
     assert result.first_divergence is not None and result.first_divergence.startswith("conv1 ")
     assert "DIFFERENT" in str(result) and "first diverging module: conv1" in str(result)
+    # bit-exact: a deep copy runs the same kernels on the same shapes
     assert maskprune.verify(a, copy.deepcopy(a), torch.randn(2, 3, 16, 16)).max_rel == 0
 
 

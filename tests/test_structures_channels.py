@@ -40,6 +40,7 @@ def test_grouped_conv_removes_whole_conv_groups() -> None:
     group.prune([0])
     pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
     assert (pruned.gconv.groups, pruned.gconv.in_channels, pruned.gconv.out_channels) == (1, 4, 6)
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(pruned.gconv.weight, model.gconv.weight[6:])
     assert pruned.expand.out_channels == 4 and pruned.head.in_channels == 6
 
@@ -97,6 +98,7 @@ def test_chunk_removes_the_same_channels_from_every_chunk() -> None:
     assert member(group, "head.weight", 1).units.tolist() == [0, 1, 2, 3]
     group.prune([1])
     pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(pruned.conv.weight, model.conv.weight[[0, 2, 3, 4, 6, 7]])
 
 
@@ -107,6 +109,7 @@ def test_flatten_expands_a_channel_to_its_pixels() -> None:
     assert fc_in.units.tolist() == np.repeat(np.arange(4), 16).tolist()  # 4x4 pixels per channel
     mask.groups[0].prune([2])
     pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES_FIXED_SIZE())
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(pruned.fc.weight, torch.cat([model.fc.weight[:, :32], model.fc.weight[:, 48:]], dim=1))
 
 
@@ -128,6 +131,7 @@ def test_channel_moving_ops_remove_whole_units(
     group.prune([unit])
     pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
     before, after = model.get_submodule(producer).weight, pruned.get_submodule(producer).weight
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(after, before[[i for i in range(before.shape[0]) if i not in rows]])
     keep_columns = [i for i in range(model.head.weight.shape[1]) if i not in head_columns]
     assert torch.equal(pruned.head.weight, model.head.weight[:, keep_columns])
@@ -138,6 +142,7 @@ def test_patch_merging_removes_a_channel_from_every_pixel_of_the_block() -> None
     mask, model, inputs = make("patch_merging")
     group_of(mask, "stem.weight", 0).prune([3])
     pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["patch_merging"]())
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(pruned.reduce.weight, model.reduce.weight[:, [i for i in range(32) if i % 8 != 3]])
 
 

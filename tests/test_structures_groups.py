@@ -289,6 +289,7 @@ def test_factories_build_fresh_deterministic_models() -> None:
     state = torch.get_rng_state()
     (a, x), (b, y) = TINY_MODELS["conv2d"](), TINY_MODELS["conv2d"]()
     assert torch.equal(torch.get_rng_state(), state)
+    # bit-exact: the same seed draws the same numbers
     assert a is not b and torch.equal(x, y)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 

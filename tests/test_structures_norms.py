@@ -27,15 +27,18 @@ def test_layer_norm_uses_masked_statistics() -> None:
 
 
 def test_masked_layer_norm_computes_the_exported_norm_exactly() -> None:
-    """Eager masked forwards normalise the gathered kept channels as the export does: bit for bit, zero elsewhere."""
+    """Eager masked forwards normalise the gathered kept channels as the export does, zero elsewhere.
+
+    The same values up to float rounding only: the masked ``fc`` computes 8 columns and the exported one 5, and a
+    BLAS kernel may round differently for other widths (by 6e-8 on AMD EPYC, which moves the norm by 1.2e-7)."""
     mask, model, inputs = make("layer_norm")
     mask.groups[0].prune([0, 5, 6])
     pruned = mask.generate_pruned_model()
     with torch.no_grad():
         soft, hard = model.norm(model.fc(inputs)), pruned.norm(pruned.fc(inputs))
     kept = [1, 2, 3, 4, 7]
-    assert torch.equal(soft[..., kept], hard)
-    assert not soft[..., [0, 5, 6]].any()
+    torch.testing.assert_close(soft[..., kept], hard, rtol=1e-6, atol=1e-6)
+    assert not soft[..., [0, 5, 6]].any()  # bit-exact: removed channels' norm weight and bias are exactly zero
     with torch.no_grad():  # the 0/1 flags, as compiled graphs use them
         x, norm = model.fc(inputs), model.norm
         by_flags = maskprune.masked_norm(x, 2, mask.groups[0].mask, norm.weight, norm.bias, norm.eps, "layer_norm")
@@ -52,6 +55,7 @@ def test_group_norm_units_are_whole_norm_groups() -> None:
     pruned = assert_soft_equals_hard(mask, model, inputs, IMAGES())
     norm = pruned.body[0]
     assert (norm.num_groups, norm.num_channels) == (2, 4)
+    # bit-exact: exported tensors are copies of the kept slices
     assert torch.equal(norm.weight, model.body[0].weight[[0, 1, 6, 7]])
 
 
@@ -149,6 +153,7 @@ def test_rms_norm_module_statistics_over_kept_channels() -> None:
     kept = [1, 2, 4, 6, 7]
     expected = model.norm1.weight[kept] * x[..., kept] * torch.rsqrt(x[..., kept].pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(masked_norm[..., kept], expected)
+    # bit-exact: the embedding's removed columns are exact zeros, and so are their norm's outputs
     assert not masked_norm[..., [0, 3, 5]].any()
     pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["rms_norm_hidden"]())
     assert pruned.norm1.weight.shape == (5,) and pruned.embed.embedding_dim == 5
