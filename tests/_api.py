@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 import maskprune
@@ -24,6 +23,8 @@ Build = Callable[[str], tuple[nn.Module, Callable[[int], torch.Tensor]]]
 @functools.cache
 def _torchvision(name: str) -> nn.Module:
     """One instance per process; tests take deep copies."""
+    import torchvision  # on first use: conftest imports this module, and most sessions build no torchvision model
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return getattr(torchvision.models, name)(weights=None).eval()
