@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from _api import Build, image_model
 from torch import nn
 
 SEED = 0
@@ -101,6 +102,12 @@ class TinyCNN(nn.Module):
 def tiny_cnn() -> Callable[[], TinyCNN]:
     """A builder of fresh :class:`TinyCNN` models (eval mode), input ``(N, 3, 16, 16)``."""
     return lambda: TinyCNN().eval()
+
+
+@pytest.fixture
+def build(tiny_cnn: Callable[[], TinyCNN]) -> Build:
+    """``build(name)``: a fresh model of ``_api.SIZES`` (eval mode) and a maker of its image inputs for a batch size."""
+    return lambda name: image_model(name, tiny_cnn)
 
 
 def _leftover_hooks(model: nn.Module) -> list[str]:

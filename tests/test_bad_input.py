@@ -62,6 +62,7 @@ def leaves_unchanged(model: nn.Module, *, made: bool = False) -> Iterator[None]:
     after = snapshot(model)
     assert list(after.state) == list(before.state), "state_dict keys changed"
     for key, value in before.state.items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert after.state[key].shape == value.shape and torch.equal(after.state[key], value), f"{key} changed"
     assert after.modes == before.modes, "training flags changed"
     assert after.hooks == before.hooks, "hooks changed"
@@ -295,6 +296,7 @@ def test_nothing_masked_exports_an_equal_copy(model: nn.Module, leftover_hooks) 
     model.eval()
     pruned.eval()
     with torch.no_grad():
+        # bit-exact: nothing is masked: the copy has the same shapes, so the same kernels run
         torch.testing.assert_close(pruned(X), model(X), rtol=0, atol=0)
 
 
@@ -303,6 +305,7 @@ def test_nothing_masked_by_hand_exports_an_equal_copy(made) -> None:
     pruned = mask.generate_pruned_model()
     assert pruned is not model and type(pruned) is type(model)
     assert maskprune.count_parameters(pruned) == maskprune.count_parameters(model)
+    # bit-exact: nothing is masked: the copy has the same shapes, so the same kernels run
     assert maskprune.verify(model, pruned, torch.randn(5, 3, 16, 16)).max_rel == 0
 
 
@@ -336,6 +339,7 @@ def test_prune_every_channel_of_a_group(made) -> None:
     with fails_cleanly(model, ValueError, message, made=True):
         group.prune(range(group.size))
     assert np.array_equal(group.keep, keep) and group.pruned == [1]
+    # bit-exact: 0/1 flags
     assert torch.equal(group.mask, torch.as_tensor(keep, dtype=group.mask.dtype))
 
 

@@ -102,6 +102,7 @@ def test_apoz_equals_the_zero_fraction_after_each_relu() -> None:
     a1, a2 = relunet_activations(model, batches[:2])  # max_batches=2: the third batch is not used
     np.testing.assert_allclose(algo.score(g1), 1 - zero_fraction(a1), rtol=0, atol=1e-12)
     np.testing.assert_allclose(algo.score(g2), 1 - zero_fraction(a2), rtol=0, atol=1e-12)
+    # bit-exact: 1 - 1 is exactly 0
     assert algo.score(g1)[3] == 0.0  # always zero: APoZ = 1
     assert algo.fallback == {} and algo.declined == {}
     algo.finish(mask)
@@ -192,6 +193,7 @@ def test_apoz_falls_back_to_near_zeros_without_a_relu_module() -> None:
     a2 = [z / (1 + np.exp(-z)) for z in z2]  # SiLU
     np.testing.assert_allclose(algo.score(g1), 1 - zero_fraction(a1, near_zero), rtol=0, atol=1e-12)
     np.testing.assert_allclose(algo.score(g2), 1 - zero_fraction(a2, near_zero), rtol=0, atol=1e-12)
+    # bit-exact: 1 - 1 is exactly 0
     assert algo.score(g1)[1] == 0.0  # 0.0005 counts as zero under the eps rule
 
 
@@ -290,6 +292,7 @@ def test_calibration_restores_modes_and_leaves_weights_alone(make, leftover_hook
         algo.score(group)
     algo.finish(mask)
     for name, value in model.state_dict().items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert torch.equal(value, state[name]), name
 
     def failing(batch: torch.Tensor) -> torch.Tensor:
@@ -508,6 +511,7 @@ def test_thinet_order_on_every_output_of_a_conv_consumer() -> None:
     with torch.no_grad():
         inputs = [torch.relu(model.conv1(x)).double().numpy() for x in batches]
     samples = np.concatenate([conv_contributions(a, model.conv2)[0] for a in inputs])
+    # bit-exact: integer ranks; the float64 sums they order are nowhere near a tie
     np.testing.assert_array_equal(algo.score(group), order_to_scores(numpy_greedy(samples), 5))
 
 
@@ -543,6 +547,7 @@ def test_thinet_scales_each_consumer_to_unit_mean_square() -> None:
     fc_part = per_feature.reshape(-1, 4, 16).sum(2)
     fc_out = per_feature.sum(1) + np.tile(b, len(flat))
     pooled = np.concatenate([conv_part / np.sqrt(np.mean(conv_out**2)), fc_part / np.sqrt(np.mean(fc_out**2))])
+    # bit-exact: integer ranks; the float64 sums they order are nowhere near a tie
     np.testing.assert_array_equal(algo.score(group), order_to_scores(numpy_greedy(pooled), 4))
 
 
@@ -556,6 +561,7 @@ def test_thinet_sampling_is_seeded() -> None:
         algo = ThiNet(batches, samples=3, seed=5)
         algo.prepare(mask, [group])
         scores.append(algo.score(group))
+    # bit-exact: the same seed draws the same numbers
     np.testing.assert_array_equal(scores[0], scores[1])
     assert sorted(scores[0].tolist()) == [0, 1, 2, 3, 4]
 

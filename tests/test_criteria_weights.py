@@ -145,6 +145,7 @@ def test_fpgm_scores_only_kept_channels(distance: str) -> None:
     scores = scores_of(criterion, group)
     mats = [rows(model.stem.weight), rows(model.branch2.weight)]
     np.testing.assert_allclose(scores, fpgm_expected(mats, distance, "sum", keep), rtol=1e-9)
+    # bit-exact: removed channels are given 0, not computed
     assert (scores[~keep] == 0).all()
 
     with torch.no_grad():  # removed filters take no part in the others' sums, whatever their weights
@@ -169,6 +170,7 @@ def test_fpgm_two_stage_norm_then_distance(name: str, producer: str, rate_norm: 
     by_norm = np.argsort(-norms)
     first_out = by_norm[survivors:]
     assert scores[first_out].max() < scores[by_norm[:survivors]].min()  # norm-pruned go first
+    # bit-exact: integer orders; the float64 norms they order are nowhere near a tie
     np.testing.assert_array_equal(np.argsort(scores[first_out]), np.argsort(norms[first_out]))  # by norm
     assert (scores[first_out] < 0).all() and (scores[first_out] >= -1).all()
 
@@ -180,6 +182,7 @@ def test_fpgm_two_stage_counts_kept_channels_only() -> None:
     keep = group.keep  # 6 kept: ceil(0.5 * 6) = 3 survive the norm stage
     scores = scores_of(FPGM(rate_norm=0.5), group)
     np.testing.assert_allclose(scores, fpgm_expected([rows(model.conv1.weight)], "l2", "sum", keep, 0.5), rtol=1e-9)
+    # bit-exact: removed channels are given 0, not computed
     assert (scores > 0).sum() == 3 and (scores < 0).sum() == 3 and (scores[[0, 3]] == 0).all()
 
 
@@ -273,6 +276,7 @@ def test_random_group_weights_seeded_with_channel_weighted_mean_one() -> None:
     weights = Random(seed=0).group_weights(SIZES)
     assert weights.shape == (len(SIZES),) and (weights > 0).all()
     np.testing.assert_allclose((weights * SIZES).sum() / SIZES.sum(), 1.0, rtol=1e-12)
+    # bit-exact: the same seed draws the same numbers
     np.testing.assert_array_equal(weights, Random(seed=0).group_weights(SIZES))  # another instance
     criterion = Random(seed=0)
     criterion.score(group_with(tiny("conv2d")[1], "conv1.weight"))  # scores draw from their own stream
@@ -294,6 +298,7 @@ def test_seeded_channel_scores(baseline: Callable) -> None:
     first = draws(0)
     assert [len(s) for s in first] == [g.size for g in groups]
     for a, b in zip(first, draws(0), strict=True):
+        # bit-exact: the same seed draws the same numbers
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(first, draws(1), strict=True))
     assert not np.array_equal(first[0][:6], first[1])  # every group draws anew

@@ -75,6 +75,7 @@ def prune_together(rank: int, name: str, out: Path) -> None:
         history.append(sum(sum(k) for k in keeps[0]))
     assert history[0] > history[1] > history[2]  # three steps of the schedule
     params = everywhere([p.detach().clone() for p in model.parameters()])
+    # bit-exact: every rank applies the same averaged gradients to the same weights
     assert all(torch.equal(a, b) for a, b in zip(params[0], params[1], strict=True))  # DDP kept them in sync
     if rank == 0:
         model.eval()
@@ -90,6 +91,7 @@ def worker(rank: int, init_file: str, out: str) -> None:
     try:
         assert is_distributed()
         (total,) = all_reduce_sum([torch.tensor([rank + 1.0])])
+        # bit-exact: small integers sum exactly in floating point
         assert total.item() == sum(range(1, WORLD + 1))
         assert broadcast_flags(np.array([rank == 0, rank != 0])).tolist() == [True, False]
         for name in ("taylor", "apoz", "random"):
@@ -112,4 +114,5 @@ def test_outside_a_process_group_the_helpers_do_nothing() -> None:
     assert broadcast_flags(flags) is flags
     a = torch.arange(3.0)
     (b,) = all_reduce_sum([a])
+    # bit-exact: a copy
     assert torch.equal(a, b) and b is not a

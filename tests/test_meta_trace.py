@@ -159,6 +159,7 @@ def test_a_meta_trace_leaves_the_model_untouched() -> None:
     tr = trace(model, x, leaf_rules(), {})
     assert tr.shadow is not None
     assert model.training and all(m.training for m in model.modules())
+    # bit-exact: compared with a copy taken before, and nothing may write to it
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # running stats, batch counter
     assert [id(p) for p in model.parameters()] == params and not any(p.is_meta for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)

@@ -72,6 +72,7 @@ LOADER = textwrap.dedent(
         with torch.no_grad():
             out = model(*inputs)
         results[case] = {
+            # bit-exact: the same shapes, weights and thread count on the same machine: the same kernels
             "equal": torch.equal(out, check["output"]),
             "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
             "spec": maskprune.PruneSpec.of(model).to_json(),
@@ -184,6 +185,7 @@ def test_a_version_1_folder_still_loads(tmp_path: Path, tiny_cnn) -> None:
     (folder / "spec.json").write_text(json.dumps(data))
     loaded = maskprune.load_pruned(tiny_cnn(), folder)
     x = torch.randn(1, 3, 16, 16)
+    # bit-exact: the loaded model has the saved one's shapes and weights: the same kernels
     assert torch.equal(output(loaded, x), output(pruned, x))
 
 
@@ -197,6 +199,7 @@ def test_tied_weights_are_stored_once_and_tied_again_on_load(tmp_path: Path) -> 
     loaded = maskprune.load_pruned(TINY_MODELS["tied_parameters"]()[0], tmp_path)
     assert loaded.a.weight is loaded.b.weight
     assert loaded.a.weight.shape == pruned.a.weight.shape and loaded.a.embedding_dim == pruned.a.embedding_dim
+    # bit-exact: the loaded model has the saved one's shapes and weights: the same kernels
     assert torch.equal(output(loaded, ids), output(pruned, ids))
     maskprune.save_pruned(loaded, tmp_path / "again")  # a loaded model carries its spec too
     assert (tmp_path / "again" / "spec.json").read_text() == (tmp_path / "spec.json").read_text()
@@ -210,11 +213,13 @@ def test_pruning_a_pruned_model_saves_one_spec_of_the_original(tmp_path: Path, t
     assert twice.conv1.out_channels == 2
     maskprune.save_pruned(twice, tmp_path)
     loaded = maskprune.load_pruned(tiny_cnn(), tmp_path)  # the first original's shapes
+    # bit-exact: the loaded model has the saved one's shapes and weights: the same kernels
     assert torch.equal(output(loaded, x), output(twice, x))
     conv1 = next(t for t in PruneSpec.of(twice).tensors if t.name == "conv1.weight")
     assert conv1.shape == (8, 3, 3, 3)
     replayed = Mask(twin, x).make().apply_spec(twice).generate_pruned_model()  # the composed kept positions
     for name, tensor in twice.state_dict().items():
+        # bit-exact: copies of the same kept positions
         assert torch.equal(replayed.state_dict()[name], tensor), name
 
 
@@ -231,6 +236,7 @@ def test_apply_spec_replays_the_decision_on_a_new_mask(case: str, tiny_cnn, tmp_
     expected, got = pruned.state_dict(), again.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:
+        # bit-exact: copies of the same kept positions, then the same kernels on the same shapes
         assert torch.equal(expected[name], got[name]), name
     assert torch.equal(output(again, inputs), output(pruned, inputs))
 
@@ -294,6 +300,7 @@ def assert_untouched(model: nn.Module, before: tuple[dict[str, torch.Tensor], li
     assert attributes == before[1]
     assert state.keys() == before[0].keys()
     for name, tensor in state.items():
+        # bit-exact: compared with a copy taken before, and nothing may write to it
         assert torch.equal(tensor, before[0][name]), name
     assert not hasattr(model, maskprune._spec.SPEC_ATTRIBUTE)
 

@@ -306,10 +306,12 @@ def test_frozen_channels_stay_zero_and_get_no_gradient_or_momentum(make_optimize
     mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make().track_optimizer(optimizer)
     mask.do_mask()
     train_steps(model, x, optimizer, 5)
+    # bit-exact: masks write exact zeros
     assert all(t.abs().max() == 0 for t in removed_slices(mask))
     for g in mask.groups:
         for m in g.members:
             idx = torch.as_tensor(m.positions[~g.keep[m.units]])
+            # bit-exact: masks write exact zeros into gradients and optimizer states
             assert m.tensor.grad.index_select(m.dim, idx).abs().max() == 0
             for state in optimizer.state[m.tensor].values():
                 if isinstance(state, torch.Tensor) and state.shape == m.tensor.shape:
@@ -324,6 +326,7 @@ def test_soft_filters_keep_training_and_can_come_back() -> None:
     mask.do_mask()
     first = mask.groups[1].pruned
     conv = model[3].weight
+    # bit-exact: masks write exact zeros
     assert conv.detach()[first].abs().max() == 0  # do_mask zeroed the removed filters
     train_steps(model, x, optimizer, 3)
     regrown = conv.detach()[first].abs().amax(dim=(1, 2, 3)) > 0
@@ -344,6 +347,7 @@ def test_switching_soft_to_frozen_zeroes_the_whole_mask() -> None:
     mask = Mask(model, x, algorithm=Uniform(seed=0), ratio=0.5, semantics="soft").make()
     mask.do_mask()
     mask.semantics = "frozen"
+    # bit-exact: masks write exact zeros
     assert all(t.abs().max() == 0 for t in removed_slices(mask))
 
 
@@ -370,6 +374,7 @@ def test_bad_options_fail_in_the_constructor(options: dict, message: str) -> Non
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         Mask(model, x, algorithm=L1Norm(), **options)
+    # bit-exact: compared with a copy taken before, and nothing may write to it
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -105,6 +105,7 @@ def test_masked_training_steps_read_nothing_on_the_host(foreach: bool) -> None:
             train_step(model, optimizer, bx, by)
         model.eval()
         model(x)
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
 
@@ -168,6 +169,7 @@ def test_tracked_steps_rezero_weights_that_a_loss_term_moves(implementation: str
     mask.do_mask()
     for bx, by in batches(3):
         regularised_step(model, optimizer, bx, by)
+        # bit-exact: masks write exact zeros
         assert removed_values(mask).abs().max() == 0  # right after the step, before any forward
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
 
@@ -201,7 +203,9 @@ def test_every_tracked_optimizer_has_its_states_masked_after_a_mask_change() -> 
             assert states, m.name
             for state in states:
                 if isinstance(state, torch.Tensor) and state.shape == m.tensor.shape:
+                    # bit-exact: masks write exact zeros into optimizer states
                     assert state.index_select(m.dim, idx).abs().max() == 0, m.name
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
 
 
@@ -216,6 +220,7 @@ def test_untracked_optimizer_steps_are_rezeroed_before_the_forward(implementatio
     assert removed_values(mask).abs().max() > 0  # nothing tracks this optimizer: the step moved them
     model.eval()
     soft = model(x)  # the forward re-zeroes what the step wrote to
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     pruned = mask.generate_pruned_model()
     assert torch.allclose(soft, pruned(x), rtol=1e-5, atol=1e-6)
@@ -236,9 +241,11 @@ def test_with_a_tracked_optimizer_the_forward_rezeroes_what_something_else_wrote
     with torch.no_grad():
         model.conv2.weight.add_(1.0)  # a plain in-place write
     model(x)
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     model.load_state_dict(net(seed=5)[0].state_dict())  # new weights everywhere
     model(x)
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     assert maskprune.verify(model, mask.generate_pruned_model(), x)
 
@@ -276,6 +283,7 @@ def test_the_export_zeroes_only_weights_written_since_and_its_verification_forwa
         model.conv2.weight.add_(1.0)  # a write its version counter sees
     pruned = mask.generate_pruned_model()
     assert calls == [True, True] and [t is model.conv2.weight for t in zeroed] == [True]
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     model(x)
     assert calls[2:] == [False]  # outside the export, every forward zeroes again
@@ -294,6 +302,7 @@ def test_an_export_after_a_write_no_version_counter_saw_zeroes_all_and_verifies_
     calls, _ = count_zeroing(monkeypatch)
     pruned = mask.generate_pruned_model()
     assert calls == [True, False]  # the stale pass found nothing, then all were zeroed where the outputs differed
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     assert maskprune.verify(model, pruned, x)
     assert torch.allclose(model(x), pruned(x), rtol=1e-5, atol=1e-6)
@@ -312,8 +321,10 @@ def test_an_export_without_verification_slices_without_zeroing(monkeypatch) -> N
     assert removed_values(mask).abs().max() > 0
     monkeypatch.undo()
     verified = mask.generate_pruned_model()
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     assert unverified.state_dict().keys() == verified.state_dict().keys()
+    # bit-exact: copies of the same kept positions
     assert all(torch.equal(t, verified.state_dict()[k]) for k, t in unverified.state_dict().items())
 
 
@@ -361,6 +372,7 @@ def test_compiled_masked_training_keeps_removed_channels_zero() -> None:
     compiled = torch.compile(model, backend="aot_eager")
     for bx, by in batches(3):
         regularised_step(compiled, optimizer, bx, by)
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     model.eval()
     pruned = mask.generate_pruned_model()
@@ -395,6 +407,7 @@ def test_soft_equals_hard_under_cpu_bf16_autocast() -> None:
             loss = F.cross_entropy(model(bx), by)
         loss.backward()
         optimizer.step()
+    # bit-exact: masks write exact zeros
     assert removed_values(mask).abs().max() == 0
     model.eval()
     pruned = mask.generate_pruned_model()
@@ -455,6 +468,7 @@ def test_resume_mid_schedule_gives_the_same_masks_and_export(algorithm_for, tmp_
     a, b = full.generate_pruned_model(), resumed.generate_pruned_model()
     assert list(a.state_dict()) == list(b.state_dict())
     for name, value in a.state_dict().items():
+        # bit-exact: the same steps on the same shapes and data, in the same order
         assert torch.equal(value, b.state_dict()[name]), name
     assert not resumed.do_mask()  # the schedule is over in both
 
@@ -472,6 +486,7 @@ def test_taylor_state_carries_the_statistics_between_do_mask_calls() -> None:
     copy_mask = Mask(fresh, x, algorithm=other, ratio=0.5).make()
     copy_mask.load_state_dict(state)
     for g, expected in zip(copy_mask.groups, scores, strict=True):
+        # bit-exact: load_state_dict copies the statistics
         assert (other.score(g) == expected).all()
 
 
@@ -494,6 +509,7 @@ def test_load_state_dict_rejects_a_state_of_another_model_and_changes_nothing() 
     with pytest.raises(TypeError, match="dict"):
         other_mask.load_state_dict([1, 2])
     assert all(g.kept == g.size for g in other_mask.groups)
+    # bit-exact: compared with a copy taken before, and nothing may write to it
     assert all(torch.equal(v, weights[k]) for k, v in other.state_dict().items())
 
 
@@ -609,5 +625,6 @@ def test_a_kernels_masks_multiplied_together_zero_the_same_bits() -> None:
     joint, apart = values.clone(), values.clone()
     entry.mask_(joint)
     MaskedTensor(apart, entry.masks).mask_(apart)
+    # bit-exact: multiplying by 0 or 1 is exact, in any order
     assert torch.equal(joint.view(torch.int32), apart.view(torch.int32))
     assert joint.count_nonzero() < values.count_nonzero()

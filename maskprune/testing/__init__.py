@@ -1,0 +1,120 @@
+"""Tiny models, one per structure maskprune has to handle: for tests, examples and bug reports.
+
+Each entry of :data:`TINY_MODELS` builds a fresh model with deterministic weights (norm
+statistics and affine tensors randomised too, so that no layer is an identity) and example
+inputs small enough that tracing, masking and exporting take milliseconds. Building an entry
+does not touch the global random state.
+
+Example:
+    >>> from maskprune import Mask, verify
+    >>> from maskprune.testing import TINY_MODELS
+    >>> model, inputs = TINY_MODELS["cat"]()
+    >>> mask = Mask(model, inputs).make()
+    >>> sorted(group.size for group in mask.groups)
+    [4, 6]
+    >>> for group in mask.groups:
+    ...     group.prune([0])
+    >>> pruned = mask.generate_pruned_model()   # verified against the masked model
+    >>> verify(model, pruned, inputs).max_rel <= 1e-5
+    True
+"""
+
+from __future__ import annotations
+
+from ._channels import (
+    TinyCat,
+    TinyChannelsLast,
+    TinyChunk,
+    TinyDropout,
+    TinyFlatten,
+    TinyInterpolate,
+    TinyPatchMerging,
+    TinyPooling,
+    TinyRearrange,
+    TinyReshape,
+    TinyShuffle,
+    TinySlice,
+    TinySplit,
+)
+from ._layers import (
+    SqueezeExcitation,
+    TinyBinary,
+    TinyConv,
+    TinyConvBlock,
+    TinyConvTranspose,
+    TinyDepthwise,
+    TinyEmbedding,
+    TinyGroupedConv,
+    TinyLayerNorm,
+    TinyMLP,
+    TinySE,
+    TinyViT,
+)
+from ._parameters import (
+    TensordotScale,
+    TinyDictIO,
+    TinyFunctional,
+    TinyInplace,
+    TinyMaskedFill,
+    TinyNoGrad,
+    TinyShared,
+    TinyTied,
+    TinyUnsupported,
+)
+from ._registry import TINY_MODELS, TinyModelFactory, randomize_norms
+from ._transformers import (
+    TinyAttention,
+    TinyFusedAttention,
+    TinyGroupedQueryAttention,
+    TinyLiteralHeads,
+    TinyRMSNorm,
+    TinyRMSNormHidden,
+    TinySpatialReduction,
+)
+
+__all__ = [
+    "TINY_MODELS",
+    "TinyModelFactory",
+    "randomize_norms",
+    "SqueezeExcitation",
+    "TensordotScale",
+    "TinyAttention",
+    "TinyBinary",
+    "TinyCat",
+    "TinyChannelsLast",
+    "TinyChunk",
+    "TinyConv",
+    "TinyConvBlock",
+    "TinyConvTranspose",
+    "TinyDepthwise",
+    "TinyDictIO",
+    "TinyDropout",
+    "TinyEmbedding",
+    "TinyFlatten",
+    "TinyFunctional",
+    "TinyFusedAttention",
+    "TinyGroupedConv",
+    "TinyGroupedQueryAttention",
+    "TinyInplace",
+    "TinyInterpolate",
+    "TinyLayerNorm",
+    "TinyLiteralHeads",
+    "TinyMLP",
+    "TinyMaskedFill",
+    "TinyNoGrad",
+    "TinyPatchMerging",
+    "TinyPooling",
+    "TinyRMSNorm",
+    "TinyRMSNormHidden",
+    "TinyRearrange",
+    "TinyReshape",
+    "TinySE",
+    "TinyShared",
+    "TinyShuffle",
+    "TinySlice",
+    "TinySpatialReduction",
+    "TinySplit",
+    "TinyTied",
+    "TinyUnsupported",
+    "TinyViT",
+]
