@@ -2,7 +2,7 @@
 
 They use only maskprune's public API, as a user's own criterion would.
 
-Example:
+Examples:
     >>> from maskprune.algorithms import FPGM, BNScale, L1Norm, L2Norm, Random, Uniform
     >>> L1Norm(), L2Norm(), FPGM(distance="cosine")
     (L1Norm(reduction='sum'), L2Norm(reduction='sum'), FPGM(rate_norm=1.0, distance='cosine', reduction='sum'))

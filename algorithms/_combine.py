@@ -41,7 +41,7 @@ def unit_rows(member: Member, size: int) -> torch.Tensor:
     channel ``u`` (a conv channel flattened into several linear features, a whole conv
     group). Channels with fewer positions than others are padded with zeros.
 
-    Example:
+    Examples:
         >>> group = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make().groups[1]
         >>> unit_rows(group.producers()[0], group.size).shape
         torch.Size([64, 576])

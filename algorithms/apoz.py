@@ -88,7 +88,7 @@ class APoZ(Algorithm):
         fallback: ``{group index: where it was measured}`` for groups scored by ``|a| <= eps``.
         declined: ``{group index: why}`` for groups left alone.
 
-    Example:
+    Examples:
         >>> from maskprune import Mask
         >>> from maskprune.algorithms import APoZ
         >>> from maskprune.testing import TINY_MODELS

@@ -42,7 +42,7 @@ class Random(_Seeded):
     ``seed`` and the number of groups: every call gives the same weights, so iterative
     pruning keeps one random allocation. Channel scores come from a separate stream.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> weights = Random(seed=3).group_weights(np.array([8, 16, 32]))
         >>> float(np.round((weights * [8, 16, 32]).sum() / 56, 12))
@@ -61,7 +61,7 @@ class Random(_Seeded):
 class Uniform(_Seeded):
     """The same ratio in every group, seeded random channels: "just make it thinner".
 
-    Example:
+    Examples:
         >>> Uniform(seed=1).group_weights([8, 16]) is None
         True
     """

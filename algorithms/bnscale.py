@@ -29,7 +29,7 @@ class BNScale(Algorithm):
     Train with the sparsity penalty ``strength * sum |gamma|`` by calling
     :meth:`regularize` after each ``loss.backward()``.
 
-    Example:
+    Examples:
         >>> criterion = BNScale(strength=1e-4)
         >>> criterion
         BNScale(strength=0.0001)

@@ -42,7 +42,7 @@ class FPGM(Algorithm):
     ``[-1, 0)``: below every distance score, ordered by their norm. The official code's
     ``dist_type`` switch is dead code (it always uses L2); here L1 and cosine are real.
 
-    Example:
+    Examples:
         >>> FPGM(distance="cosine", rate_norm=0.7)
         FPGM(rate_norm=0.7, distance='cosine', reduction='sum')
     """

@@ -40,7 +40,7 @@ class L1Norm(_FilterNorm):
     each normalised by its mean; ``include_consumers=True`` adds the slices that
     read the channel (input columns of the next layers).
 
-    Example:
+    Examples:
         >>> L1Norm(reduction="mean")
         L1Norm(reduction='mean')
     """
@@ -54,7 +54,7 @@ class L2Norm(_FilterNorm):
     Members are combined as in :class:`L1Norm` (per-member mean normalisation, then
     ``reduction`` across the producers, plus the consumers with ``include_consumers=True``).
 
-    Example:
+    Examples:
         >>> L2Norm(include_consumers=True)
         L2Norm(reduction='sum', include_consumers=True)
     """

@@ -73,7 +73,7 @@ class Taylor(Algorithm):
         fallback: ``{group index: producer modules}`` for groups without a BatchNorm.
         declined: ``{group index: why}`` for groups with no activation to measure.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from maskprune import Mask
         >>> from maskprune.algorithms import Taylor

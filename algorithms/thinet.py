@@ -80,7 +80,7 @@ class ThiNet(Algorithm):
     Attributes:
         declined: ``{group index: why}`` for groups left alone.
 
-    Example:
+    Examples:
         >>> from maskprune import Mask
         >>> from maskprune.algorithms import ThiNet
         >>> from maskprune.testing import TINY_MODELS
@@ -200,7 +200,7 @@ def greedy_order(gram: np.ndarray) -> np.ndarray:
     ``sum (sum_{t in T} x_t)**2`` by ``2 * sum_{t in T} gram[t, c] + gram[c, c]``, and each step
     adds the channel that raises it least (the lowest index on a tie).
 
-    Example:
+    Examples:
         >>> greedy_order(np.array([[4.0, -1.0], [-1.0, 1.0]])).tolist()
         [1, 0]
     """

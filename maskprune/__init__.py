@@ -1,6 +1,6 @@
 """maskprune: structural pruning by soft masks and exact hard export.
 
-Example:
+Examples:
     >>> import torch, torchvision
     >>> from maskprune import Mask
     >>> from maskprune.algorithms import L1Norm

@@ -92,7 +92,7 @@ def watch(
 ) -> Iterator[None]:
     """Call ``callback(site, tensor)`` for every site on each forward of ``model`` inside the block.
 
-    Example:
+    Examples:
         >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
         >>> group = Mask(model, x).make().groups[0]
         >>> seen = []

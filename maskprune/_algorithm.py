@@ -22,7 +22,7 @@ class Algorithm(ABC):
     The engine decides how many channels each group loses (the allocation); the
     optional hooks below let a criterion watch training or calibration data.
 
-    Example:
+    Examples:
         >>> class Constant(Algorithm):
         ...     def score(self, group):
         ...         return torch.zeros(group.size)

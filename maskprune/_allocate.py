@@ -23,7 +23,7 @@ def ramp_ratio(final: float, step: int, steps: int, ramp: str) -> float:
     ``linear`` grows the ratio evenly; ``exp`` shrinks the kept fraction by the same
     factor each step; ``cubic`` is AGP (Zhu & Gupta, 2017): fast first, gentle last.
 
-    Example:
+    Examples:
         >>> round(ramp_ratio(0.5, 1, 2, "linear"), 3), round(ramp_ratio(0.5, 1, 2, "cubic"), 3)
         (0.25, 0.438)
     """
@@ -42,7 +42,7 @@ def spread_ratios(sizes: np.ndarray, weights: np.ndarray, ratio: float, max_rati
 
     What a capped group cannot take is shared among the others (water filling).
 
-    Example:
+    Examples:
         >>> spread_ratios(np.array([10, 10]), np.array([1.5, 0.5]), 0.5, 0.6).tolist()
         [0.6, 0.4]
     """
@@ -76,7 +76,7 @@ def kept_counts(
     the total removed follows the ratio channel by channel even when every group has the same size:
     what a FLOPs target needs on models such as DenseNet, whose groups all jump at the same ratios.
 
-    Example:
+    Examples:
         >>> kept_counts(np.array([64, 10]), np.array([0.5, 0.5]), 1, 8).tolist()
         [32, 8]
         >>> kept_counts(np.array([5, 5, 5]), np.array([0.5, 0.5, 0.5]), 1, 1, dither=True).tolist()
@@ -98,7 +98,7 @@ def global_kept(scores: Sequence[np.ndarray], total_remove: int, floors: np.ndar
 
     ``scores`` are already comparable across groups (``-inf`` marks channels that must go first).
 
-    Example:
+    Examples:
         >>> global_kept([np.array([1.0, 5.0]), np.array([2.0, 3.0, 4.0])], 2, np.array([1, 1]), 1).tolist()
         [1, 2]
     """

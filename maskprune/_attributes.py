@@ -11,7 +11,7 @@ fails to run) and those channels stay frozen. A torch norm layer without tensors
 records the width it normalises as a site too, and gets its ``num_features`` (``num_channels`` and
 ``num_groups``, ``normalized_shape``) from it.
 
-Example:
+Examples:
     >>> class Heads(nn.Module):
     ...     num_heads = 4
     >>> module = Heads()
@@ -54,7 +54,7 @@ WIDTH_NAMES = frozenset({"nf", "width"})
 def is_count_name(name: str) -> bool:
     """Whether an attribute's name says it holds a head count or a width.
 
-    Example:
+    Examples:
         >>> [is_count_name(n) for n in ("num_heads", "split_size", "attn_dim", "layer_idx", "scale")]
         [True, True, True, False, False]
     """
@@ -64,7 +64,7 @@ def is_count_name(name: str) -> bool:
 def holds_count(module: nn.Module | None, value: int) -> bool:
     """Whether ``module`` keeps ``value`` in a count attribute (``num_heads``, ``split_size`` …) that an export can set.
 
-    Example:
+    Examples:
         >>> holds_count(nn.MultiheadAttention(8, 2), 2), holds_count(nn.ReLU(), 2)
         (True, False)
     """

@@ -20,7 +20,7 @@ def collector_paused() -> Iterator[None]:
 
     Also usable as a decorator. Meant for blocks that end: a trace, an export, not a user's training loop.
 
-    Example:
+    Examples:
         >>> with collector_paused():
         ...     gc.isenabled()
         False

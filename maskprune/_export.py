@@ -35,7 +35,7 @@ class TensorDims:
     weight, bias and statistics share one), so a plan gathers their keep flags once and the tensors of one
     channel set share one array of kept positions.
 
-    Example:
+    Examples:
         >>> channels = np.array([0, 1, 2])
         >>> dims = TensorDims.of([(("conv", "weight"), 0, channels), (("bn", "bias"), 0, channels)])
         >>> plan = dims.plan(np.array([True, False, True]))
@@ -123,7 +123,7 @@ def sliced_copy(index: ModelIndex, plan: Plan, attributes: Attributes | None = N
     """A deep copy of ``index``'s model with ``plan`` applied: pruned tensors are sliced from the original, not
     copied whole.
 
-    Example:
+    Examples:
         >>> keep = [(0, np.array([0, 2]))]
         >>> small = sliced_copy(ModelIndex(torch.nn.Linear(4, 3)), {("", "weight"): keep, ("", "bias"): keep})
         >>> tuple(small.weight.shape), tuple(small.bias.shape), small.out_features
@@ -160,7 +160,7 @@ class Slicer:
     next such tensor reuses, where the intermediate is large: fresh memory for each would cost a
     page fault per page written on a CPU. The last selection is the result, in memory of its own.
 
-    Example:
+    Examples:
         >>> slicer = Slicer({("", "weight"): [(0, np.array([0, 2])), (1, np.array([1]))]})
         >>> owned = OwnedTensor(torch.arange(12.0).view(3, 4), False, [("", "weight")])
         >>> slicer.slice(owned)

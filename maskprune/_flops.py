@@ -31,7 +31,7 @@ class FlopCount:
 class FlopsProbe:
     """Counts the FLOPs of exports of one model without touching its weights.
 
-    Example:
+    Examples:
         >>> model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), torch.randn(1, 3, 32, 32)
         >>> probe = FlopsProbe(model, x)
         >>> probe.count({}).total == maskprune.count_flops(model, x)

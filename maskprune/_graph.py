@@ -77,7 +77,7 @@ class ChannelGraph:
         """Channel ``offset + i`` of ``merged`` goes with channel ``i`` of ``parts[k]``, the parts of ``sizes``
         channels lying end to end in it (a concatenation): one :meth:`link` per part, in order.
 
-        Example:
+        Examples:
             >>> g = ChannelGraph(); a, b, ab = g.new_space(2), g.new_space(3), g.new_space(5)
             >>> g.concat(ab, [a, b], [2, 3]); [(ia.tolist(), ib.tolist()) for _, ia, _, ib in g._links]
             [([0, 1], [0, 1]), ([2, 3, 4], [0, 1, 2])]
@@ -91,7 +91,7 @@ class ChannelGraph:
     def joined(self, a: int, others: list[int]) -> bool:
         """Whether ``a`` is related so far to any of ``others``: united, or joined by a chain of links.
 
-        Example:
+        Examples:
             >>> g = ChannelGraph(); a, b, c = g.new_space(4), g.new_space(4), g.new_space(2)
             >>> g.link(c, np.arange(2), b, np.arange(2)); g.joined(a, [b]), g.joined(b, [a, c])
             (False, True)

@@ -61,7 +61,7 @@ class Group:
 
     Channel ``i`` of the group is its ``i``-th unit; :meth:`prune` removes units.
 
-    Example:
+    Examples:
         >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
         >>> group = mask.groups[0]
         >>> group, group.members[0].name
@@ -105,7 +105,7 @@ class Group:
     def activations(self, kind: str = "output") -> list[ActivationSite]:
         """Where this group's channels appear in leaf modules' outputs (or ``kind="input"``: inputs).
 
-        Example:
+        Examples:
             >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)).make()
             >>> [(s.path, s.dim) for s in mask.groups[0].activations()][:3]
             [('conv1', 1), ('bn1', 1), ('relu', 1)]
@@ -402,7 +402,7 @@ def sequence_labels(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     Sequences are told apart by a random 64-bit hash of their values and positions, and the result is
     checked element by element: should two different sequences share a hash, they are compared exactly.
 
-    Example:
+    Examples:
         >>> labels = sequence_labels(np.array([1, 2, 3, 1, 2]), np.array([0, 2, 3]))
         >>> bool(labels[0] == labels[2] != labels[1])
         True
@@ -463,7 +463,7 @@ def unit_index(layout: GroupLayout, space: int) -> np.ndarray:
 def unit_views(layout: GroupLayout, spaces: Iterable[int]) -> list[np.ndarray]:
     """:func:`unit_index` of each of ``spaces``; spaces over one stretch of the layout's table share one view.
 
-    Example:
+    Examples:
         >>> layout = GroupLayout([], 2, np.zeros(0), {}, np.zeros(0), np.array([0, 1, 2, 2]), [0, 0, 2], [2, 2, 2])
         >>> a, b, c = unit_views(layout, [0, 1, 2])
         >>> a is b, c.tolist()

@@ -38,7 +38,7 @@ class LayerRule:
         update: called on the module after its parameters are sliced, to fix
             attributes its forward reads.
 
-    Example:
+    Examples:
         >>> rule = LayerRule(
         ...     inputs={0: {-1: "in"}}, outputs={0: {-1: "out"}},
         ...     params={"inner.weight": {0: "out", 1: "in"}, "scale": {0: "out"}},
@@ -59,7 +59,7 @@ _LEAF_RULES: dict[type, LayerRule] = {}
 def register(module_type: type[nn.Module], layer_rule: LayerRule) -> None:
     """Teach maskprune a module type: its channels follow ``layer_rule`` and its inside is not traced.
 
-    Example:
+    Examples:
         >>> class Scale(nn.Module):
         ...     def __init__(self, n):
         ...         super().__init__()
@@ -99,7 +99,7 @@ def named_like_rms_norm(kind: type) -> bool:
     """Whether a module class is named like an RMS norm (``*RMSNorm``, ``T5LayerNorm``) and is not one of torch's
     norms (traced through their ``layer_norm`` / ``rms_norm`` op): its modules may be RMS norms of the model's own.
 
-    Example:
+    Examples:
         >>> named_like_rms_norm(type("LlamaRMSNorm", (nn.Module,), {})), named_like_rms_norm(nn.LayerNorm)
         (True, False)
     """
@@ -115,7 +115,7 @@ def rms_norm_eps(module: nn.Module) -> float | None:
     Such a module is traced as one layer (:data:`RMS_NORM_RULE`): its statistic is a mean over the
     channels, which the masked forward rescales to the kept channels (:func:`rms_rescale`).
 
-    Example:
+    Examples:
         >>> class MyRMSNorm(nn.Module):
         ...     def __init__(self, n):
         ...         super().__init__()
@@ -138,7 +138,7 @@ def rms_rescale(x: torch.Tensor, y: torch.Tensor, dim: int, keep: torch.Tensor, 
     ``y = f(weight) * x / rms(x)`` whatever ``f`` is (``weight``, ``1 + weight``): multiplying by
     ``rms_all / rms_kept`` gives the norm of the exported model, which no longer has the removed channels.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 4); keep = torch.tensor([1.0, 1.0, 0.0, 1.0]); x = x * keep
         >>> y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         >>> hard = x[:, [0, 1, 3]] * torch.rsqrt(x[:, [0, 1, 3]].pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -176,7 +176,7 @@ def norm_widths(module: nn.Module, width: int) -> dict[str, int | tuple[int, ...
     """The attributes that give a torch norm layer the width ``width``: read from its sliced tensors, or from the
     trace for a layer without tensors (``affine=False``).
 
-    Example:
+    Examples:
         >>> norm_widths(nn.GroupNorm(4, 8, affine=False), 4)
         {'num_channels': 4, 'num_groups': 2}
     """
@@ -216,7 +216,7 @@ def masked_norm(
 
     Equal to the norm of the exported model, which no longer has the removed channels.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 4)
         >>> keep = torch.tensor([1.0, 1.0, 0.0, 1.0])
         >>> y = masked_norm(x, 1, keep, None, None, 1e-5, "layer_norm")

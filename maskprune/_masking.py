@@ -356,7 +356,7 @@ def kept_norm(x: torch.Tensor, site: LayerNormSite, index: torch.Tensor) -> torc
     :func:`~maskprune._layers.masked_norm` makes. No value is read on the host. The shape of ``index`` changes with
     the mask, so a compiled graph uses ``masked_norm`` instead, whose 0/1 flags change by value.
 
-    Example:
+    Examples:
         >>> norm, x = nn.LayerNorm(4), torch.randn(2, 4)
         >>> y = kept_norm(x, LayerNormSite("layer_norm", norm, "norm", 0, 1, 1e-5), torch.tensor([0, 2, 3]))
         >>> torch.equal(y[:, [0, 2, 3]], F.layer_norm(x[:, [0, 2, 3]], (3,))), y[:, 1].abs().sum().item()

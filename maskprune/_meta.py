@@ -28,7 +28,7 @@ def meta_copy(index: ModelIndex, originals: dict[int, torch.Tensor] | None = Non
 
     ``originals``, when given, is filled with each meta tensor's original, by the meta tensor's ``id``.
 
-    Example:
+    Examples:
         >>> meta_copy(ModelIndex(torch.nn.Linear(4, 3))).weight.device
         device(type='meta')
     """
@@ -149,7 +149,7 @@ class FastMeta(TorchFunctionMode):
     call on real tensors, runs as usual. ``products=False`` leaves ``linear`` and convolutions to their
     kernels, for a FLOPs counter that must see their products.
 
-    Example:
+    Examples:
         >>> with FastMeta():
         ...     torch.nn.functional.gelu(torch.empty(2, 8, device="meta")).shape
         torch.Size([2, 8])

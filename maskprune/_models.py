@@ -10,7 +10,7 @@ from torch import nn
 def build_model(name: str) -> nn.Module:
     """A fresh instance (random weights) of the model ``name`` names, in eval mode.
 
-    Example:
+    Examples:
         >>> type(build_model("torchvision:resnet18")).__name__
         'ResNet'
     """
@@ -35,7 +35,7 @@ def build_model(name: str) -> nn.Module:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``.
 
-    Example:
+    Examples:
         >>> parse_shape("1,3,64,64")
         (1, 3, 64, 64)
     """

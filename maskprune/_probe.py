@@ -54,7 +54,7 @@ def needs_trial_export(trace: Trace, layout: GroupLayout, size_read_groups: set[
     could only succeed, and is skipped; a trace of the model itself (not of a meta copy) always
     runs it.
 
-    Example:
+    Examples:
         >>> mask = Mask(torchvision.models.resnet18(), input_shape=(1, 3, 64, 64)).make()
         >>> needs_trial_export(mask.selection.trace, mask.selection.layout, set())
         False

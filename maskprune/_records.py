@@ -72,7 +72,7 @@ class TracedSize(int):
     ``torch.zeros(len(rois), maps.shape[1])`` then shares ``maps``' channels in its second
     dimension (a plain int could not say where it came from). Arithmetic gives plain ints.
 
-    Example:
+    Examples:
         >>> n = TracedSize.of(17, space=4); (n, n.space, type(n + 1).__name__)
         (17, 4, 'int')
     """
@@ -121,7 +121,7 @@ class Trace:
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in nested tuples, lists, dicts, namedtuples and dataclasses, in order.
 
-    Example:
+    Examples:
         >>> a, b = torch.zeros(1), torch.ones(2)
         >>> [t.shape[0] for t in iter_tensors({"x": (a, [b, 3]), "y": None})]
         [1, 2]
@@ -159,7 +159,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     This is how :class:`~maskprune.Mask` feeds its example inputs (and how criteria may feed theirs):
     ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple, ``model(inputs)`` otherwise.
 
-    Example:
+    Examples:
         >>> call_model(torch.nn.Bilinear(2, 2, 1), (torch.ones(3, 2), torch.ones(3, 2))).shape
         torch.Size([3, 1])
     """
@@ -174,7 +174,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; every module's ``training`` flag restored after, also on error.
 
-    Example:
+    Examples:
         >>> m = torch.nn.Dropout().train()
         >>> with evaluating(m):
         ...     m.training

@@ -36,7 +36,7 @@ class Selection:
     listener given as ``on_change`` (the Mask's runtime masks). :meth:`candidates` gives a read-only
     view with other flags: what a criterion sees while it scores candidates.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
         >>> selection = Mask(model, torch.randn(1, 4)).make().selection
         >>> selection.groups[0].prune([0, 1])

@@ -4,7 +4,7 @@ A spec is the structure of a pruned model without its weights: small, JSON, vers
 model carries its own as a plain string attribute (no hook, no buffer: ``torch.jit.script`` keeps it as
 a ``str`` constant), which :func:`maskprune.save_pruned` writes next to the weights.
 
-Example:
+Examples:
     >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64), algorithm=L1Norm()).make()
     >>> mask.do_mask(); spec = PruneSpec.of(mask.generate_pruned_model())
     True
@@ -89,7 +89,7 @@ class PruneSpec:
     def text_of_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> str:
         """``from_plan(...).to_json()``, written straight from the plan where ``index``'s model is an original.
 
-        Example:
+        Examples:
             >>> keep, index = [(0, np.array([0, 2]))], ModelIndex(nn.Linear(4, 3))
             >>> text = PruneSpec.text_of_plan(index, {("", "weight"): keep, ("", "bias"): keep})
             >>> text == PruneSpec.from_plan(index, {("", "weight"): keep, ("", "bias"): keep}).to_json()

@@ -367,7 +367,7 @@ def trace(
     traced by running the model itself, as is a model that is already on the meta device
     (``on_meta=False`` always runs the model itself).
 
-    Example:
+    Examples:
         >>> t = trace(torch.nn.Linear(4, 3), torch.randn(2, 4), {}, {})
         >>> sorted(o.qualname for o in t.owned.values())
         ['bias', 'weight']

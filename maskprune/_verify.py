@@ -141,7 +141,7 @@ def verify(
     of one part of a model whose outputs pass through discrete steps (top-k, NMS),
     where a rounding difference between two near-equal scores may pick another box.
 
-    Example:
+    Examples:
         >>> model, x = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)
         >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
         >>> mask.do_mask(); pruned = mask.generate_pruned_model()
@@ -181,7 +181,7 @@ def verify_outputs(
     activations freed, rather than fresh memory, which costs a page fault per page on a CPU.
     ``keeps``: where the masked model's channels are kept (to name the first diverging module).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 2)
         >>> verify_outputs(model, model, torch.randn(4, 3), 1e-5).max_abs
         0.0

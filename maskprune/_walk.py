@@ -19,7 +19,7 @@ from torch import nn
 def module_table(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules(remove_duplicate=False))``: every (path, module), parents first.
 
-    Example:
+    Examples:
         >>> [path for path, _ in module_table(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))]
         ['', '0', '1']
     """
@@ -56,7 +56,7 @@ class ModelIndex:
     ``make()`` or export; a change of what the model holds (an export's slicing, ``model.to()`` replacing
     buffers) needs a new one, or an undo that puts the same tensors back (as the trial export does).
 
-    Example:
+    Examples:
         >>> index = ModelIndex(torch.nn.Sequential(torch.nn.Linear(2, 2)))
         >>> [path for path, _ in index.table], sorted(o.qualname for o in index.owned.values())
         (['', '0'], ['0.bias', '0.weight'])
@@ -122,7 +122,7 @@ def store(module: nn.Module, **values: object) -> None:
     That ``__setattr__`` first looks for a parameter, submodule or buffer of the name (2 us an attribute, most of
     a layer's update after slicing): a value named like none of them goes to ``object.__setattr__`` all the same.
 
-    Example:
+    Examples:
         >>> m = torch.nn.Linear(2, 3); store(m, in_features=1, training=False); m.in_features, m.training
         (1, False)
     """
@@ -145,7 +145,7 @@ def restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
     ``Module.__setattr__`` costs about 6 us a module: a verified forward of a MobileNetV2 restored 1.4 ms of
     flags that had not changed.
 
-    Example:
+    Examples:
         >>> m = torch.nn.Sequential(torch.nn.Dropout())
         >>> flags = training_flags(module_table(m)); _ = m.eval(); restore_training(flags); m[0].training
         True
@@ -162,7 +162,7 @@ def set_mode(module: nn.Module, training: bool) -> None:
     clear caches also when the mode does not change (timm's LeViT). About five times sooner than ``train``
     on a model already in the mode (EfficientNet-B0's ``eval()``: 0.88 ms, this 0.17 ms).
 
-    Example:
+    Examples:
         >>> m = torch.nn.Sequential(torch.nn.Dropout())
         >>> set_mode(m, False); m[0].training
         False

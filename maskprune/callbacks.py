@@ -28,7 +28,7 @@ class PruningCallback:
         every: optimizer steps between two ``do_mask()`` calls (the first at step ``start + every``).
         start: optimizer steps to train before the schedule begins.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), steps=2).make()
         >>> callback = PruningCallback(mask, every=100)  # with Lightning installed:

@@ -1,6 +1,6 @@
 """The ``maskprune`` command line: inspect a model's groups, prune and save it, report what pruning changed.
 
-Example:
+Examples:
     maskprune inspect torchvision:resnet18 --input-shape 1,3,64,64
     maskprune prune torchvision:resnet18 --algorithm fpgm --ratio 0.3 --out resnet18-fpgm
     maskprune report resnet18-fpgm --plot channels.png

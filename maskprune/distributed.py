@@ -20,7 +20,7 @@ import torch.distributed as dist
 def is_distributed() -> bool:
     """Whether a default process group with more than one rank is running.
 
-    Example:
+    Examples:
         >>> is_distributed()
         False
     """
@@ -40,7 +40,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Every rank must call it with tensors of the same shapes and dtypes, in the same order.
     Without a process group it returns copies.
 
-    Example:
+    Examples:
         >>> all_reduce_sum([torch.ones(2)])[0]        # one process: nothing to add
         tensor([1., 1.])
     """
@@ -61,7 +61,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def broadcast_flags(flags: np.ndarray, src: int = 0) -> np.ndarray:
     """Rank ``src``'s boolean ``flags`` on every rank (the same array back without a process group).
 
-    Example:
+    Examples:
         >>> broadcast_flags(np.array([True, False])).tolist()
         [True, False]
     """

@@ -29,7 +29,7 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """``error``'s type and the first line of its message (at most ``limit`` characters): a model's own error as
     a reason. A bare ``assert`` has no message.
 
-    Example:
+    Examples:
         >>> first_line(ValueError("bad width\\nsecond line")), first_line(AssertionError())
         ('ValueError: bad width', 'AssertionError')
     """

@@ -71,7 +71,7 @@ class Mask:
             training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
 
-    Example:
+    Examples:
         >>> model = torchvision.models.resnet18()
         >>> mask = Mask(model, input_shape=(1, 3, 64, 64), algorithm=L1Norm(), ratio=0.5)
         >>> mask.make().do_mask()
@@ -266,7 +266,7 @@ class Mask:
         and every optimizer state of the parameter's shape (momentum, Adam's moments; after
         it) are zeroed there too, so a removed channel never moves. Returns self.
 
-        Example:
+        Examples:
             >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
             >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm()).make()
             >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -283,7 +283,7 @@ class Mask:
         """The masks, the schedule's position, the ratios asked so far and the criterion's state (statistics,
         random stream), readable with ``torch.load(weights_only=True)``. The model's weights are not in it.
 
-        Example:
+        Examples:
             >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
             >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), steps=2).make()
             >>> mask.do_mask()
@@ -296,7 +296,7 @@ class Mask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (on a Mask made on the same architecture and example inputs).
 
-        Example:
+        Examples:
             >>> x = torch.randn(1, 3, 16, 16)
             >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
             >>> mask = Mask(model, x, algorithm=L1Norm(), steps=2).make()
@@ -331,7 +331,7 @@ class Mask:
 
         FLOPs are counted on the shapes the export would have (eval mode, example inputs).
 
-        Example:
+        Examples:
             >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
             >>> mask = Mask(model, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), ratio=0.5).make()
             >>> mask.do_mask()
@@ -393,7 +393,7 @@ class Mask:
         ``spec`` is a :class:`PruneSpec`, a folder written by :func:`maskprune.save_pruned`, or a pruned
         model. Raises :class:`SpecError` when the spec does not fit this mask's groups.
 
-        Example:
+        Examples:
             >>> x = torch.randn(1, 3, 16, 16)
             >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
             >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()

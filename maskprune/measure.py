@@ -14,7 +14,7 @@ from ._records import call_model, evaluating
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements, each tied parameter counted once.
 
-    Example:
+    Examples:
         >>> count_parameters(torch.nn.Linear(3, 2))
         8
     """
@@ -24,7 +24,7 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, inputs: Any) -> int:
     """FLOPs of one forward pass on ``inputs`` in eval mode (a multiply-add counts as 2).
 
-    Example:
+    Examples:
         >>> count_flops(torch.nn.Linear(3, 2), torch.randn(1, 3))
         12
     """

@@ -8,7 +8,7 @@ A saved model is a folder::
 
 Nothing is pickled: loading runs no code from the files.
 
-Example:
+Examples:
     >>> mask = Mask(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64), algorithm=L1Norm()).make()
     >>> mask.do_mask(); pruned = mask.generate_pruned_model()
     True
@@ -45,7 +45,7 @@ def save_pruned(
     once and re-tied on load. ``info``: JSON metadata kept in the spec (the CLI records the model there).
     Returns the folder.
 
-    Example:
+    Examples:
         >>> mask = Mask(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(1, 4)).make()
         >>> mask.groups[0].prune([0, 1])
         >>> save_pruned(mask.generate_pruned_model(), "out")
@@ -75,7 +75,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     file that does not fit raises :class:`SpecError` naming the module and what was expected, and
     leaves ``model`` untouched.
 
-    Example:
+    Examples:
         >>> mask = Mask(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(1, 4)).make()
         >>> mask.groups[0].prune([0, 1])
         >>> folder = save_pruned(mask.generate_pruned_model(), "out")

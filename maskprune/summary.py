@@ -1,6 +1,6 @@
 """Before/after comparison of an original and a pruned model: parameters, FLOPs, latency, channels per layer.
 
-Example:
+Examples:
     >>> original = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     >>> mask = Mask(original, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), ratio=0.5).make()
     >>> mask.do_mask(); pruned = mask.generate_pruned_model()
@@ -69,7 +69,7 @@ def compare(
 ) -> Comparison:
     """Measure ``original`` and ``pruned`` on ``inputs``; ``channels`` is (total, kept) prunable channels if known.
 
-    Example:
+    Examples:
         >>> compare(nn.Linear(8, 8), nn.Linear(8, 4), torch.randn(1, 8)).parameters
         (72, 36)
     """
@@ -84,7 +84,7 @@ def compare(
 def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time in seconds of one forward pass in eval mode without gradients (after ``warmup`` runs).
 
-    Example:
+    Examples:
         >>> measure_latency(torch.nn.Linear(3, 2), torch.randn(1, 3)) < 1.0
         True
     """
@@ -105,7 +105,7 @@ def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: in
 def layer_channels(original: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
     """(layer name, kept, total) output channels of every layer with a weight of 2 or more dimensions.
 
-    Example:
+    Examples:
         >>> layer_channels(torch.nn.Linear(3, 4), torch.nn.Linear(3, 2))
         [('<root>', 2, 4)]
     """
@@ -128,7 +128,7 @@ def _outputs(module: nn.Module) -> int:
 def plot_channels(rows: list[tuple[str, int, int]], path: str | os.PathLike, title: str = "") -> None:
     """Bar chart of kept versus total output channels per layer, written to ``path`` (PNG; needs matplotlib).
 
-    Example:
+    Examples:
         >>> plot_channels([("conv1", 32, 64), ("conv2", 48, 64)], "channels.png", "L1, ratio 0.5")
     """
     try:

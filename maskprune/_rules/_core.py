@@ -102,7 +102,7 @@ _NAME_CACHE: dict[Any, tuple[str, bool]] = {}
 def op_name(func: Any) -> tuple[str, bool]:
     """Normalised op name and whether the call writes into its first argument.
 
-    Example:
+    Examples:
         >>> op_name(torch.Tensor.relu_), op_name(torch.Tensor.__iadd__)
         (('relu', True), ('add', True))
     """
@@ -135,7 +135,7 @@ NUMPY_NAMES = {"dim": ("axis",), "keepdim": ("keepdims",), "input": ("x", "a", "
 def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     """A call's argument ``index``, or its keyword ``name`` (or a NumPy-style name torch's parser takes for it).
 
-    Example:
+    Examples:
         >>> argument((), {"axis": 1}, 1, "dim", 0), argument(([], 2), {}, 1, "dim", 0)
         (1, 2)
     """

@@ -5,7 +5,7 @@ statistics and affine tensors randomised too, so that no layer is an identity) a
 inputs small enough that tracing, masking and exporting take milliseconds. Building an entry
 does not touch the global random state.
 
-Example:
+Examples:
     >>> from maskprune import Mask, verify
     >>> from maskprune.testing import TINY_MODELS
     >>> model, inputs = TINY_MODELS["cat"]()

@@ -64,7 +64,7 @@ def randomize_norms(model: nn.Module) -> nn.Module:
     """Give norm layers non-trivial affine tensors and running statistics (a random-init zoo model's outputs
     can be nearly zero otherwise, which proves nothing when comparing two models). Returns the model.
 
-    Example:
+    Examples:
         >>> model = randomize_norms(torchvision.models.mobilenet_v3_small())
     """
     with torch.no_grad():
