@@ -38,7 +38,7 @@ def _check(case: ZooCase, model: torch.nn.Module, algorithm: maskprune.Algorithm
     if case.float32_part is not None:  # what the float64 comparison above proved holds in float32 too
         model.float(), pruned.float()
         images = [image.float() for image in case.inputs(2, False)[0]]
-        part = maskprune.verify(model, pruned, (images,), within=case.float32_part)
+        part = maskprune.verify(model, pruned, (images,), within=case.float32_part, mask=mask)
         assert part.ok and part.scale > 0, f"{case.name} in float32, every module of {case.float32_part}: {part}"
         model.to(case.dtype), pruned.to(case.dtype)
 
