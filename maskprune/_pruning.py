@@ -108,9 +108,10 @@ class Pruner:
         """The criterion's scores of ``groups`` as seen in a view whose flags are ``candidates``."""
         algorithm = self.algorithm
         view = self.selection.candidates(candidates).groups
-        seen = [view[g.index] for g in groups]
+        kinds = getattr(algorithm, "kinds", ("channels",))
+        seen = [view[g.index] for g in groups if g.kind in kinds]  # a channel criterion is not asked about blocks
         self.prepare(seen)
-        scores = {}
+        scores = {g.index: None for g in groups}
         for g in seen:
             raw = algorithm.score(g)
             scores[g.index] = None if raw is None else _as_scores(raw, g, algorithm)
@@ -238,13 +239,19 @@ class Pruner:
             return {}
         found = {}
         for g in self.selection.groups:
-            members = g.producers() or g.members
-            path = members[0].module
+            path = group_path(g)
             matching = [k for k in ratios if k == "<root>" or path == k or path.startswith(k + ".")]
             best = max(matching, key=lambda k: -1 if k == "<root>" else len(k), default=None)
             if best is not None:
                 found[g.index] = ratios[best]
         return found
+
+
+def group_path(group: Group) -> str:
+    """Where a group sits: its container (block groups), else the module of its first producer (or member)."""
+    if group.kind == "block":
+        return group.container
+    return (group.producers() or group.members)[0].module
 
 
 def _no_preparation(groups: Sequence[Group]) -> None:

@@ -18,6 +18,7 @@ from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._attributes import Attributes
 from ._collector import collector_paused
+from ._depth import block_containers, find_blocks
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, build_layout, format_names
@@ -70,6 +71,10 @@ class Mask:
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
+        depth: also make whole residual blocks prunable: each ``nn.ModuleList`` or ``nn.Sequential`` whose
+            entries include residual blocks (output = input + something, of the input's shape) gets a group of
+            ``kind == "block"`` whose units are those entries. A removed block computes the identity; the
+            export deletes it from its container (and renumbers Hugging Face layer counts and ``layer_idx``).
 
     Examples:
         >>> model = torchvision.models.resnet18()
@@ -100,6 +105,7 @@ class Mask:
         pre_layer: bool = False,
         semantics: str = "frozen",
         ignore: Iterable[nn.Module | str] = (),
+        depth: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,6 +149,7 @@ class Mask:
         self.algorithm = algorithm
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
+        self.depth = bool(depth)
         self._made = False
         self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
@@ -186,7 +193,10 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
-        if not layout.groups:
+        if self.depth:
+            found = find_blocks(self.model, self.example_inputs, self.ignore)
+            layout.blocks = block_containers(found, layout.n_units + 1)
+        if not layout.groups and not layout.blocks:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
         self._selection = Selection(
@@ -370,12 +380,13 @@ class Mask:
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
-            spec_text = PruneSpec.text_of_plan(index, plan, attributes)  # the exported model carries it
+            removed = self._selection.removed_entries()
+            spec_text = PruneSpec.text_of_plan(index, plan, attributes, removed)  # the exported model carries it
             if inplace:
-                pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
+                pruned = self._export_inplace(plan, attributes, removed, inputs, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
                 soft = _verify.float32_outputs(self.model, inputs) if verify else None
-                pruned = self._plain_copy(plan, attributes, index)
+                pruned = self._plain_copy(plan, attributes, removed, index)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
                     keeps = self._selection.output_keeps
@@ -457,27 +468,38 @@ class Mask:
                     for dim, space in enumerate(node.spaces)
                     if prunable[space]
                 ]
-        runtime = MaskRuntime(self.model, selection.n_units, _device(self.model))
+        runtime = MaskRuntime(self.model, selection.layout.n_flags, _device(self.model))
         runtime.add_dims(dims)
+        runtime.add_blocks([(self.model.get_submodule(path), unit) for path, unit in selection.block_units()])
         runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
         return runtime
 
-    def _plain_copy(self, plan: Plan, attributes: Attributes, index: ModelIndex) -> nn.Module:
+    def _plain_copy(
+        self, plan: Plan, attributes: Attributes, removed: dict[str, list[int]], index: ModelIndex
+    ) -> nn.Module:
         """A deep copy of the model (``index``: its index) sliced by ``plan``, without hooks."""
         self._runtime.uninstall()
         try:
-            plain = sliced_copy(index, plan, attributes)
+            plain = sliced_copy(index, plan, attributes, removed)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
         return plain
 
-    def _export_inplace(self, plan: Plan, attributes: Attributes, inputs: Any, verify: bool, rtol: float) -> nn.Module:
+    def _export_inplace(
+        self,
+        plan: Plan,
+        attributes: Attributes,
+        removed: dict[str, list[int]],
+        inputs: Any,
+        verify: bool,
+        rtol: float,
+    ) -> nn.Module:
         soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
-        log = apply_plan(ModelIndex(self.model), plan, attributes) if plan else None
+        log = apply_plan(ModelIndex(self.model), plan, attributes, removed) if plan or removed else None
         if verify:
             try:
                 result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)
@@ -510,7 +532,7 @@ class Mask:
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
         for g in groups:
-            names = [f"{m.name}[{m.dim}]" for m in g.members]
+            names = [f"{m.name}[{m.dim}]" for m in g.members] or [f"blocks {', '.join(g.paths)}"]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
         frozen = self._selection.layout.frozen
         if frozen:
