@@ -116,9 +116,7 @@ def find_blocks(
     candidates: list[tuple[str, nn.Module]] = [
         (path, m)
         for path, m in model.named_modules()
-        if isinstance(m, (nn.ModuleList, nn.Sequential))
-        and len(m) >= 2
-        and not any(path == i or path.startswith(f"{i}.") or i == "<root>" for i in ignored)
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2 and not _under(path, ignored)
     ]
     if not candidates:
         return []
@@ -150,12 +148,16 @@ def find_blocks(
         removable = tuple(
             i
             for i, entry in enumerate(container)
-            if _residual(calls.get(id(entry), []))
-            and not any(f"{path}.{i}" == p or f"{path}.{i}".startswith(f"{p}.") for p in ignored)
+            if _residual(calls.get(id(entry), [])) and not _under(f"{path}.{i}" if path else str(i), ignored)
         )
         if removable:
             found.append((path, removable, len(container)))
     return found
+
+
+def _under(path: str, ignored: tuple[str, ...]) -> bool:
+    """Whether the module ``path`` is one of ``ignored`` or inside one."""
+    return any(path == i or path.startswith(f"{i}.") or i == "<root>" for i in ignored)
 
 
 def _residual(calls: list[tuple[_Watch, torch.Tensor | None]]) -> bool:
