@@ -193,10 +193,12 @@ class Selection:
                     rows.append((path, dim, span))
         return rows
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """Parameter elements now and after the export of the current flags (each tied parameter once)."""
-        plan = self.plan()
-        gone = tuple(f"{path}." for path, unit in self.block_units() if not self.keep[unit])
+    def parameter_counts(self, keep: np.ndarray | None = None) -> tuple[int, int]:
+        """Parameter elements now and after the export of the flags ``keep`` (the current ones by default; each
+        tied parameter once)."""
+        flags = self.keep if keep is None else keep
+        plan = self.plan(flags)
+        gone = tuple(f"{path}." for path, unit in self.block_units() if not flags[unit])
         before = after = 0
         for owned in self.trace.owned.values():
             if not owned.is_param:

@@ -54,6 +54,10 @@ class Mask:
             ``allocation="global"``); 0.5 when neither it nor ``target_flops`` is given.
         target_flops: instead of ``ratio`` (give one of them), the fraction of the model's FLOPs to
             remove, in (0, 1), met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
+        target_params: instead of ``ratio`` or ``target_flops``, a parameter budget: the fraction of the
+            model's parameters to KEEP, in (0, 1), met within 1% of the exported count (``0.75`` removes a
+            quarter). Every group the criterion scores (channels, and blocks with ``depth=True`` where the
+            criterion scores them) loses the same ratio, found by bisection.
         ratios: per-module ratio overrides, ``{module or qualified name: ratio}``; a group takes the
             entry of the most specific module holding its first producer.
         allocation: ``"uniform"`` (every group loses ``ratio``) or ``"global"`` (channels ranked across
@@ -95,6 +99,7 @@ class Mask:
         algorithm: Algorithm | None = None,
         ratio: float | None = None,
         target_flops: float | None = None,
+        target_params: float | None = None,
         ratios: Mapping[nn.Module | str, float] | None = None,
         allocation: str = "uniform",
         min_channels: int = 1,
@@ -125,6 +130,11 @@ class Mask:
                 f"give ratio ({ratio}) or target_flops ({target_flops}), not both: ratio removes a share of the "
                 "channels, target_flops a share of the FLOPs"
             )
+        if target_params is not None and (ratio is not None or target_flops is not None):
+            raise ValueError(
+                f"give target_params ({target_params}) alone: it sets the ratio itself (ratio={ratio}, "
+                f"target_flops={target_flops})"
+            )
         ratio = DEFAULT_RATIO if ratio is None else ratio
         if max_ratio is None:
             max_ratio = max(DEFAULT_MAX_RATIO, ratio) if isinstance(ratio, (int, float)) else DEFAULT_MAX_RATIO
@@ -135,6 +145,7 @@ class Mask:
         self.settings = Settings(
             ratio=ratio,
             target_flops=target_flops,
+            target_params=target_params,
             ratios=named_ratios,
             allocation=allocation,
             min_channels=min_channels,

@@ -307,3 +307,27 @@ def test_block_importance_is_one_minus_the_mean_cosine() -> None:
     assert group.pruned == [int(np.argmin(influence))]
     pruned = mask.generate_pruned_model()
     assert len(pruned) == 3 and maskprune.verify(model, pruned, data[1]).ok
+
+
+@pytest.mark.parametrize("target", [0.75, 0.6])
+def test_a_parameter_budget_with_depth_and_width(target: float) -> None:
+    """``target_params`` is the fraction of parameters kept, met within 1% of the exported count, by blocks and
+    channels together (the random baseline scores both)."""
+    build, _ = DECODERS["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    mask = Mask(model, _inputs("llama", 2, 12, seed=1), algorithm=Uniform(), target_params=target, depth=True)
+    mask.make().do_mask()
+    pruned = mask.generate_pruned_model()
+    kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(model)
+    assert abs(kept - target) <= 0.01, kept
+    assert any(g.kept < g.size for g in mask.groups if g.kind == "channels")
+    assert maskprune.verify(model, pruned, _inputs("llama", 1, 9, seed=4)).ok
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, float("nan")])
+def test_target_params_outside_zero_one_is_an_error(value: float) -> None:
+    with pytest.raises(ValueError, match=r"target_params must be a number in \(0, 1\)"):
+        Mask(nn.Linear(4, 4), torch.randn(1, 4), target_params=value)
+    with pytest.raises(ValueError, match="give target_params"):
+        Mask(nn.Linear(4, 4), torch.randn(1, 4), target_params=0.5, ratio=0.2)
