@@ -15,10 +15,11 @@ Examples:
 
 from .apoz import APoZ
 from .baselines import Random, Uniform
+from .blocks import BlockImportance
 from .bnscale import BNScale
 from .fpgm import FPGM
 from .norms import L1Norm, L2Norm
 from .taylor import Taylor
 from .thinet import ThiNet
 
-__all__ = ["FPGM", "APoZ", "BNScale", "L1Norm", "L2Norm", "Random", "Taylor", "ThiNet", "Uniform"]
+__all__ = ["FPGM", "APoZ", "BNScale", "BlockImportance", "L1Norm", "L2Norm", "Random", "Taylor", "ThiNet", "Uniform"]

@@ -173,6 +173,8 @@ class APoZ(Algorithm):
 
     def score(self, group: Group) -> np.ndarray | None:
         """``1 - APoZ`` per channel (averaged over the group's ReLU sites), or None when declined."""
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         if group not in self._scores:
             raise RuntimeError(
                 f"APoZ has no statistics for group {group.index}: it scores the groups given to prepare(), "

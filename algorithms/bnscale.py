@@ -44,6 +44,8 @@ class BNScale(Algorithm):
         self.strength = float(strength)
 
     def score(self, group: Group) -> torch.Tensor | None:
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         gammas = [
             site.module.weight
             for site in group.activations()

@@ -64,7 +64,9 @@ class FPGM(Algorithm):
         self.reduction = check_reduction(reduction)
         self.include_consumers = bool(include_consumers)
 
-    def score(self, group: Group) -> torch.Tensor:
+    def score(self, group: Group) -> torch.Tensor | None:
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         members = scored_members(group, self.include_consumers)
         kept = torch.as_tensor(group.keep).nonzero().flatten()
         rows = [unit_rows(m, group.size)[kept.to(m.tensor.device)] for m in members]

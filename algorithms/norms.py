@@ -24,7 +24,9 @@ class _FilterNorm(Algorithm):
         self.reduction = check_reduction(reduction)
         self.include_consumers = bool(include_consumers)
 
-    def score(self, group: Group) -> torch.Tensor:
+    def score(self, group: Group) -> torch.Tensor | None:
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         members = scored_members(group, self.include_consumers)
         return reduce_members([filter_norms(m, group.size, self.p) for m in members], self.reduction)
 

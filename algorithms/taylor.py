@@ -165,6 +165,8 @@ class Taylor(Algorithm):
 
     def score(self, group: Group) -> np.ndarray | None:
         """Mean over mini-batches of ``s**2`` per channel, averaged over the group's sites; None when declined."""
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         if group.index in self.declined:
             return None
         tallies = self._tallies.get(group)

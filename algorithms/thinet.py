@@ -163,6 +163,8 @@ class ThiNet(Algorithm):
     # ---- scores ----------------------------------------------------------------------------
     def score(self, group: Group) -> np.ndarray | None:
         """Place of each channel in the greedy removal order (first removed = 0; removed already = -1)."""
+        if group.kind not in self.kinds:
+            return None  # a block group: this criterion scores channels
         if group not in self._stats:
             raise RuntimeError(
                 f"ThiNet has no statistics for group {group.index}: it scores the groups given to prepare(), "

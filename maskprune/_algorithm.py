@@ -32,6 +32,10 @@ class Algorithm(ABC):
     #: ranking divides each group's scores by their mean first.
     comparable_across_groups: bool = False
 
+    #: the kinds of groups the criterion scores (``group.kind``): ``"channels"``, and ``"block"`` for a
+    #: depth criterion. ``do_mask()`` leaves the groups of other kinds alone and never asks about them.
+    kinds: tuple[str, ...] = ("channels",)
+
     @abstractmethod
     def score(self, group: Group) -> torch.Tensor:
         """One score per channel of ``group`` (higher = more important)."""

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import has_torch_function_unary
 
 from ._attributes import Attributes, set_attributes, undo_attributes
+from ._depth import remove_entries
 from ._meta import copy_modules
 from ._rules import update_module  # with every op family's updaters registered
 from ._walk import ModelIndex, OwnedTensor, module_table
@@ -88,9 +89,14 @@ class UndoLog:
             (module._parameters if is_param else module._buffers)[attr] = tensor
 
 
-def apply_plan(index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> UndoLog:
+def apply_plan(
+    index: ModelIndex,
+    plan: Plan,
+    attributes: Attributes | None = None,
+    removed: dict[str, list[int]] | None = None,
+) -> UndoLog:
     """Slice the tensors of ``index``'s model by ``plan`` (ties stay tied), update the modules that changed and
-    ``attributes``.
+    ``attributes``, then delete the ``removed`` container entries (``{container path: [positions]}``).
 
     An index kept by the caller serves every plan applied and undone on one model (the undo puts the same
     tensors back).
@@ -113,15 +119,22 @@ def apply_plan(index: ModelIndex, plan: Plan, attributes: Attributes | None = No
             log.attributes.append((module, dict(module.__dict__)))
             update_module(module)
         set_attributes(modules, attributes or {}, log.counts)
+        if removed:
+            remove_entries(index.model, removed, log.counts)
     except Exception:
         log.undo()
         raise
     return log
 
 
-def sliced_copy(index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> nn.Module:
+def sliced_copy(
+    index: ModelIndex,
+    plan: Plan,
+    attributes: Attributes | None = None,
+    removed: dict[str, list[int]] | None = None,
+) -> nn.Module:
     """A deep copy of ``index``'s model with ``plan`` applied: pruned tensors are sliced from the original, not
-    copied whole.
+    copied whole; then the ``removed`` container entries deleted.
 
     Examples:
         >>> keep = [(0, np.array([0, 2]))]
@@ -145,6 +158,8 @@ def sliced_copy(index: ModelIndex, plan: Plan, attributes: Attributes | None = N
     for module in changed.values():
         update_module(module)
     set_attributes(modules, attributes or {}, [])
+    if removed:
+        remove_entries(pruned, removed, [])
     return pruned
 
 

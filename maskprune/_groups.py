@@ -12,13 +12,14 @@ import collections
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ._activations import ActivationSite, activation_sites
+from ._depth import BlockContainer
 from ._graph import Resolution
 from ._records import MODEL_INPUT, MODEL_OUTPUT, Trace
 from ._walk import OwnedTensor
@@ -69,6 +70,9 @@ class Group:
         >>> group.prune([0, 5]); group.kept
         62
     """
+
+    #: what a unit is: ``"channels"`` (a channel or a head); ``"block"`` for a :class:`BlockGroup`
+    kind = "channels"
 
     def __init__(self, selection: Selection, index: int, start: int, size: int, members: list[Member]):
         self._selection = selection
@@ -167,6 +171,60 @@ class Group:
         return "\n".join(lines)
 
 
+class BlockGroup(Group):
+    """The removable residual blocks of one container (``Mask(..., depth=True)``): unit ``i`` is entry
+    ``entries[i]`` of the container ``container``. Its members are empty: the export deletes whole entries.
+
+    Examples:
+        >>> model = torchvision.models.resnet18()
+        >>> mask = Mask(model, torch.randn(1, 3, 64, 64), depth=True).make()
+        >>> blocks = [g for g in mask.groups if g.kind == "block"]
+        >>> [(g.container, g.entries) for g in blocks]
+        [('layer1', (0, 1)), ('layer2', (1,)), ('layer3', (1,)), ('layer4', (1,))]
+        >>> blocks[1].prune([0])  # layer2[1]: layer2[0] (its downsampling block) stays
+        >>> len(mask.generate_pruned_model().layer2)
+        1
+    """
+
+    kind = "block"
+
+    def __init__(self, selection: Selection, index: int, container: BlockContainer) -> None:
+        super().__init__(selection, index, container.start, len(container.entries), [])
+        self.container = container.path
+        self.entries = container.entries
+        self.length = container.length  # entries of the container, removable or not
+
+    @property
+    def paths(self) -> list[str]:
+        """The qualified name of each unit's entry."""
+        prefix = f"{self.container}." if self.container else ""
+        return [f"{prefix}{i}" for i in self.entries]
+
+    def activations(self, kind: str = "output") -> list[ActivationSite]:
+        return []
+
+    def prune(self, channels: Iterable[int]) -> None:
+        """Remove these entries (units ``0 <= i < size``, entry ``entries[i]``); the container keeps one entry."""
+        idx = self._check(channels)
+        keep = self.keep
+        keep[idx] = False
+        if not keep.any() and self.length == self.size:
+            raise ValueError(
+                f"group {self.index} would remove all {self.length} entries of {self.container or '<root>'}; "
+                "keep at least one"
+            )
+        self._selection.set(self.start, keep)
+
+    def __repr__(self) -> str:
+        return f"Group({self.index}, blocks={self.size}, kept={self.kept}, container={self.container!r})"
+
+    def __str__(self) -> str:
+        kept = self.keep
+        lines = [f"Group {self.index}: {self.kept}/{self.size} blocks of {self.container or '<root>'} kept"]
+        lines += [f"  {path}{'' if k else '  (removed)'}" for path, k in zip(self.paths, kept, strict=True)]
+        return "\n".join(lines)
+
+
 @dataclass
 class GroupLayout:
     """Groups as index arrays: what the Mask needs to build runtime masks and export plans."""
@@ -179,6 +237,12 @@ class GroupLayout:
     unit_table: np.ndarray  # position_units, then n_units for the widest frozen space
     space_start: list[int]  # where each space's units start in unit_table
     space_size: list[int]
+    blocks: list[BlockContainer] = field(default_factory=list)  # depth: units after the frozen slot
+
+    @property
+    def n_flags(self) -> int:
+        """Keep flags: one per channel unit, the always-kept frozen slot, then one per removable block."""
+        return self.n_units + 1 + sum(len(c.entries) for c in self.blocks)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._depth import identity_output
 from ._layers import masked_norm, rms_rescale
 from ._records import LayerNormSite
 
@@ -165,11 +167,13 @@ class MaskRuntime:
     next ``do_mask()``.
     """
 
-    def __init__(self, model: nn.Module, n_units: int, device: torch.device):
+    def __init__(self, model: nn.Module, n_flags: int, device: torch.device):
         self.model = model
         self.enforce = True
         self.optimizer_handles: list[RemovableHandle] = []
-        self.keep = torch.ones(n_units + 1, device=device)
+        self.keep = torch.ones(n_flags, device=device)
+        self.blocks: list[tuple[nn.Module, int]] = []  # (container entry, flat unit): removed, it is the identity
+        self.removed_blocks: frozenset[int] = frozenset()
         self.dims: list[DimMask] = []
         self.norms: list[NormMask] = []
         self.buffers: list[MaskBuffer] = []
@@ -196,8 +200,13 @@ class MaskRuntime:
             self.norms += slots
             self.buffers.append(MaskBuffer.of(slots, self.keep.device, torch.get_default_dtype(), 1, 0))
 
+    def add_blocks(self, blocks: list[tuple[nn.Module, int]]) -> None:
+        """Make these container entries (entry, flat unit) the identity while their unit is removed."""
+        self.blocks += blocks
+
     def refresh(self, keep_host: np.ndarray) -> None:
         """Copy the host keep flags into every derived mask (once per change, not per step)."""
+        self.removed_blocks = frozenset(unit for _, unit in self.blocks if not keep_host[unit])
         with torch.no_grad():
             self.keep.copy_(torch.as_tensor(keep_host, dtype=self.keep.dtype))
             for buffer in self.buffers:
@@ -311,6 +320,8 @@ class MaskRuntime:
         self._collect_active()
 
     def install(self) -> None:
+        for entry, unit in self.blocks:  # a removed block is removed under either semantics
+            self.handles.append(entry.register_forward_hook(self._block_hook(unit), with_kwargs=True))
         if not self.enforce:
             return
         self.handles.append(self.model.register_forward_pre_hook(self._pre_hook))
@@ -327,6 +338,12 @@ class MaskRuntime:
             return
         # with a tracked optimizer, its steps re-zero what they write: only other writes remain to be caught
         self.apply(only_stale=bool(self.optimizer_handles))
+
+    def _block_hook(self, unit: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return identity_output(args, kwargs, output) if unit in self.removed_blocks else None
+
+        return hook
 
     @staticmethod
     def _norm_hook(norm: NormMask):

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -108,9 +108,10 @@ class Pruner:
         """The criterion's scores of ``groups`` as seen in a view whose flags are ``candidates``."""
         algorithm = self.algorithm
         view = self.selection.candidates(candidates).groups
-        seen = [view[g.index] for g in groups]
+        kinds = getattr(algorithm, "kinds", ("channels",))
+        seen = [view[g.index] for g in groups if g.kind in kinds]  # a channel criterion is not asked about blocks
         self.prepare(seen)
-        scores = {}
+        scores = {g.index: None for g in groups}
         for g in seen:
             raw = algorithm.score(g)
             scores[g.index] = None if raw is None else _as_scores(raw, g, algorithm)
@@ -127,11 +128,14 @@ class Pruner:
             for g in groups
             if g.index in self.overrides
         }
+        if s.target_params is not None:
+            target = alloc.ramp_ratio(1.0 - s.target_params, step, steps, s.ramp)
+            return self._counts_for_budget(groups, scores, candidates, target, fixed, "params")
         if s.target_flops is None:
             ratio = alloc.ramp_ratio(s.ratio, step, steps, s.ramp)
             return self._counts_at(groups, scores, candidates, ratio, fixed)
         target = alloc.ramp_ratio(s.target_flops, step, steps, s.ramp)
-        return self._counts_for_flops(groups, scores, candidates, target, fixed)
+        return self._counts_for_budget(groups, scores, candidates, target, fixed, "flops")
 
     def _counts_at(
         self,
@@ -173,40 +177,60 @@ class Pruner:
             scores = alloc.normalised(scores, live)
         return np.where(live, scores, -np.inf)
 
-    def _counts_for_flops(
-        self, groups: list[Group], scores: dict, candidates: np.ndarray, target: float, fixed: dict[int, float]
+    def _counts_for_budget(
+        self,
+        groups: list[Group],
+        scores: dict,
+        candidates: np.ndarray,
+        target: float,
+        fixed: dict[int, float],
+        measure: str,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Kept counts and ratios asked whose export removes ``target`` of the FLOPs: bisection over the ratio."""
+        """Kept counts and ratios asked whose export removes ``target`` of the FLOPs (``measure="flops"``) or of
+        the parameters (``"params"``): bisection over the ratio."""
         s = self.settings
-        dense = self.flops({})
+        count = self._flops_with if measure == "flops" else self._params_with
+        dense = self.flops({}) if measure == "flops" else self.selection.parameter_counts()[0]
 
-        def removed_at(ratio: float) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+        def removed_at(ratio: float, fixed: dict[int, float] = fixed) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
             allocated = self._counts_at(groups, scores, candidates, ratio, fixed, dither=True)
-            return 1.0 - self._flops_with(groups, allocated[0], candidates) / dense, allocated
+            return 1.0 - count(groups, allocated[0], candidates) / dense, allocated
 
         most, counts = removed_at(s.max_ratio)
         if most < target - 0.01:
+            asked = f"target_flops={target:.3f}" if measure == "flops" else f"target_params={1 - target:.3f}"
             warnings.warn(
-                f"target_flops={target:.3f} is out of reach: removing max_ratio={s.max_ratio} of every prunable "
-                f"group removes {most:.3f} of the FLOPs (frozen or ignored layers keep the rest)",
+                f"{asked} is out of reach: removing max_ratio={s.max_ratio} of every prunable "
+                f"group removes {most:.3f} of the {measure} (frozen or ignored layers keep the rest)",
                 stacklevel=4,
             )
             return counts
-        best = (most, counts)
-        low, high = 0.0, s.max_ratio
-        finest = 0.5 / max(1, sum(g.size for g in groups))
-        for _ in range(MAX_SEARCH):
-            middle = (low + high) / 2
-            removed, counts = removed_at(middle)
-            if abs(removed - target) < abs(best[0] - target):
-                best = (removed, counts)
-            if abs(removed - target) <= FLOPS_TOLERANCE or high - low <= finest:
-                break
-            low, high = (middle, high) if removed < target else (low, middle)
+        units = sum(g.size for g in groups)
+        best = _bisect(removed_at, target, (most, counts), s.max_ratio, units)
+        blocks = {g.index: g.size for g in groups if g.kind == "block" and g.index not in fixed}
+        if abs(best[0] - target) > FLOPS_TOLERANCE and blocks:
+            # a block is a coarse step: hold the block groups at each ratio they can take, the channels meet the rest
+            steps = sorted({j / size for size in blocks.values() for j in range(size)})
+            for step in (r for r in steps if r <= s.max_ratio):
+                held = fixed | {index: step for index in blocks}
+                first = removed_at(s.max_ratio, held)
+                again = _bisect(lambda r, h=held: removed_at(r, h), target, first, s.max_ratio, units)
+                if abs(again[0] - target) < abs(best[0] - target):
+                    best = again
+                if abs(best[0] - target) <= FLOPS_TOLERANCE:
+                    break
         return best[1]
 
     def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
         """FLOPs of the export where each group keeps ``counts`` channels (which ones does not change the count)."""
+        return self.flops(self.selection.plan(self._keep_with(groups, counts, candidates)))
+
+    def _params_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
+        """Parameters of the export where each group keeps ``counts`` units (the first ones: blocks differ in size,
+        so the count is an estimate for block groups)."""
+        return self.selection.parameter_counts(self._keep_with(groups, counts, candidates))[1]
+
+    def _keep_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         keep = self.selection.keep.copy()
         for g, kept in zip(groups, counts, strict=True):
             part = slice(g.start, g.start + g.size)
@@ -214,7 +238,7 @@ class Pruner:
             flags = np.zeros(g.size, dtype=bool)
             flags[live[: int(kept)]] = True
             keep[part] = flags if len(live) >= kept else candidates[part]
-        return self.flops(self.selection.plan(keep))
+        return keep
 
     # ---- per-group options -------------------------------------------------------------
     def _group_weights(self, groups: list[Group]) -> np.ndarray | None:
@@ -238,13 +262,35 @@ class Pruner:
             return {}
         found = {}
         for g in self.selection.groups:
-            members = g.producers() or g.members
-            path = members[0].module
+            path = group_path(g)
             matching = [k for k in ratios if k == "<root>" or path == k or path.startswith(k + ".")]
             best = max(matching, key=lambda k: -1 if k == "<root>" else len(k), default=None)
             if best is not None:
                 found[g.index] = ratios[best]
         return found
+
+
+def _bisect(
+    removed_at: Callable[[float], tuple[float, Any]], target: float, best: tuple[float, Any], high: float, units: int
+) -> tuple[float, Any]:
+    """The ratio in [0, high] whose removed fraction is nearest ``target`` (removed_at grows with the ratio)."""
+    low, finest = 0.0, 0.5 / max(1, units)
+    for _ in range(MAX_SEARCH):
+        middle = (low + high) / 2
+        removed, counts = removed_at(middle)
+        if abs(removed - target) < abs(best[0] - target):
+            best = (removed, counts)
+        if abs(removed - target) <= FLOPS_TOLERANCE or high - low <= finest:
+            break
+        low, high = (middle, high) if removed < target else (low, middle)
+    return best
+
+
+def group_path(group: Group) -> str:
+    """Where a group sits: its container (block groups), else the module of its first producer (or member)."""
+    if group.kind == "block":
+        return group.container
+    return (group.producers() or group.members)[0].module
 
 
 def _no_preparation(groups: Sequence[Group]) -> None:

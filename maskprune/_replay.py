@@ -47,9 +47,9 @@ def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np
     missing = [f"{m}.{a}" if m else a for m, a in cuts if (m, a) not in found]
     if missing:
         raise SpecError(f"the spec prunes {missing[0]!r}, which the mask's trace never reached")
-    keep = want != 0
+    keep = np.concatenate((want != 0, _block_flags(selection, spec)))
     for group in selection.groups:
-        if not keep[group.start : group.start + group.size].any():
+        if group.kind == "channels" and not keep[group.start : group.start + group.size].any():
             raise SpecError(f"the spec removes every channel of group {group.index} ({group.members[0].name})")
     plan = selection.plan(keep)
     for cut in spec.tensors:
@@ -57,6 +57,24 @@ def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np
         if got != [(d, list(k)) for d, k in cut.kept]:
             raise SpecError(f"the mask's groups cannot express the spec's kept positions of {cut.name}")
     return keep
+
+
+def _block_flags(selection: Selection, spec: PruneSpec) -> np.ndarray:
+    """The flags of the removable entries (after the frozen slot): those the spec removed are off."""
+    flags = np.ones(selection.layout.n_flags - selection.n_units - 1, dtype=bool)
+    removable = {}
+    for path, unit in selection.block_units():
+        removable[path] = unit - selection.n_units - 1
+    for container, gone in spec.removed.items():
+        for position in gone:
+            path = f"{container}.{position}" if container else str(position)
+            if path not in removable:
+                raise SpecError(
+                    f"the spec removes {path}, which this mask cannot remove (make the Mask with depth=True; "
+                    "only residual blocks are removable)"
+                )
+            flags[removable[path]] = False
+    return flags
 
 
 def _merge(

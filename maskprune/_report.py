@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._pruning import group_path
+
 if TYPE_CHECKING:
     from ._flops import FlopsProbe
     from ._selection import Selection
@@ -87,7 +89,7 @@ def sparsity_report(
         rows.append(
             GroupSparsity(
                 index=g.index,
-                name=(g.producers() or g.members)[0].module or "<root>",
+                name=group_path(g) or "<root>",
                 channels=g.size,
                 kept=g.kept,
                 requested=requested.get(g.index),

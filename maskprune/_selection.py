@@ -17,7 +17,7 @@ from torch import nn
 from ._attributes import Attributes, attribute_updates
 from ._export import Plan, TensorDims
 from ._graph import Resolution
-from ._groups import Group, GroupLayout, prunable_spaces, unit_index, unit_views
+from ._groups import BlockGroup, Group, GroupLayout, prunable_spaces, unit_index, unit_views
 from ._records import Trace
 
 
@@ -62,7 +62,7 @@ class Selection:
         self.trace = trace
         self.resolution = resolution
         self.layout = layout
-        self.keep = np.ones(layout.n_units + 1, dtype=bool) if keep is None else keep
+        self.keep = np.ones(layout.n_flags, dtype=bool) if keep is None else keep
         self.on_change = on_change
         self.device_keep = device_keep
         self.leaves = leaves
@@ -75,11 +75,13 @@ class Selection:
 
     @property
     def groups(self) -> list[Group]:
-        """One :class:`Group` per entry of the layout, reading this selection's flags."""
+        """One :class:`Group` per entry of the layout, then one :class:`BlockGroup` per block container."""
         if self._groups is None:
+            layout = self.layout
             self._groups = [
-                Group(self, i, start, size, members) for i, (start, size, members) in enumerate(self.layout.groups)
+                Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)
             ]
+            self._groups += [BlockGroup(self, len(layout.groups) + i, c) for i, c in enumerate(layout.blocks)]
         return self._groups
 
     @property
@@ -134,12 +136,26 @@ class Selection:
 
     def without_last_unit(self, groups: list[int]) -> np.ndarray:
         """Flags that remove the last channel of each of ``groups`` (of more than one channel), for a trial export."""
-        keep = np.ones(self.n_units + 1, dtype=bool)
+        keep = np.ones(self.layout.n_flags, dtype=bool)
         for index in groups:
             start, size, _ = self.layout.groups[index]
             if size > 1:
                 keep[start + size - 1] = False
         return keep
+
+    def removed_entries(self, keep: np.ndarray | None = None) -> dict[str, list[int]]:
+        """The container entries the flags remove: ``{container path: [positions]}`` (depth)."""
+        flags = self.keep if keep is None else keep
+        removed = {}
+        for c in self.layout.blocks:
+            gone = [i for i, k in zip(c.entries, flags[c.start : c.start + len(c.entries)], strict=True) if not k]
+            if gone:
+                removed[c.path] = gone
+        return removed
+
+    def block_units(self) -> list[tuple[str, int]]:
+        """Each removable entry's qualified name and flat unit."""
+        return [(c.entry_path(i), c.start + k) for c in self.layout.blocks for k, i in enumerate(c.entries)]
 
     def output_keeps(self, path: str, ndim: int) -> list[torch.Tensor | None] | None:
         """For the module ``path``'s first output: the kept positions of each dim (None: all kept).
@@ -177,12 +193,18 @@ class Selection:
                     rows.append((path, dim, span))
         return rows
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """Parameter elements now and after the export of the current flags (each tied parameter once)."""
-        plan = self.plan()
+    def parameter_counts(self, keep: np.ndarray | None = None) -> tuple[int, int]:
+        """Parameter elements now and after the export of the flags ``keep`` (the current ones by default; each
+        tied parameter once)."""
+        flags = self.keep if keep is None else keep
+        plan = self.plan(flags)
+        gone = tuple(f"{path}." for path, unit in self.block_units() if not flags[unit])
         before = after = 0
         for owned in self.trace.owned.values():
             if not owned.is_param:
+                continue
+            if gone and all(f"{m}.".startswith(gone) for m, _ in owned.names):  # in a removed block
+                before += owned.tensor.numel()
                 continue
             shape = list(owned.tensor.shape)
             before += int(np.prod(shape))

@@ -16,6 +16,7 @@ class Settings:
 
     ratio: float = 0.5
     target_flops: float | None = None
+    target_params: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"
     min_channels: int = 1
@@ -28,13 +29,18 @@ class Settings:
 
     @property
     def target(self) -> str:
-        """The target in use, as the constructor's argument: ``"ratio=0.3"`` or ``"target_flops=0.5"``."""
+        """The target in use, as the constructor's argument: ``"ratio=0.3"``, ``"target_flops=0.5"`` or
+        ``"target_params=0.75"``."""
+        if self.target_params is not None:
+            return f"target_params={self.target_params}"
         return f"target_flops={self.target_flops}" if self.target_flops is not None else f"ratio={self.ratio}"
 
     def __post_init__(self) -> None:
         _fraction("ratio", self.ratio, low_open=False)
         if self.target_flops is not None:
             _fraction("target_flops", self.target_flops, low_open=True)
+        if self.target_params is not None:
+            _fraction("target_params", self.target_params, low_open=True)
         for name, value in self.ratios.items():
             _fraction(f"ratios[{name!r}]", value, low_open=False)
         _choice("allocation", self.allocation, ALLOCATIONS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -30,8 +31,8 @@ from ._walk import ModelIndex
 from .errors import SpecError
 
 FORMAT = "maskprune-pruned"
-FORMAT_VERSION = 2  # 2 added ``attributes`` (module counts set at export); version 1 files still load
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added ``attributes`` (module counts set at export), 3 ``removed`` (container entries)
+READABLE_VERSIONS = (1, 2, 3)
 SPEC_ATTRIBUTE = "maskprune_spec"
 SPEC_FILE = "spec.json"
 
@@ -62,8 +63,9 @@ class PruneSpec:
     """What an export removed, replayable on a fresh copy of the original architecture.
 
     ``attributes`` holds the counts the export set on modules (``{"blocks.0.attn": {"num_heads": 2}}``,
-    ``config.<field>`` for a module's config); ``info`` holds free JSON metadata (the CLI records the
-    model name and input shape there).
+    ``config.<field>`` for a module's config); ``removed`` the container entries the export deleted
+    (``{"model.layers": (3, 5)}``: positions in the original container, depth pruning); ``info`` holds
+    free JSON metadata (the CLI records the model name and input shape there).
     """
 
     architecture: str
@@ -71,22 +73,33 @@ class PruneSpec:
     attributes: Attributes = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
-        """The spec of exporting ``index``'s model (still at its original shapes) by ``plan``."""
+    def from_plan(
+        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, removed: Removed | None = None
+    ) -> PruneSpec:
+        """The spec of exporting ``index``'s model (still at its original shapes) by ``plan`` (and deleting the
+        ``removed`` container entries)."""
         model = index.model
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         tensors = [
             TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
             for path, attr, shape, dims in _planned_tensors(index, plan)
         ]
-        spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
+        spec = cls(
+            architecture=architecture_of(model),
+            tensors=tensors,
+            attributes=dict(attributes or {}),
+            removed=_removed(removed),
+        )
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
 
     @classmethod
-    def text_of_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> str:
+    def text_of_plan(
+        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, removed: Removed | None = None
+    ) -> str:
         """``from_plan(...).to_json()``, written straight from the plan where ``index``'s model is an original.
 
         Examples:
@@ -97,12 +110,17 @@ class PruneSpec:
         """
         model = index.model
         if isinstance(getattr(model, SPEC_ATTRIBUTE, None), str):  # relative to the first original: the long way
-            return cls.from_plan(index, plan, attributes).to_json()
+            return cls.from_plan(index, plan, attributes, removed).to_json()
         rows = _planned_tensors(index, plan)
-        return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION)
+        return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION, _removed(removed))
 
     def then(self, later: PruneSpec) -> PruneSpec:
         """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
+        if self.removed and (later.tensors or later.removed):
+            raise SpecError(
+                "pruning again a model whose blocks were removed is not supported: save it with "
+                "maskprune.save_pruned and prune the loaded model as a new original"
+            )
         cuts = {(t.module, t.attr): t for t in self.tensors}
         for cut in later.tensors:
             key, first = (cut.module, cut.attr), cuts.get((cut.module, cut.attr))
@@ -116,7 +134,8 @@ class PruneSpec:
         attributes = {path: dict(values) for path, values in self.attributes.items()}
         for path, values in later.attributes.items():
             attributes.setdefault(path, {}).update(values)
-        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, self.info)
+        removed = dict(self.removed or later.removed)
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, self.info, removed=removed)
 
     @classmethod
     def of(cls, pruned: nn.Module) -> PruneSpec:
@@ -145,7 +164,7 @@ class PruneSpec:
         batch norm's weight, bias and statistics) are encoded once.
         """
         rows = [(t.module, t.attr, t.shape, t.kept) for t in self.tensors]
-        return _json_text(self.architecture, rows, self.attributes, self.info, self.version)
+        return _json_text(self.architecture, rows, self.attributes, self.info, self.version, self.removed)
 
     @classmethod
     def from_json(cls, text: str) -> PruneSpec:
@@ -175,7 +194,8 @@ class PruneSpec:
                 str(path): {str(name): _attribute_value(value) for name, value in values.items()}
                 for path, values in data.get("attributes", {}).items()
             }
-            return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})))
+            removed = {str(path): tuple(map(int, gone)) for path, gone in data.get("removed", {}).items()}
+            return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})), removed=removed)
         except (KeyError, TypeError, ValueError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
 
@@ -194,6 +214,11 @@ def attach_text(pruned: nn.Module, text: str) -> None:
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(value, separators=(",", ":")) writes
 
 Row = tuple[str, str, tuple[int, ...], Any]  # module path, attribute, original shape, [(dim, kept positions)]
+Removed = Mapping[str, Sequence[int]]  # container path -> positions of the deleted entries
+
+
+def _removed(removed: Removed | None) -> dict[str, tuple[int, ...]]:
+    return {path: tuple(int(i) for i in sorted(gone)) for path, gone in sorted((removed or {}).items())}
 
 
 def _planned_tensors(index: ModelIndex, plan: Plan) -> list[Row]:
@@ -203,7 +228,14 @@ def _planned_tensors(index: ModelIndex, plan: Plan) -> list[Row]:
     return [(path, attr, tuple(getattr(modules[path], attr).shape), dims) for (path, attr), dims in planned]
 
 
-def _json_text(architecture: str, rows: list[Row], attributes: Attributes, info: dict[str, Any], version: int) -> str:
+def _json_text(
+    architecture: str,
+    rows: list[Row],
+    attributes: Attributes,
+    info: dict[str, Any],
+    version: int,
+    removed: Removed | None = None,
+) -> str:
     """A spec's JSON from its rows; each shape and each object of kept positions (tuple or array) encoded once."""
     shapes: dict[tuple[int, ...], str] = {}
     positions: dict[int, str] = {}  # by id: one object of kept positions serves the dims of many tensors
@@ -225,7 +257,7 @@ def _json_text(architecture: str, rows: list[Row], attributes: Attributes, info:
     return (
         f'{{"format":{_encode(FORMAT)},"version":{_encode(version)},'
         f'"architecture":{_encode(architecture)},"tensors":[{",".join(texts)}],'
-        f'"attributes":{_encode(attributes)},"info":{_encode(info)}}}'
+        f'"attributes":{_encode(attributes)},"removed":{_encode(_removed(removed))},"info":{_encode(info)}}}'
     )
 
 
@@ -279,6 +311,16 @@ def check_fits(spec: PruneSpec, model: nn.Module) -> None:
                     f"module {cut.module!r}: the kept positions of {cut.attr}[dim {dim}] must be increasing, "
                     f"distinct and in [0, {size}), got {len(keep)} positions"
                 )
+    for path, gone in spec.removed.items():
+        container = modules.get(path)
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise SpecError(f"the spec removes entries of {path!r}, which is not a ModuleList or Sequential here")
+        if not gone or list(gone) != sorted(set(gone)) or gone[0] < 0 or gone[-1] >= len(container):
+            raise SpecError(
+                f"the spec's removed entries of {path!r} must be increasing, distinct and in [0, {len(container)})"
+            )
+        if len(gone) == len(container):
+            raise SpecError(f"the spec removes every entry of {path!r}")
 
 
 def as_spec(source: PruneSpec | str | os.PathLike | nn.Module) -> PruneSpec:

@@ -25,6 +25,7 @@ READS = (1, 2)  # format 1 had no "settings": its schedule is taken on trust
 SCHEDULE = (
     "ratio",
     "target_flops",
+    "target_params",
     "ratios",
     "allocation",
     "min_channels",

@@ -18,6 +18,7 @@ from ._activations import strip_watch_hooks
 from ._algorithm import Algorithm
 from ._attributes import Attributes
 from ._collector import collector_paused
+from ._depth import block_containers, find_blocks
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, build_layout, format_names
@@ -53,6 +54,10 @@ class Mask:
             ``allocation="global"``); 0.5 when neither it nor ``target_flops`` is given.
         target_flops: instead of ``ratio`` (give one of them), the fraction of the model's FLOPs to
             remove, in (0, 1), met within 1% as counted on the exported model (``0.5`` halves the FLOPs).
+        target_params: instead of ``ratio`` or ``target_flops``, a parameter budget: the fraction of the
+            model's parameters to KEEP, in (0, 1), met within 1% of the exported count (``0.75`` removes a
+            quarter). Every group the criterion scores (channels, and blocks with ``depth=True`` where the
+            criterion scores them) loses the same ratio, found by bisection.
         ratios: per-module ratio overrides, ``{module or qualified name: ratio}``; a group takes the
             entry of the most specific module holding its first producer.
         allocation: ``"uniform"`` (every group loses ``ratio``) or ``"global"`` (channels ranked across
@@ -70,6 +75,10 @@ class Mask:
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
+        depth: also make whole residual blocks prunable: each ``nn.ModuleList`` or ``nn.Sequential`` whose
+            entries include residual blocks (output = input + something, of the input's shape) gets a group of
+            ``kind == "block"`` whose units are those entries. A removed block computes the identity; the
+            export deletes it from its container (and renumbers Hugging Face layer counts and ``layer_idx``).
 
     Examples:
         >>> model = torchvision.models.resnet18()
@@ -90,6 +99,7 @@ class Mask:
         algorithm: Algorithm | None = None,
         ratio: float | None = None,
         target_flops: float | None = None,
+        target_params: float | None = None,
         ratios: Mapping[nn.Module | str, float] | None = None,
         allocation: str = "uniform",
         min_channels: int = 1,
@@ -100,6 +110,7 @@ class Mask:
         pre_layer: bool = False,
         semantics: str = "frozen",
         ignore: Iterable[nn.Module | str] = (),
+        depth: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +130,11 @@ class Mask:
                 f"give ratio ({ratio}) or target_flops ({target_flops}), not both: ratio removes a share of the "
                 "channels, target_flops a share of the FLOPs"
             )
+        if target_params is not None and (ratio is not None or target_flops is not None):
+            raise ValueError(
+                f"give target_params ({target_params}) alone: it sets the ratio itself (ratio={ratio}, "
+                f"target_flops={target_flops})"
+            )
         ratio = DEFAULT_RATIO if ratio is None else ratio
         if max_ratio is None:
             max_ratio = max(DEFAULT_MAX_RATIO, ratio) if isinstance(ratio, (int, float)) else DEFAULT_MAX_RATIO
@@ -129,6 +145,7 @@ class Mask:
         self.settings = Settings(
             ratio=ratio,
             target_flops=target_flops,
+            target_params=target_params,
             ratios=named_ratios,
             allocation=allocation,
             min_channels=min_channels,
@@ -143,6 +160,7 @@ class Mask:
         self.algorithm = algorithm
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
+        self.depth = bool(depth)
         self._made = False
         self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
@@ -186,7 +204,10 @@ class Mask:
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
         res = tr.graph.resolve()
         layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
-        if not layout.groups:
+        if self.depth:
+            found = find_blocks(self.model, self.example_inputs, self.ignore)
+            layout.blocks = block_containers(found, layout.n_units + 1)
+        if not layout.groups and not layout.blocks:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
         self._selection = Selection(
@@ -370,12 +391,13 @@ class Mask:
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
-            spec_text = PruneSpec.text_of_plan(index, plan, attributes)  # the exported model carries it
+            removed = self._selection.removed_entries()
+            spec_text = PruneSpec.text_of_plan(index, plan, attributes, removed)  # the exported model carries it
             if inplace:
-                pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
+                pruned = self._export_inplace(plan, attributes, removed, inputs, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
                 soft = _verify.float32_outputs(self.model, inputs) if verify else None
-                pruned = self._plain_copy(plan, attributes, index)
+                pruned = self._plain_copy(plan, attributes, removed, index)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
                     keeps = self._selection.output_keeps
@@ -457,27 +479,38 @@ class Mask:
                     for dim, space in enumerate(node.spaces)
                     if prunable[space]
                 ]
-        runtime = MaskRuntime(self.model, selection.n_units, _device(self.model))
+        runtime = MaskRuntime(self.model, selection.layout.n_flags, _device(self.model))
         runtime.add_dims(dims)
+        runtime.add_blocks([(self.model.get_submodule(path), unit) for path, unit in selection.block_units()])
         runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
         return runtime
 
-    def _plain_copy(self, plan: Plan, attributes: Attributes, index: ModelIndex) -> nn.Module:
+    def _plain_copy(
+        self, plan: Plan, attributes: Attributes, removed: dict[str, list[int]], index: ModelIndex
+    ) -> nn.Module:
         """A deep copy of the model (``index``: its index) sliced by ``plan``, without hooks."""
         self._runtime.uninstall()
         try:
-            plain = sliced_copy(index, plan, attributes)
+            plain = sliced_copy(index, plan, attributes, removed)
         finally:
             self._runtime.install()
         strip_watch_hooks(plain)  # a criterion's persistent watch() (Taylor) stays on the masked model only
         return plain
 
-    def _export_inplace(self, plan: Plan, attributes: Attributes, inputs: Any, verify: bool, rtol: float) -> nn.Module:
+    def _export_inplace(
+        self,
+        plan: Plan,
+        attributes: Attributes,
+        removed: dict[str, list[int]],
+        inputs: Any,
+        verify: bool,
+        rtol: float,
+    ) -> nn.Module:
         soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
-        log = apply_plan(ModelIndex(self.model), plan, attributes) if plan else None
+        log = apply_plan(ModelIndex(self.model), plan, attributes, removed) if plan or removed else None
         if verify:
             try:
                 result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)
@@ -510,7 +543,7 @@ class Mask:
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
         for g in groups:
-            names = [f"{m.name}[{m.dim}]" for m in g.members]
+            names = [f"{m.name}[{m.dim}]" for m in g.members] or [f"blocks {', '.join(g.paths)}"]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
         frozen = self._selection.layout.frozen
         if frozen:

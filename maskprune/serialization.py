@@ -93,7 +93,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if source in state:
             state[alias] = state[source]
     check_fits(spec, model)
-    log = apply_plan(ModelIndex(model), spec.plan(), spec.attributes)
+    log = apply_plan(ModelIndex(model), spec.plan(), spec.attributes, spec.removed)
     try:
         _check_state(model, state)
         model.load_state_dict(state)

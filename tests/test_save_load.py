@@ -133,7 +133,7 @@ def test_saved_folder_holds_a_small_versioned_spec_and_the_weights(tmp_path: Pat
     folder = maskprune.save_pruned(pruned, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "spec.json"]
     data = json.loads((folder / "spec.json").read_text())
-    assert data["format"] == "maskprune-pruned" and data["version"] == 2 and data["attributes"] == {}
+    assert data["format"] == "maskprune-pruned" and data["version"] == 3 and data["attributes"] == {}
     assert data["architecture"] == f"{type(model).__module__}.TinyCNN"
     cuts = {(t["module"], t["attr"]): t for t in data["tensors"]}
     conv1 = cuts[("conv1", "weight")]
@@ -157,6 +157,7 @@ def test_the_spec_text_is_the_compact_json_of_its_fields(tiny_cnn) -> None:
         "architecture": spec.architecture,
         "tensors": [{"module": t.module, "attr": t.attr, "shape": list(t.shape), "kept": t.kept} for t in spec.tensors],
         "attributes": spec.attributes,
+        "removed": {},
         "info": spec.info,
     }
     assert spec.to_json() == json.dumps(fields, separators=(",", ":"))
@@ -321,8 +322,8 @@ def out_of_range(data: dict) -> None:
 
 MISMATCHES = {
     "unknown version": (
-        lambda d: d.update(version=3),
-        r"unknown pruning spec format version 3: this maskprune reads versions 1, 2",
+        lambda d: d.update(version=4),
+        r"unknown pruning spec format version 4: this maskprune reads versions 1, 2, 3",
     ),
     "not a spec": (lambda d: d.pop("format"), r"not a maskprune pruning spec"),
     "module renamed": (rename_module, r"module 'conv9' named by the spec is not in the TinyCNN given"),
