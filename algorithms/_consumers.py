@@ -1,0 +1,68 @@
+"""Where a group's channels are read: each consumer layer's weight slice paired with the input it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskprune import ActivationSite, Group, Mask, Member
+
+
+@dataclass
+class Reader:
+    """One consumer layer of a group: its weight member (the input dimension) and the input site it reads."""
+
+    module: nn.Module
+    path: str
+    member: Member
+    site: ActivationSite
+
+    def column_sums(self, power: int) -> torch.Tensor:
+        """Per position of the input dim: the sum of ``|w| ** power`` over the rest of the weight (float64)."""
+        w = self.member.tensor.detach().movedim(self.member.dim, 0)
+        rows = w.reshape(w.shape[0], -1).split(1024)  # float64 a slice at a time, not a copy of the weight
+        return torch.cat([r.double().abs().pow(power).sum(1) for r in rows])
+
+
+def consumer_input_sites(mask: Mask, group: Group) -> list[ActivationSite]:
+    """The inputs of the leaf modules whose weights read the group's channels (role ``consumer``)."""
+    consumers = {id(mask.model.get_submodule(m.module)) for m in group.members if m.role == "consumer"}
+    return [s for s in group.activations("input") if id(s.module) in consumers]
+
+
+def readers(mask: Mask, group: Group) -> tuple[list[Reader], list[str]]:
+    """Every consumer weight of ``group`` paired with the input site of its layer that carries the same
+    channels at the same positions (a linear layer's input features, a convolution's input channels);
+    and the consumers that could not be paired (a functional call, a grouped convolution), by name."""
+    sites = consumer_input_sites(mask, group)
+    paired, unpaired = [], []
+    for member in group.members:
+        if member.role != "consumer":
+            continue
+        module = mask.model.get_submodule(member.module)
+        site = next((s for s in sites if s.module is module and _same_channels(s, member)), None)
+        if site is None or member.name.rpartition(".")[2] != "weight":
+            unpaired.append(member.name)
+        else:
+            paired.append(Reader(module, member.module, member, site))
+    return paired, unpaired
+
+
+def covers(sites: list[ActivationSite], size: int) -> bool:
+    """Whether every channel of a group of ``size`` appears at one of ``sites`` at least."""
+    seen = np.zeros(size, dtype=bool)
+    for site in sites:
+        seen[site.units] = True
+    return bool(seen.all())
+
+
+def _same_channels(site: ActivationSite, member: Member) -> bool:
+    if len(site.positions) != len(member.positions):
+        return False
+    if getattr(site.module, "weight", None) is not member.tensor:
+        return False
+    a, b = np.argsort(site.positions), np.argsort(member.positions)
+    return np.array_equal(site.positions[a], member.positions[b]) and np.array_equal(site.units[a], member.units[b])
