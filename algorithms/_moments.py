@@ -36,9 +36,11 @@ class Moments:
         if n == 0:
             return
         samples = samples.float()
-        mean = samples.mean(0)
-        m2 = (samples - mean).square().sum(0).double()
-        mean = mean.double()
+        rough = samples.mean(0)
+        deviations = samples - rough
+        shift = deviations.sum(0).double() / n  # what float32 rounding left out of the mean
+        mean = rough.double() + shift
+        m2 = deviations.square().sum(0).double() - shift.square() * n
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
