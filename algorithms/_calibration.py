@@ -82,8 +82,9 @@ def run_batches(
     batches = data if max_batches is None else islice(data, max_batches)
     count = 0
     for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None):
+        fed = to_device(get(batch), device)
         try:
-            call_model(model, to_device(get(batch), device))
+            call_model(model, fed)
         except Exception as error:
             raise ValueError(
                 f"{desc}: the model rejected calibration batch {count} (counted from 0): "

@@ -241,6 +241,30 @@ def test_flap_compensates_the_removed_channels_mean_in_the_bias_and_the_export_k
     assert pruned.model.layers[0].self_attn.o_proj.bias.shape == (int(hidden_kept.sum()),)
 
 
+def test_flap_compensates_each_step_for_the_channels_it_removes() -> None:
+    model, batches = llama(), token_batches(2)
+    add_zero_biases(model, ["down_proj"])
+    path = "model.layers.1.mlp.down_proj"
+    mask = Mask(model, batches[0], algorithm=FLAP(batches), ratio=0.5, steps=2).make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers without a bias
+        mask.do_mask()
+        keep, bias, w = (
+            group_read_by(mask, path).keep,
+            model.get_submodule(path).bias.detach().double().numpy(),
+            weight(model, path),
+        )
+        mean = captured(model, batches, [path], [])[path].reshape(-1, 48).mean(0)  # on the masked model
+        mask.do_mask()
+    removed = keep & ~group_read_by(mask, path).keep
+    assert removed.any() and not (~keep & group_read_by(mask, path).keep).any()
+    hidden_kept = group_read_by(mask, "lm_head").keep
+    expected = bias + w[:, removed] @ mean[removed]  # only the channels removed at this step
+    got = model.get_submodule(path).bias.detach().double().numpy()
+    np.testing.assert_allclose(got[hidden_kept], expected[hidden_kept], rtol=1e-5, atol=1e-6)
+    mask.generate_pruned_model()
+
+
 def test_flap_without_biases_warns_naming_the_layers_and_stays_exact() -> None:
     model, batches = llama(), token_batches(2)
     algorithm = FLAP(batches)
