@@ -35,9 +35,10 @@ class _Compensation:
 
     group: int
     path: str
-    layer: nn.Linear
+    layer: nn.Module
+    dim: int  # the weight's input dimension
     means: torch.Tensor  # per input feature: the calibration mean at the group's positions, 0 elsewhere
-    before: torch.Tensor  # W @ means with the weights as they were when scored
+    before: torch.Tensor | None  # W @ means with the weights as they were when scored; None: not a linear layer
     keep: np.ndarray  # the group's keep flags when scored
 
 
@@ -55,16 +56,17 @@ class FLAP(Calibrated):
     positions (FLAP's heads). FLAP's code squares the attention scores before standardising; the
     paper's formula does not, nor does this.
 
-    **Bias compensation.** When ``do_mask()`` removes channels, each consumer ``nn.Linear`` that reads them
-    gets their mean contribution, ``W[:, removed] @ mean(X_removed)`` (the means over the calibration
-    tokens), added to its bias, in place (:meth:`finish`). The masked model carries it as the exported one
-    does, so soft == hard holds and the verified export keeps it. Only layers that have a bias are
-    compensated: a new parameter would change ``model.state_dict()``'s keys, which a Mask never does, and
-    would not be masked or sliced with the model's other tensors. The layers that lost inputs without a bias
-    to take the compensation are listed in :attr:`uncompensated` and named in a warning; give them zero
-    biases before ``Mask(...)`` with :func:`add_zero_biases` (a Llama's ``o_proj`` and ``down_proj``, as
-    FLAP's code does) to have them compensated too. The compensation needs ``semantics="frozen"`` (removed
-    channels stay removed); ``compensate=False`` scores only.
+    **Bias compensation.** When ``do_mask()`` removes channels, each consumer linear layer that reads them
+    (``nn.Linear``, transformers' ``Conv1D``) gets their mean contribution, ``W[:, removed] @ mean(X_removed)``
+    (the means over the calibration tokens), added to its bias, in place (:meth:`finish`). The masked model
+    carries it as the exported one does, so soft == hard holds and the verified export keeps it. Only layers
+    that have a bias are compensated: a new parameter would change ``model.state_dict()``'s keys, which a
+    Mask never does, and would not be masked or sliced with the model's other tensors. Give a Llama's
+    ``o_proj`` and ``down_proj`` zero biases before ``Mask(...)`` with :func:`add_zero_biases`, as FLAP's
+    code does, to have them compensated. Consumers left without compensation (no bias; a convolution, whose
+    padding the mean does not pass through exactly) are listed in :attr:`uncompensated` and named in a
+    warning. The compensation needs ``semantics="frozen"`` (removed channels stay removed);
+    ``compensate=False`` scores only.
 
     Statistics are kept per input feature on the model's device (count, mean, sum of squared deviations),
     never the activations. Groups read by a layer whose weight does not pair with its input (a functional
@@ -79,7 +81,8 @@ class FLAP(Calibrated):
         inputs: ``inputs(batch)`` gives what to feed when the default above does not fit.
 
     Attributes:
-        uncompensated: the consumer layers that lost input channels at the last ``do_mask()`` and have no bias.
+        uncompensated: ``{layer: why}`` for the consumer layers that lost input channels at the last ``do_mask()``
+            without compensation: no bias, or not a linear layer.
 
     Examples:
         >>> from maskprune import Mask
@@ -111,7 +114,7 @@ class FLAP(Calibrated):
             raise TypeError(f"compensate must be True or False, got {compensate!r}")
         super().__init__(data, max_batches=max_batches, inputs=inputs)
         self.compensate = compensate
-        self.uncompensated: list[str] = []
+        self.uncompensated: dict[str, str] = {}
         self._compensations: list[_Compensation] = []
 
     def prepare(self, mask: Mask, groups: list[Group]) -> None:
@@ -158,40 +161,40 @@ class FLAP(Calibrated):
             super().finish(mask)
 
     def _plan_compensation(self, group: Group, reader: Reader, means: torch.Tensor, keep: np.ndarray) -> None:
-        layer = reader.module
-        if not (isinstance(layer, nn.Linear) and reader.member.dim == 1):
-            return
+        layer, dim = reader.module, reader.member.dim
         index = torch.as_tensor(reader.member.positions, device=means.device)
-        full = torch.zeros(layer.in_features, dtype=torch.float64, device=means.device)
+        full = torch.zeros(reader.member.tensor.shape[dim], dtype=torch.float64, device=means.device)
         full[index] = means.index_select(0, index)
         full = full.to(layer.weight.device)
-        self._compensations.append(
-            _Compensation(group.index, reader.path, layer, full, _matvec(layer.weight, full), keep)
-        )
+        before = _matvec(layer.weight, full, dim) if _is_linear(layer, dim) else None
+        self._compensations.append(_Compensation(group.index, reader.path, layer, dim, full, before, keep))
 
     def _apply(self, mask: Mask) -> None:
-        self.uncompensated = []
+        self.uncompensated = {}
         masked_rows = _masked_positions(mask)
         for c in self._compensations:
             if not (c.keep & ~mask.groups[c.group].keep).any():
                 continue
+            if c.before is None:
+                self.uncompensated[c.path] = "not a linear layer (nn.Linear, Conv1D)"
+                continue
             if c.layer.bias is None:
-                self.uncompensated.append(c.path)
+                self.uncompensated[c.path] = "no bias"
                 continue
             # the removed columns are zero now: what they contributed is the difference
-            added = c.before - _matvec(c.layer.weight, c.means)
+            added = c.before - _matvec(c.layer.weight, c.means, c.dim)
             rows = masked_rows.get(id(c.layer.bias))
             if rows is not None:
                 added[torch.as_tensor(rows, device=added.device)] = 0.0  # masked outputs stay zero
             with torch.no_grad():
                 c.layer.bias.add_(added.to(c.layer.bias.dtype))
         if self.uncompensated:
-            names = ", ".join(dict.fromkeys(self.uncompensated))
+            names = "; ".join(f"{path} ({why})" for path, why in self.uncompensated.items())
             warnings.warn(
-                f"FLAP: no bias to take the compensation in {names}; give them zero biases before Mask(...) "
-                "(maskprune.algorithms.flap.add_zero_biases) to have them compensated",
+                f"FLAP: no compensation for the channels removed from the inputs of {names}; give linear layers "
+                "zero biases before Mask(...) (maskprune.algorithms.flap.add_zero_biases) to have them compensated",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def __repr__(self) -> str:
@@ -229,9 +232,18 @@ def _standardised(values: torch.Tensor, reader: Reader, candidates: np.ndarray) 
     return torch.where(std > 0, centred / std, torch.zeros_like(centred))
 
 
-def _matvec(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """``weight @ vector`` in float64, a slice of rows at a time (no float64 copy of the whole weight)."""
-    w = weight.detach()
+def _is_linear(layer: nn.Module, dim: int) -> bool:
+    """A layer computing ``x @ W.T + b`` over the weight's input ``dim``: ``nn.Linear``, or transformers' ``Conv1D``
+    (GPT-2's projections: ``x @ W + b``)."""
+    if isinstance(layer, nn.Linear):
+        return dim == 1
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None and dim == 0
+
+
+def _matvec(weight: torch.Tensor, vector: torch.Tensor, dim: int) -> torch.Tensor:
+    """``weight`` times ``vector`` along its input ``dim``, in float64, a slice of outputs at a time (no float64
+    copy of the whole weight)."""
+    w = weight.detach().movedim(dim, -1)
     return torch.cat([rows.double() @ vector for rows in w.split(1024)])
 
 

@@ -217,7 +217,7 @@ def test_flap_compensates_the_removed_channels_mean_in_the_bias_and_the_export_k
     seen = captured(model, batches, consumers, [])
     algorithm = FLAP(batches)
     mask = Mask(model, batches[0], algorithm=algorithm, ratio=0.5).make()
-    with pytest.warns(UserWarning, match="no bias to take the compensation in model.layers.0.self_attn.q_proj"):
+    with pytest.warns(UserWarning, match=r"no compensation .* model\.layers\.0\.self_attn\.q_proj \(no bias\)"):
         assert mask.do_mask()
     assert "lm_head" in algorithm.uncompensated and "model.layers.0.mlp.down_proj" not in algorithm.uncompensated
     hidden_kept = group_read_by(mask, "lm_head").keep
@@ -269,10 +269,27 @@ def test_flap_without_biases_warns_naming_the_layers_and_stays_exact() -> None:
     model, batches = llama(), token_batches(2)
     algorithm = FLAP(batches)
     mask = Mask(model, batches[0], algorithm=algorithm, ratio=0.5, allocation="global").make()
-    with pytest.warns(UserWarning, match=r"no bias .*model\.layers\.0\.self_attn\.o_proj.*add_zero_biases"):
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.o_proj \(no bias\).*add_zero_biases"):
         mask.do_mask()
     assert {"model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"} <= set(algorithm.uncompensated)
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    mask.generate_pruned_model()
+
+
+def test_flap_compensates_gpt2_conv1d_projections_in_their_own_biases() -> None:
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model, batches = transformers.GPT2LMHeadModel(config).eval(), token_batches(2)
+    path = "transformer.h.0.mlp.c_proj"  # Conv1D: x @ W + b, W of (128 inputs, 32 outputs)
+    w, bias = weight(model, path), model.get_submodule(path).bias.detach().double().numpy().copy()
+    mean = captured(model, batches, [path], [])[path].reshape(-1, 128).mean(0)
+    algorithm = FLAP(batches)
+    mask = Mask(model, batches[0], algorithm=algorithm, ratio=0.5, ratios={"transformer.wte": 0.0}).make()
+    mask.do_mask()  # the hidden size is kept: no warning, every projection reading a pruned group has a bias
+    removed = ~group_read_by(mask, path).keep
+    assert removed.any() and algorithm.uncompensated == {}
+    got = model.get_submodule(path).bias.detach().double().numpy()
+    np.testing.assert_allclose(got, bias + mean[removed] @ w[removed], rtol=1e-5, atol=1e-6)
     mask.generate_pruned_model()
 
 
