@@ -10,6 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import transformers
 from maskprune.algorithms import FLAP, Activation, WandaSP
 from maskprune.algorithms._moments import Moments, collect
@@ -361,6 +363,45 @@ def test_calibration_reads_no_value_to_the_host_and_measures_a_shared_input_once
                           max_batches=None, desc="test")  # fmt: skip
     assert len({id(m) for m in moments.values()}) == 1  # q, k and v read one tensor: one set of statistics
     assert next(iter(moments.values())).count == 3 * x.shape[0] * x.shape[1]
+
+
+def rank_batches(rank: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(50 + rank)
+    return [3 + torch.randn(n, 4, generator=generator) for n in (2 + rank, 5)]
+
+
+def merge_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+        mask = Mask(model, torch.randn(1, 4)).make()
+        sites = [s for s in group_read_by(mask, "1").activations("input") if s.path == "1"]
+        data = rank_batches(rank)
+        moments = collect(mask, sites, lambda s, t: t, data, inputs=None, max_batches=None, desc="test")
+        (stats,) = moments.values()
+        algorithm = FLAP(data, compensate=False)
+        algorithm.prepare(mask, mask.groups)
+        scores = [algorithm.score(g).tolist() for g in mask.groups]
+        torch.save({"count": stats.count, "mean": stats.mean, "m2": stats.m2, "scores": scores}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_ranks_merge_their_statistics_into_those_of_all_the_batches(tmp_path) -> None:
+    mp.spawn(merge_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))[0]
+    with torch.no_grad():
+        x = torch.cat([first(b) for r in range(2) for b in rank_batches(r)]).double().numpy()
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    for result in results:
+        assert result["count"] == len(x)
+        np.testing.assert_allclose(result["mean"].numpy(), x.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(result["m2"].numpy(), ((x - x.mean(0)) ** 2).sum(0), rtol=1e-6)
+    assert results[0]["scores"] == results[1]["scores"]  # every rank scores the merged statistics
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
