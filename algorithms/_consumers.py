@@ -10,15 +10,22 @@ from torch import nn
 
 from maskprune import ActivationSite, Group, Mask, Member
 
+from ._moments import Moments, site_key
+
 
 @dataclass
 class Reader:
-    """One consumer layer of a group: its weight member (the input dimension) and the input site it reads."""
+    """One consumer layer of a group: its weight member (the input dimension) and the input it reads, at
+    every call of the layer in a forward (a layer shared by several blocks runs once per block)."""
 
     module: nn.Module
     path: str
     member: Member
-    site: ActivationSite
+    sites: list[ActivationSite]
+
+    def statistics(self, moments: dict[tuple, Moments]) -> Moments:
+        """The statistics of the layer's input over every call."""
+        return Moments.merged([moments[site_key(s)] for s in self.sites])
 
     def column_sums(self, power: int) -> torch.Tensor:
         """Per position of the input dim: the sum of ``|w| ** power`` over the rest of the weight (float64)."""
@@ -43,11 +50,11 @@ def readers(mask: Mask, group: Group) -> tuple[list[Reader], list[str]]:
         if member.role != "consumer":
             continue
         module = mask.model.get_submodule(member.module)
-        site = next((s for s in sites if s.module is module and _same_channels(s, member)), None)
-        if site is None or member.name.rpartition(".")[2] != "weight":
+        calls = [s for s in sites if s.module is module and _same_channels(s, member)]
+        if not calls or member.name.rpartition(".")[2] != "weight":
             unpaired.append(member.name)
         else:
-            paired.append(Reader(module, member.module, member, site))
+            paired.append(Reader(module, member.module, member, calls))
     return paired, unpaired
 
 

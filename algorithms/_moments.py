@@ -50,6 +50,18 @@ class Moments:
         self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
         self.count = total
 
+    @staticmethod
+    def merged(parts: list[Moments]) -> Moments:
+        """The statistics of the samples of every part (parts that are one object count once)."""
+        distinct = list({id(p): p for p in parts}.values())
+        if len(distinct) == 1:
+            return distinct[0]
+        out = Moments()
+        out.count = sum(p.count for p in distinct)
+        out.mean = sum(p.mean * p.count for p in distinct) / out.count
+        out.m2 = sum(p.m2 + (p.mean - out.mean).square() * p.count for p in distinct)
+        return out
+
     def sum_squares(self) -> torch.Tensor:
         """Sum over the samples of the squared values, per position."""
         return self.m2 + self.mean.square() * self.count

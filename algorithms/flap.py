@@ -17,7 +17,7 @@ from ._calibrated import Calibrated
 from ._calibration import BatchInputs
 from ._combine import per_unit
 from ._consumers import Reader, readers
-from ._moments import Moments, site_key, tokens
+from ._moments import Moments, tokens
 
 
 @dataclass
@@ -26,7 +26,7 @@ class _Plan:
 
     @property
     def sites(self) -> list[ActivationSite]:
-        return [r.site for r in self.readers]
+        return [site for r in self.readers for site in r.sites]
 
 
 @dataclass
@@ -142,7 +142,7 @@ class FLAP(Calibrated):
         candidates = group.keep  # under frozen semantics: the channels kept so far
         total = torch.zeros(group.size, dtype=torch.float64)
         for reader in plan.readers:
-            stats = moments[site_key(reader.site)]
+            stats = reader.statistics(moments)
             fluctuation = stats.variance(ddof=1) * reader.column_sums(2).to(stats.m2.device)
             summed = per_unit(reader.member, _standardised(fluctuation, reader, candidates), group.size).cpu()
             positions = np.bincount(reader.member.units, minlength=group.size)

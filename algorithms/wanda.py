@@ -15,7 +15,7 @@ from ._calibrated import Calibrated
 from ._calibration import BatchInputs
 from ._combine import per_unit
 from ._consumers import Reader, readers
-from ._moments import Moments, site_key, tokens
+from ._moments import Moments, tokens
 
 
 @dataclass
@@ -24,7 +24,7 @@ class _Plan:
 
     @property
     def sites(self) -> list[ActivationSite]:
-        return [r.site for r in self.readers]
+        return [site for r in self.readers for site in r.sites]
 
 
 class WandaSP(Calibrated):
@@ -81,7 +81,7 @@ class WandaSP(Calibrated):
     def scores(self, group: Group, plan: _Plan, moments: dict[tuple, Moments]) -> np.ndarray:
         total = torch.zeros(group.size, dtype=torch.float64)
         for reader in plan.readers:
-            norms = moments[site_key(reader.site)].sum_squares().sqrt()
+            norms = reader.statistics(moments).sum_squares().sqrt()
             elements = reader.column_sums(1).to(norms.device) * norms
             total += per_unit(reader.member, elements, group.size).cpu()
         return total.numpy()

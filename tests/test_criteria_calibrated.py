@@ -173,6 +173,34 @@ def test_wanda_sp_sums_weight_times_input_norm_over_a_channels_elements_and_read
         np.testing.assert_allclose(g, e, rtol=1e-5)
 
 
+class SharedReader(nn.Module):
+    """``shared`` reads the channels of ``pre`` twice in one forward: once as they are, once after a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.shared = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        return self.shared(h) + self.shared(torch.relu(h))
+
+
+def test_a_layer_called_twice_counts_the_inputs_of_both_calls() -> None:
+    torch.manual_seed(0)
+    model, batches = SharedReader(), [torch.randn(3, 4), torch.randn(5, 4)]
+    mask = Mask(model, batches[0]).make()
+    group = group_read_by(mask, "shared")
+    (wanda,) = scored(WandaSP(batches), mask, [group])
+    (flap,) = scored(FLAP(batches), mask, [group])
+    with torch.no_grad():
+        h = torch.cat([model.pre(b) for b in batches]).double().numpy()
+    x = np.concatenate([h, np.maximum(h, 0)])  # every token of both calls
+    np.testing.assert_allclose(wanda, np.abs(weight(model, "shared")).sum(0) * np.sqrt((x**2).sum(0)), rtol=1e-5)
+    fluctuation = x.var(0, ddof=1) * (weight(model, "shared") ** 2).sum(0)
+    z = (fluctuation - fluctuation.mean()) / fluctuation.std(ddof=1)
+    np.testing.assert_allclose(flap, z, rtol=1e-5, atol=1e-6)
+
+
 # ---- FLAP ------------------------------------------------------------------------------------------------
 def flap_reference(model: nn.Module, seen: dict, readers: list[str], units: np.ndarray, size: int) -> np.ndarray:
     """Per reader: var(X_j) (sample variance over tokens) * ||W[:, j]||^2, standardised over the layer's channels,
