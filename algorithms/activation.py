@@ -40,10 +40,10 @@ class Activation(Calibrated):
     batch): ``seq_agg="mean"`` the mean of ``|a|``, ``"l2"`` the norm of ``a``, ``"var"`` the variance of
     ``a``; then over the samples of every batch: ``batch_agg="l2"`` the norm, ``"mean"``, ``"var"`` (the
     variance). A channel at several positions (a head's columns) takes the norm of its positions' scores;
-    a channel measured at several tensors (a hidden channel after every norm) sums them. The defaults,
-    ``batch_agg="l2", seq_agg="mean"``, are NVIDIA Model Optimizer's implementation of the paper's
-    criterion (the mean of ``|a|`` over the sequence, squared and summed over the batch, square root), the
-    combination the paper's ablation of the two aggregations found best for width pruning.
+    a channel measured at several tensors (a hidden channel after every norm) sums them. The paper ablates
+    mean, L2 norm and variance over each axis; the defaults, ``batch_agg="l2", seq_agg="mean"``, are what
+    its reference implementation (NVIDIA Model Optimizer's Minitron pruning) computes for heads, neurons and
+    hidden channels: the mean of ``|a|`` over the sequence, squared, summed over the batch, square root.
 
     Statistics are kept per channel on the model's device (the count, mean and sum of squared deviations
     of the per-sample values), never the activations. A group no consumer layer reads as a module input is
