@@ -58,6 +58,27 @@ def readers(mask: Mask, group: Group) -> tuple[list[Reader], list[str]]:
     return paired, unpaired
 
 
+@dataclass
+class ReaderPlan:
+    """What WandaSP and FLAP measure for a group: the input of every consumer layer."""
+
+    readers: list[Reader]
+
+    @property
+    def sites(self) -> list[ActivationSite]:
+        return [site for r in self.readers for site in r.sites]
+
+
+def reader_plan(mask: Mask, group: Group) -> ReaderPlan | str:
+    """Every consumer of ``group`` with its input, or why the group cannot be measured so."""
+    paired, unpaired = readers(mask, group)
+    if unpaired:
+        return f"no input to pair with {', '.join(unpaired)}"
+    if not paired:
+        return "no layer reads its channels"
+    return ReaderPlan(paired)
+
+
 def covers(sites: list[ActivationSite], size: int) -> bool:
     """Whether every channel of a group of ``size`` appears at one of ``sites`` at least."""
     seen = np.zeros(size, dtype=bool)

@@ -16,17 +16,8 @@ from maskprune import ActivationSite, Group, Mask
 from ._calibrated import Calibrated
 from ._calibration import BatchInputs
 from ._combine import per_unit
-from ._consumers import Reader, readers
+from ._consumers import Reader, ReaderPlan, reader_plan
 from ._moments import Moments, tokens
-
-
-@dataclass
-class _Plan:
-    readers: list[Reader]
-
-    @property
-    def sites(self) -> list[ActivationSite]:
-        return [site for r in self.readers for site in r.sites]
 
 
 @dataclass
@@ -127,18 +118,13 @@ class FLAP(Calibrated):
         self._compensations = []
         super().prepare(mask, groups)
 
-    def plan(self, mask: Mask, group: Group) -> _Plan | str:
-        paired, unpaired = readers(mask, group)
-        if unpaired:
-            return f"no input to pair with {', '.join(unpaired)}"
-        if not paired:
-            return "no layer reads its channels"
-        return _Plan(paired)
+    def plan(self, mask: Mask, group: Group) -> ReaderPlan | str:
+        return reader_plan(mask, group)
 
     def samples(self, site: ActivationSite, tensor: torch.Tensor) -> torch.Tensor:
         return tokens(site, tensor)
 
-    def scores(self, group: Group, plan: _Plan, moments: dict[tuple, Moments]) -> np.ndarray:
+    def scores(self, group: Group, plan: ReaderPlan, moments: dict[tuple, Moments]) -> np.ndarray:
         candidates = group.keep  # under frozen semantics: the channels kept so far
         total = torch.zeros(group.size, dtype=torch.float64)
         for reader in plan.readers:
