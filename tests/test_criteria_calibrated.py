@@ -379,6 +379,24 @@ class NoHostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("criterion", [Activation, WandaSP, FLAP])
+def test_calibration_batches_read_no_value_to_the_host(criterion: Callable) -> None:
+    data = token_batches(2)
+
+    class Strict:
+        """Batches whose forward passes (and the statistics gathered in them) run under NoHostReads."""
+
+        def __iter__(self):  # noqa: ANN204
+            for batch in data:
+                with NoHostReads():
+                    yield batch
+
+    mask = Mask(llama(), data[0], algorithm=criterion(Strict()), ratio=0.5).make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FLAP: the layers without a bias
+        assert mask.do_mask()
+
+
 def test_calibration_reads_no_value_to_the_host_and_measures_a_shared_input_once() -> None:
     attention, x = TINY_MODELS["grouped_query_attention"]()
     model = nn.Sequential(nn.Linear(8, 8), attention)
