@@ -11,15 +11,37 @@ Examples:
     >>> from maskprune.algorithms import APoZ, Taylor, ThiNet    # activations: need data or training
     >>> Taylor(), ThiNet([], samples=10)
     (Taylor(), ThiNet(samples=10, rescale=False, max_batches=None))
+    >>> from maskprune.algorithms import FLAP, Activation, WandaSP   # calibrated criteria for language models
+    >>> Activation([]), WandaSP([])
+    (Activation(batch_agg='l2', seq_agg='mean', max_batches=None), WandaSP(max_batches=None))
+    >>> FLAP([])
+    FLAP(compensate=True, max_batches=None)
 """
 
+from .activation import Activation
 from .apoz import APoZ
 from .baselines import Random, Uniform
 from .blocks import BlockImportance
 from .bnscale import BNScale
+from .flap import FLAP
 from .fpgm import FPGM
 from .norms import L1Norm, L2Norm
 from .taylor import Taylor
 from .thinet import ThiNet
+from .wanda import WandaSP
 
-__all__ = ["FPGM", "APoZ", "BNScale", "BlockImportance", "L1Norm", "L2Norm", "Random", "Taylor", "ThiNet", "Uniform"]
+__all__ = [
+    "FLAP",
+    "FPGM",
+    "APoZ",
+    "Activation",
+    "BNScale",
+    "BlockImportance",
+    "L1Norm",
+    "L2Norm",
+    "Random",
+    "Taylor",
+    "ThiNet",
+    "Uniform",
+    "WandaSP",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
 
@@ -55,7 +55,7 @@ def to_device(value: Any, device: torch.device) -> Any:
         return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):
         return [to_device(v, device) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
         return {k: to_device(v, device) for k, v in value.items()}
     return value
 
@@ -71,7 +71,8 @@ def run_batches(
     """Feed the batches of ``data`` to ``model`` (call inside :func:`maskprune.evaluating`, ``torch.no_grad()`` and a
     ``watch``); returns their count.
 
-    Raises ValueError when ``data`` gives no batch (an exhausted iterator, for one).
+    Raises ValueError when ``data`` gives no batch (an exhausted iterator, for one) or when the model
+    rejects a batch (naming it, counted from 0, with the model's error).
     """
     device = model_device(model)
     get = inputs or default_inputs
@@ -81,7 +82,14 @@ def run_batches(
     batches = data if max_batches is None else islice(data, max_batches)
     count = 0
     for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None):
-        call_model(model, to_device(get(batch), device))
+        fed = to_device(get(batch), device)
+        try:
+            call_model(model, fed)
+        except Exception as error:
+            raise ValueError(
+                f"{desc}: the model rejected calibration batch {count} (counted from 0): "
+                f"{type(error).__name__}: {error}"
+            ) from error
         count += 1
     if count == 0:
         raise ValueError(

@@ -15,6 +15,7 @@ from maskprune import ActivationSite, Algorithm, Group, Mask, evaluating, watch
 from maskprune.distributed import all_reduce_sum, is_distributed
 
 from ._calibration import BatchInputs, check_batches, check_inputs, run_batches
+from ._consumers import consumer_input_sites, covers
 
 
 @dataclass
@@ -192,8 +193,7 @@ class APoZ(Algorithm):
             return _Plan(relus, None, "ReLU")
         if self.eps is None:
             return None
-        consumers = {id(mask.model.get_submodule(m.module)) for m in group.members if m.role == "consumer"}
-        reads = [s for s in group.activations("input") if id(s.module) in consumers]
+        reads = consumer_input_sites(mask, group)
         if _covers(reads, group.size):
             return _Plan(reads, self.eps, "input of " + ", ".join(dict.fromkeys(s.path for s in reads)))
         if outputs and _covers(outputs[-1:], group.size):
@@ -237,9 +237,4 @@ def _key(site: ActivationSite, eps: float | None) -> tuple:
 
 
 def _covers(sites: list[ActivationSite], size: int) -> bool:
-    if not sites:
-        return False
-    seen = np.zeros(size, dtype=bool)
-    for site in sites:
-        seen[site.units] = True
-    return bool(seen.all())
+    return bool(sites) and covers(sites, size)
