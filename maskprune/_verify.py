@@ -81,8 +81,30 @@ def full_float32():
             backend.fp32_precision = value
 
 
-def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float = 1e-5) -> VerifyResult:
-    """Max |soft - hard| over all floating outputs, relative to max |hard|; integer outputs must be equal."""
+#: The default tolerance of a comparison, by the dtype the outputs are computed in: a few units of the
+#: dtype's rounding (bfloat16 keeps 8 bits of mantissa, float16 11) where kernels of other shapes add in
+#: another order; float32 and float64 are held to 1e-5 (DESIGN's "soft is hard").
+TOLERANCES = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+DEFAULT_RTOL = 1e-5
+
+
+def tolerance(outputs: list[torch.Tensor]) -> float:
+    """The default ``rtol`` for ``outputs``: that of their least precise floating dtype (see :data:`TOLERANCES`).
+
+    Examples:
+        >>> tolerance([torch.ones(2), torch.ones(2, dtype=torch.bfloat16)])
+        0.03
+    """
+    found = [TOLERANCES.get(t.dtype, DEFAULT_RTOL) for t in outputs if t.is_floating_point()]
+    return max(found, default=DEFAULT_RTOL)
+
+
+def compare(soft: list[torch.Tensor], hard: list[torch.Tensor], rtol: float | None = None) -> VerifyResult:
+    """Max |soft - hard| over all floating outputs, relative to max |hard|; integer outputs must be equal.
+
+    ``rtol``: the tolerance; by default :func:`tolerance` of the outputs' dtypes.
+    """
+    rtol = tolerance(hard) if rtol is None else rtol
 
     def failed(problem: str) -> VerifyResult:
         return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
@@ -113,10 +135,10 @@ def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
         return list(iter_tensors(call_model(model, inputs)))
 
 
-def crashed(error: Exception, rtol: float = 1e-5) -> VerifyResult:
+def crashed(error: Exception, rtol: float | None = None) -> VerifyResult:
     """The result for a pruned model that raised instead of returning outputs."""
     problem = f"the pruned model raised {type(error).__name__}: {error}"
-    return VerifyResult(float("inf"), float("inf"), rtol, problem=problem)
+    return VerifyResult(float("inf"), float("inf"), DEFAULT_RTOL if rtol is None else rtol, problem=problem)
 
 
 def verify(
@@ -124,7 +146,7 @@ def verify(
     pruned_model: nn.Module,
     inputs: Any,
     *,
-    rtol: float = 1e-5,
+    rtol: float | None = None,
     within: str | None = None,
     mask: Mask | None = None,
 ) -> VerifyResult:
@@ -135,6 +157,8 @@ def verify(
     the settings are restored. ``mask``: the :class:`~maskprune.Mask` on
     ``masked_model``, so that a module's masked output is compared with the
     pruned one on the kept channels (without it, only outputs of equal shapes compare).
+    ``rtol``: the largest max |soft - hard| / max |hard| accepted; by default it follows the outputs'
+    dtype (1e-5 in float32 and float64, see :data:`TOLERANCES`).
 
     ``within="backbone"`` compares instead the output of every module inside that
     submodule (the masked ones on their kept channels: give ``mask``): the exactness
@@ -168,7 +192,7 @@ def verify_outputs(
     masked_model: nn.Module,
     pruned_model: nn.Module,
     inputs: Any,
-    rtol: float,
+    rtol: float | None,
     settle: Callable[[], None] | None = None,
     soft: list[torch.Tensor] | None = None,
     keeps: KeepLookup | None = None,
@@ -244,12 +268,13 @@ def _kept(lookup: KeepLookup | None, name: str, soft: torch.Tensor) -> torch.Ten
     return soft
 
 
-def _differs(rtol: float, module: str, problem: str) -> VerifyResult:
+def _differs(rtol: float | None, module: str, problem: str) -> VerifyResult:
+    rtol = DEFAULT_RTOL if rtol is None else rtol
     return VerifyResult(float("inf"), float("inf"), rtol, first_divergence=module, problem=problem)
 
 
 def _verify_within(
-    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, within: str, lookup: KeepLookup | None
+    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float | None, within: str, lookup: KeepLookup | None
 ) -> VerifyResult:
     if not within or within not in dict(masked.named_modules()):
         children = ", ".join(repr(name) for name, _ in masked.named_children())
@@ -258,7 +283,7 @@ def _verify_within(
     hard, raised = _record(pruned, inputs)
     if raised:
         return _differs(rtol, raised, "the pruned model raised")
-    result = VerifyResult(0.0, 0.0, rtol)
+    result = VerifyResult(0.0, 0.0, DEFAULT_RTOL if rtol is None else rtol)
     for name in (n for n in soft if n == within or n.startswith(within + ".")):
         s, h = _kept(lookup, name, soft[name]), hard.get(name)
         if h is None or s.shape != h.shape:
@@ -269,13 +294,14 @@ def _verify_within(
             return _differs(rtol, name, one.problem)
         result.max_abs, result.max_rel = max(result.max_abs, one.max_abs), max(result.max_rel, one.max_rel)
         result.scale = max(result.scale, one.scale)
+        result.rtol = max(result.rtol, one.rtol)  # one module's dtype may be less precise than another's
         if not one.ok and result.first_divergence is None:
             result.first_divergence = f"{name} (relative difference {one.max_rel:.3g})"
     return result
 
 
 def _first_divergence(
-    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float, lookup: KeepLookup | None
+    masked: nn.Module, pruned: nn.Module, inputs: Any, rtol: float | None, lookup: KeepLookup | None
 ) -> str | None:
     soft, _ = _record(masked, inputs)
     hard, raised = _record(pruned, inputs)

@@ -366,14 +366,17 @@ class Mask:
 
     @collector_paused()
     def generate_pruned_model(
-        self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float = 1e-5
+        self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float | None = None
     ) -> nn.Module:
         """A plain, smaller ``nn.Module`` without the removed channels.
 
         Verified against the masked model on ``inputs`` (the example inputs by
         default) unless ``verify=False``; raises :class:`ExportError` naming the
-        first diverging module. ``inplace=True`` slices the masked model itself
-        (no copy; the Mask is then spent); a failed export leaves it as it was.
+        first diverging module. ``rtol`` (max |soft - hard| / max |hard|) follows
+        the outputs' dtype by default: 1e-5 in float32 and float64, looser in
+        bfloat16 and float16 (:data:`maskprune._verify.TOLERANCES`). ``inplace=True``
+        slices the masked model itself (no copy; the Mask is then spent); a failed
+        export leaves it as it was.
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
@@ -506,7 +509,7 @@ class Mask:
         removed: dict[str, list[int]],
         inputs: Any,
         verify: bool,
-        rtol: float,
+        rtol: float | None,
     ) -> nn.Module:
         soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()

@@ -12,6 +12,7 @@ from maskprune.algorithms import L1Norm
 from torch import nn
 
 import maskprune
+import maskprune._verify
 from maskprune import Mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,3 +141,28 @@ def test_the_export_verifies_in_full_float32_and_restores_the_settings(inplace: 
     finally:
         backends.cudnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision = saved
         _PrecisionSpyNet.log.clear()
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_the_default_tolerance_follows_the_dtype(dtype: torch.dtype, rtol: float) -> None:
+    """A half-precision model's export verifies at its dtype's tolerance (kernels of other widths round
+    differently); float32's 1e-5 would refuse it, and stays the tolerance of float32 outputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    mask = Mask(model, (torch.randint(0, 64, (2, 12)),), algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    pruned = mask.generate_pruned_model()  # verified at the default tolerance
+    result = maskprune.verify(model, pruned, torch.randint(0, 64, (3, 9)), mask=mask)
+    assert result.ok and result.rtol == rtol and 1e-5 < result.max_rel < rtol
+    assert not maskprune.verify(model, pruned, torch.randint(0, 64, (3, 9)), rtol=1e-5)
+    assert maskprune._verify.tolerance([torch.ones(2), torch.ones(2, dtype=dtype)]) == rtol
+    assert maskprune._verify.tolerance([torch.ones(2), torch.ones(2, dtype=torch.float64)]) == 1e-5
