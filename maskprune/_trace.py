@@ -40,6 +40,7 @@ from ._records import (
     iter_tensors,
     preserved_state,
 )
+from ._rules._core import PRODUCER
 from ._walk import ModelIndex, set_mode
 from .errors import TraceError
 
@@ -358,6 +359,7 @@ def trace(
     leaf_rules: Mapping[type, Any],
     frozen_modules: Mapping[str, nn.Module],
     on_meta: bool = True,
+    ignored_modules: Mapping[str, nn.Module] | None = None,
 ) -> Trace:
     """Trace ``model`` on ``inputs`` in its current mode, then in the other mode if parameters were unreached.
 
@@ -366,6 +368,10 @@ def trace(
     (``.item()``, ``nonzero``, top-k and NMS, data-dependent branches) makes that copy fail, and is
     traced by running the model itself, as is a model that is already on the meta device
     (``on_meta=False`` always runs the model itself).
+
+    ``frozen_modules`` keep every dimension of their tensors; ``ignored_modules`` keep their output channels
+    (their weights' output rows; all of a module without such rows, as a norm layer), while their input
+    channels follow the layers that produce them.
 
     Examples:
         >>> t = trace(torch.nn.Linear(4, 3), torch.randn(2, 4), {}, {})
@@ -378,8 +384,15 @@ def trace(
             originals: dict[int, torch.Tensor] = {}
             shadow = meta_copy(index, originals)
             shadow_frozen = {path: shadow.get_submodule(path) for path in frozen_modules}
+            shadow_ignored = {path: shadow.get_submodule(path) for path in ignored_modules or {}}
             shadow_trace = _trace_model(
-                ModelIndex(shadow), to_meta(inputs), leaf_rules, shadow_frozen, strict=True, fast=FAST_KERNELS
+                ModelIndex(shadow),
+                to_meta(inputs),
+                leaf_rules,
+                shadow_frozen,
+                strict=True,
+                fast=FAST_KERNELS,
+                ignored_modules=shadow_ignored,
             )
         except Exception:  # noqa: BLE001 - the forward needs values (or a kernel meta lacks): run it for real
             pass
@@ -387,7 +400,7 @@ def trace(
             on_model = _on_model(shadow_trace, index, shadow, originals)
             if on_model is not None:
                 return on_model
-    return _trace_model(index, inputs, leaf_rules, frozen_modules, strict=False)
+    return _trace_model(index, inputs, leaf_rules, frozen_modules, strict=False, ignored_modules=ignored_modules)
 
 
 def _trace_model(
@@ -397,6 +410,7 @@ def _trace_model(
     frozen_modules: Mapping[str, nn.Module],
     strict: bool,
     fast: Mapping[Any, Any] | None = None,
+    ignored_modules: Mapping[str, nn.Module] | None = None,
 ) -> Trace:
     """Run the tracer on ``index``'s model; ``strict``: a failed second (other-mode) pass raises instead of
     freezing what it reached.
@@ -434,11 +448,9 @@ def _trace_model(
                         tracer.graph.freeze(space, f"reached only by the failed {mode}-mode trace")
             unreached = _unreached(tracer)
     for path, module in frozen_modules.items():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            node = tracer.param_nodes.get(id(tensor))
-            if node is not None:
-                for space in node.spaces:
-                    tracer.graph.freeze(space, f"ignored by the user ({path})")
+        _freeze_module(tracer, module, f"frozen by the user ({path})", outputs_only=False)
+    for path, module in (ignored_modules or {}).items():
+        _freeze_module(tracer, module, f"ignored by the user ({path})", outputs_only=True)
     tracer.watched.clear()  # the nodes are no longer looked up: stop following the tensors
     return Trace(
         graph=tracer.graph,
@@ -481,6 +493,17 @@ def _on_model(
         leaf_calls=[LeafCall(c.path, modules[c.path], c.call, c.inputs, c.outputs) for c in shadow_trace.leaf_calls],
         shadow=shadow,
     )
+
+
+def _freeze_module(tracer: Tracer, module: nn.Module, reason: str, outputs_only: bool) -> None:
+    """Freeze the channels of ``module``'s tensors: every dimension, or (``outputs_only``) the output rows of its
+    weights, and every dimension of a module without output rows (a norm layer, a PReLU)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    nodes = {id(t): tracer.param_nodes[id(t)] for t in tensors if id(t) in tracer.param_nodes}
+    spaces = [(key, dim, space) for key, node in nodes.items() for dim, space in enumerate(node.spaces)]
+    outputs = [space for key, dim, space in spaces if tracer.roles.get((key, dim)) == PRODUCER]
+    for space in outputs if outputs_only and outputs else [space for _, _, space in spaces]:
+        tracer.graph.freeze(space, reason)
 
 
 def _unreached(tracer: Tracer) -> list[str]:

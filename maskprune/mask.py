@@ -74,7 +74,10 @@ class Mask:
         semantics: ``"frozen"`` (a removed channel stays zero and gets no gradient) or ``"soft"``
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
-        ignore: modules (or qualified names) whose channels must never be pruned.
+        ignore: modules (or qualified names) whose output channels must never be pruned (their weights'
+            output rows; all channels of a norm layer); their input channels follow the layers producing
+            them, as Torch-Pruning's ``ignored_layers`` do (``ignore=[model.fc]`` keeps the classes).
+        freeze: modules (or qualified names) none of whose channels is ever pruned, inputs included.
         depth: also make whole residual blocks prunable: each ``nn.ModuleList`` or ``nn.Sequential`` whose
             entries include residual blocks (output = input + something, of the input's shape) gets a group of
             ``kind == "block"`` whose units are those entries. A removed block computes the identity; the
@@ -110,6 +113,7 @@ class Mask:
         pre_layer: bool = False,
         semantics: str = "frozen",
         ignore: Iterable[nn.Module | str] = (),
+        freeze: Iterable[nn.Module | str] = (),
         depth: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -160,6 +164,7 @@ class Mask:
         self.algorithm = algorithm
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
+        self.freeze = _resolve_modules(model, freeze, "freeze")
         self.depth = bool(depth)
         self._made = False
         self._selection: Selection | None = None
@@ -201,11 +206,11 @@ class Mask:
                 "first (or export it), then make this one"
             )
         _check_inputs(self.model, self.example_inputs)
-        tr = trace(self.model, self.example_inputs, leaf_rules(), self.ignore)
+        tr = trace(self.model, self.example_inputs, leaf_rules(), self.freeze, ignored_modules=self.ignore)
         res = tr.graph.resolve()
         layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
         if self.depth:
-            found = find_blocks(self.model, self.example_inputs, self.ignore)
+            found = find_blocks(self.model, self.example_inputs, {**self.ignore, **self.freeze})
             layout.blocks = block_containers(found, layout.n_units + 1)
         if not layout.groups and not layout.blocks:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"

@@ -117,3 +117,29 @@ def test_the_header_shows_the_target_in_use() -> None:
     assert "target_flops=0.4, not made" in repr(mask)
     assert str(mask.make()).startswith("Mask(Sequential, L1Norm, target_flops=0.4): 2 groups")
     assert "ratio=0.5" in repr(Mask(copy.deepcopy(model), x))
+
+
+def test_ignore_keeps_a_layers_outputs_and_prunes_its_inputs_freeze_keeps_everything() -> None:
+    """``ignore=[model.fc]`` as Torch-Pruning's ``ignored_layers``: the classifier keeps its 1000 classes, its input
+    columns follow layer4's channels; ``freeze=[model.fc]`` keeps its inputs too, and with them the last stage."""
+    import torchvision
+
+    x = torch.randn(1, 3, 64, 64)
+    counts = {}
+    for option in ("ignore", "freeze"):
+        model = torchvision.models.resnet18()
+        mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5, **{option: [model.fc]}).make()
+        mask.do_mask()
+        pruned = mask.generate_pruned_model()
+        assert pruned.fc.out_features == 1000
+        counts[option] = (pruned.fc.in_features, sum(p.numel() for p in pruned.parameters()))
+        frozen = str(mask).split("Frozen", 1)[1]
+        assert ("frozen by the user (fc): layer4.0.conv2.weight[0]" in frozen) == (option == "freeze"), frozen
+    assert counts["ignore"] == (256, 3_055_880)
+    assert counts["freeze"][0] == 512 and counts["freeze"][1] > 5_000_000
+
+
+def test_an_ignored_norm_layer_keeps_all_its_channels() -> None:
+    model, x = convnet()
+    mask = Mask(model, x, ignore=[model[1]]).make()  # the BatchNorm after the first conv
+    assert [g.size for g in mask.groups] == [6]  # the conv feeding it keeps its 8 channels too
