@@ -73,7 +73,9 @@ class PruneSpec:
     version: int = FORMAT_VERSION
 
     @classmethod
-    def from_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> PruneSpec:
+    def from_plan(
+        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, info: dict[str, Any] | None = None
+    ) -> PruneSpec:
         """The spec of exporting ``index``'s model (still at its original shapes) by ``plan``."""
         model = index.model
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
@@ -81,12 +83,14 @@ class PruneSpec:
             TensorCut(path, attr, shape, tuple([(int(dim), _positions(keep, positions)) for dim, keep in dims]))
             for path, attr, shape, dims in _planned_tensors(index, plan)
         ]
-        spec = cls(architecture=architecture_of(model), tensors=tensors, attributes=dict(attributes or {}))
+        spec = cls(architecture_of(model), tensors, dict(attributes or {}), dict(info or {}))
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
         return cls.from_json(earlier).then(spec) if isinstance(earlier, str) else spec
 
     @classmethod
-    def text_of_plan(cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None) -> str:
+    def text_of_plan(
+        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, info: dict[str, Any] | None = None
+    ) -> str:
         """``from_plan(...).to_json()``, written straight from the plan where ``index``'s model is an original.
 
         Examples:
@@ -97,9 +101,9 @@ class PruneSpec:
         """
         model = index.model
         if isinstance(getattr(model, SPEC_ATTRIBUTE, None), str):  # relative to the first original: the long way
-            return cls.from_plan(index, plan, attributes).to_json()
+            return cls.from_plan(index, plan, attributes, info).to_json()
         rows = _planned_tensors(index, plan)
-        return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION)
+        return _json_text(architecture_of(model), rows, dict(attributes or {}), dict(info or {}), FORMAT_VERSION)
 
     def then(self, later: PruneSpec) -> PruneSpec:
         """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
@@ -116,7 +120,10 @@ class PruneSpec:
         attributes = {path: dict(values) for path, values in self.attributes.items()}
         for path, values in later.attributes.items():
             attributes.setdefault(path, {}).update(values)
-        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, self.info)
+        info = dict(self.info)  # how to build the first original; whether the config says the last export's sizes
+        if "uniform" in later.info:
+            info["uniform"] = later.info["uniform"]
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, info)
 
     @classmethod
     def of(cls, pruned: nn.Module) -> PruneSpec:

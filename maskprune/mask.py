@@ -21,6 +21,7 @@ from ._collector import collector_paused
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, build_layout, format_names
+from ._hf import export_attributes
 from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
@@ -370,7 +371,8 @@ class Mask:
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
-            spec_text = PruneSpec.text_of_plan(index, plan, attributes)  # the exported model carries it
+            attributes, info = export_attributes(index, plan, attributes)  # a config's sizes; how to rebuild
+            spec_text = PruneSpec.text_of_plan(index, plan, attributes, info)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, inputs, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
