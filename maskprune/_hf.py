@@ -34,6 +34,7 @@ from torch import nn
 
 from ._attributes import HEAD_COUNTS, Attributes
 from ._walk import ModelIndex
+from .errors import SpecError
 
 if TYPE_CHECKING:
     from ._export import Plan
@@ -251,3 +252,17 @@ def pruned_shapes(index: ModelIndex, plan: Plan) -> Shapes:
         for path, attr in owned.names:
             shapes[f"{path}.{attr}" if path else attr] = tuple(shape)
     return shapes
+
+
+def build_transformers(name: str, config: dict[str, Any]) -> nn.Module:
+    """A ``transformers`` model of the class named ``name`` (looked up in ``transformers`` only, never imported
+    from elsewhere), built from ``config`` (a config's ``to_dict()``) with fresh weights, in eval mode."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "config_class")):
+        raise SpecError(f"transformers {transformers.__version__} has no model class {name!r}")
+    try:
+        return cls(cls.config_class.from_dict(config)).eval()
+    except Exception as error:
+        raise SpecError(f"cannot build a transformers {name} from the saved config: {error}") from error
