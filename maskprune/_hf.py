@@ -79,9 +79,6 @@ def config_updates(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], head
     config built by changing the fields of :data:`CONFIG_FIELDS` has the export's shapes.
     """
     config = _copy(model.config)
-    base = _shapes(model, config)
-    if base is None or base != {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}:
-        return None  # the config does not describe the model as it is: nothing to go by
     original = {name: value for name, value in vars(model.config).items() if name in CONFIG_FIELDS}
     for name in DERIVED:
         original.setdefault(name, _ABSENT)
