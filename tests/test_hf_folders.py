@@ -54,6 +54,20 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, dict[str, int]]] = {
         "AutoModelForCausalLM",
         {"hidden_size": 24, "intermediate_size": 36, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8},
     ),
+    "qwen2_moe": (  # the experts and the hidden size stay (fused experts are not pruned); the shared expert
+        lambda: transformers.Qwen2MoeForCausalLM(
+            _config(
+                transformers.Qwen2MoeConfig,
+                **SMALL | dict(num_key_value_heads=2, max_position_embeddings=64),
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+            )
+        ),
+        "AutoModelForCausalLM",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "shared_expert_intermediate_size": 18, "num_experts": 4},
+    ),
     "gpt2": (  # its own names, and n_inner left as None (4 * n_embd) before: written out now
         lambda: transformers.GPT2LMHeadModel(
             _config(transformers.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=64)
@@ -151,8 +165,7 @@ def test_a_uniform_export_reloads_with_plain_from_pretrained(name: str, reloaded
     assert {field: written[field] for field in expected} == expected
     assert seen["shape"] == [3, 9, VOCAB] if name != "bert" else [3, 3]
     assert seen["error"] < 1e-5, f"{name}: the reloaded logits differ by {seen['error']:.3g} of their largest"
-    for field, value in expected.items():  # the original model's config is untouched
-        assert getattr(model.config, field, None) != value or field == "head_dim"
+    assert model.config.to_dict() == CASES[name][0]().config.to_dict()  # the original model's config is untouched
 
 
 def _masked(name: str) -> tuple[nn.Module, Mask]:
