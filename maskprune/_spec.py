@@ -295,31 +295,12 @@ def check_fits(spec: PruneSpec, model: nn.Module) -> None:
                 )
 
 
-# names that end like a count (``is_count_name``) but say a geometry or an index: never set from a spec
-NOT_COUNTS = frozenset(
-    {
-        "kernel_size",
-        "patch_size",
-        "window_size",
-        "pool_size",
-        "stride_size",
-        "output_size",
-        "image_size",
-        "img_size",
-        "vocab_size",
-        "batch_size",
-        "step_size",
-        "chunk_size",
-    }
-)
-
-
 def check_attributes(attributes: Attributes, modules: Mapping[str, nn.Module]) -> None:
     """Raise :class:`SpecError` unless every attribute is a count an export sets, on a module that has it, no
     larger than the module's.
 
-    Allowed: a count attribute (``num_heads``, ``attn_dim``, ``in_channels`` …: :func:`is_count_name`, but not a
-    geometry such as ``kernel_size``) of a model's own module, the width attributes of a torch norm layer
+    Allowed: a count attribute (``num_heads``, ``attn_dim``, ``in_channels`` …: :func:`is_count_name`) of a
+    model's own module, the width attributes of a torch norm layer
     (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and ``config.<field>`` for the
     config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module with a config. Values are
     positive integers (a tuple of them for ``normalized_shape``) no larger than what the module holds; a config
@@ -350,7 +331,7 @@ def check_attributes(attributes: Attributes, modules: Mapping[str, nn.Module]) -
 
 
 def _settable(module: nn.Module, name: str) -> bool:
-    if not name.isidentifier() or name.startswith("_") or name in NOT_COUNTS or not hasattr(module, name):
+    if not name.isidentifier() or name.startswith("_") or not hasattr(module, name):
         return False
     if name in norm_widths(module, 1):
         return True
