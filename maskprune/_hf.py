@@ -25,6 +25,8 @@ Examples:
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,8 @@ CONFIG_FIELDS = HEAD_COUNTS | {
     "num_local_experts",
     "num_experts",
 }
+log = logging.getLogger("maskprune")
+
 DERIVED = ("head_dim",)  # a field that some configs leave out and their models read where present (Qwen2)
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")  # one layer is enough to see what a field sizes
 
@@ -78,7 +82,7 @@ def config_updates(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], head
     tensor dimension says them. Returns the fields that change (an empty dict where none does), or None where no
     config built by changing the fields of :data:`CONFIG_FIELDS` has the export's shapes.
     """
-    config = _copy(model.config)
+    config = copy.deepcopy(model.config)
     original = {name: value for name, value in vars(model.config).items() if name in CONFIG_FIELDS}
     for name in DERIVED:
         original.setdefault(name, _ABSENT)
@@ -119,10 +123,6 @@ def config_updates(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], head
     return {name: new[name] for name in values if new[name] != original[name]}
 
 
-def _copy(config: Any) -> Any:
-    return copy.deepcopy(config)
-
-
 def _shapes(model: nn.Module, config: Any) -> Shapes | None:
     """The state-dict shapes of ``type(model)`` built from ``config`` on the meta device; None where it fails."""
     try:
@@ -143,7 +143,7 @@ def _key(name: str) -> str:
 
 def _few_layers(config: Any) -> Any:
     """``config`` with one layer, where it has a layer count: the same tensors per layer, built sooner."""
-    fewer = _copy(config)
+    fewer = copy.deepcopy(config)
     for name in LAYER_COUNTS:
         if type(getattr(fewer, name, None)) is int and getattr(fewer, name) > 1:
             setattr(fewer, name, 1)
@@ -207,7 +207,8 @@ def build_info(model: nn.Module) -> dict[str, Any]:
     (``save_pruned(..., architecture=...)`` names them).
     """
     if is_transformers_model(model) and type(model).__module__.startswith("transformers."):
-        return {"build": f"transformers:{type(model).__name__}", "config": model.config.to_dict()}
+        config = json.loads(model.config.to_json_string(use_diff=False))  # what save_pretrained writes
+        return {"build": f"transformers:{type(model).__name__}", "config": config}
     pretrained = getattr(model, "pretrained_cfg", None)
     if type(model).__module__.startswith("timm.") and isinstance(pretrained, dict):
         name = pretrained.get("architecture")
@@ -232,6 +233,12 @@ def export_attributes(index: ModelIndex, plan: Plan, attributes: Attributes) -> 
     }
     updates = config_updates(model, pruned_shapes(index, plan), heads)
     info["uniform"] = updates is not None
+    if updates is None:
+        log.info(
+            "the %s's layers keep different sizes (or sizes its config cannot say): its config keeps the original "
+            "sizes, so reload it with maskprune.save_pruned / maskprune.load_pruned(folder), not from_pretrained",
+            type(model).__name__,
+        )
     if not updates:
         return attributes, info
     root = {**attributes.get("", {}), **{f"config.{name}": value for name, value in updates.items()}}

@@ -97,7 +97,7 @@ def save_pruned(
             torch.save(state, into / WEIGHT_FILES[weights])
         (into / SPEC_FILE).write_text(spec.to_json())
 
-    _replace_folder(folder, write)
+    _replace_folder(folder.resolve(), write)  # a link's target, "." as its own name
     return folder
 
 
