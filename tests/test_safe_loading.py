@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from maskprune.algorithms import Random
 from test_save_load import assert_untouched, edit_spec, output, prune, snapshot
 from torch import nn
 
@@ -151,7 +152,7 @@ def test_a_folder_holding_both_weights_files_is_refused(saved_cnn: Path, tiny_cn
 # ---- save_pruned replaces the folder whole ----------------------------------------------------------------
 def test_saving_torch_weights_over_safetensors_leaves_no_stale_file(saved_cnn: Path, tiny_cnn) -> None:
     torch.manual_seed(1)
-    _, other = prune(tiny_cnn(), torch.randn(2, 3, 16, 16), maskprune.algorithms.Random(seed=5))
+    _, other = prune(tiny_cnn(), torch.randn(2, 3, 16, 16), Random(seed=5))
     (saved_cnn / "notes.txt").write_text("mine")
     maskprune.save_pruned(other, saved_cnn, weights="torch")
     assert sorted(p.name for p in saved_cnn.iterdir()) == ["model.pt", "notes.txt", "spec.json"]
