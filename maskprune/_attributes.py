@@ -50,15 +50,33 @@ HEAD_COUNTS = frozenset(
 WIDTH_ENDINGS = ("dim", "size", "_features", "channels")  # attn_dim, all_head_size, val_attn_dim, inner_dim …
 WIDTH_NAMES = frozenset({"nf", "width"})
 
+# names that end like a count but say a geometry or a vocabulary: never a channel count
+NOT_COUNTS = frozenset(
+    {
+        "kernel_size",
+        "patch_size",
+        "window_size",
+        "pool_size",
+        "stride_size",
+        "output_size",
+        "image_size",
+        "img_size",
+        "vocab_size",
+        "batch_size",
+        "step_size",
+        "chunk_size",
+    }
+)
+
 
 def is_count_name(name: str) -> bool:
     """Whether an attribute's name says it holds a head count or a width.
 
     Examples:
-        >>> [is_count_name(n) for n in ("num_heads", "split_size", "attn_dim", "layer_idx", "scale")]
+        >>> [is_count_name(n) for n in ("num_heads", "split_size", "attn_dim", "kernel_size", "layer_idx")]
         [True, True, True, False, False]
     """
-    return name in HEAD_COUNTS or name in WIDTH_NAMES or name.endswith(WIDTH_ENDINGS)
+    return name in HEAD_COUNTS or name in WIDTH_NAMES or (name.endswith(WIDTH_ENDINGS) and name not in NOT_COUNTS)
 
 
 def holds_count(module: nn.Module | None, value: int) -> bool:

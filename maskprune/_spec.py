@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ._attributes import Attributes
+from ._attributes import Attributes, is_count_name
 from ._export import Plan
+from ._hf import CONFIG_FIELDS, DERIVED
+from ._layers import norm_widths
 from ._walk import ModelIndex
-from .errors import SpecError
+from .errors import SpecError, SpecNotFoundError, first_line
 
 FORMAT = "maskprune-pruned"
 FORMAT_VERSION = 3  # 2 added ``attributes`` (module counts set at export), 3 ``removed`` (container entries)
@@ -77,10 +79,15 @@ class PruneSpec:
 
     @classmethod
     def from_plan(
-        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, removed: Removed | None = None
+        cls,
+        index: ModelIndex,
+        plan: Plan,
+        attributes: Attributes | None = None,
+        removed: Removed | None = None,
+        info: dict[str, Any] | None = None,
     ) -> PruneSpec:
         """The spec of exporting ``index``'s model (still at its original shapes) by ``plan`` (and deleting the
-        ``removed`` container entries)."""
+        ``removed`` container entries); ``info``: metadata kept in the spec."""
         model = index.model
         positions: dict[int, tuple[int, ...]] = {}  # an array of kept positions shared by tensors is converted once
         tensors = [
@@ -91,6 +98,7 @@ class PruneSpec:
             architecture=architecture_of(model),
             tensors=tensors,
             attributes=dict(attributes or {}),
+            info=dict(info or {}),
             removed=_removed(removed),
         )
         earlier = getattr(model, SPEC_ATTRIBUTE, None)  # pruning a pruned model: relative to the first original
@@ -98,7 +106,12 @@ class PruneSpec:
 
     @classmethod
     def text_of_plan(
-        cls, index: ModelIndex, plan: Plan, attributes: Attributes | None = None, removed: Removed | None = None
+        cls,
+        index: ModelIndex,
+        plan: Plan,
+        attributes: Attributes | None = None,
+        removed: Removed | None = None,
+        info: dict[str, Any] | None = None,
     ) -> str:
         """``from_plan(...).to_json()``, written straight from the plan where ``index``'s model is an original.
 
@@ -110,9 +123,10 @@ class PruneSpec:
         """
         model = index.model
         if isinstance(getattr(model, SPEC_ATTRIBUTE, None), str):  # relative to the first original: the long way
-            return cls.from_plan(index, plan, attributes, removed).to_json()
+            return cls.from_plan(index, plan, attributes, removed, info).to_json()
         rows = _planned_tensors(index, plan)
-        return _json_text(architecture_of(model), rows, dict(attributes or {}), {}, FORMAT_VERSION, _removed(removed))
+        attributes, info = dict(attributes or {}), dict(info or {})
+        return _json_text(architecture_of(model), rows, attributes, info, FORMAT_VERSION, _removed(removed))
 
     def then(self, later: PruneSpec) -> PruneSpec:
         """This spec followed by ``later`` (made on the model this one produced), as one spec of the original."""
@@ -135,7 +149,10 @@ class PruneSpec:
         for path, values in later.attributes.items():
             attributes.setdefault(path, {}).update(values)
         removed = dict(self.removed or later.removed)
-        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, self.info, removed=removed)
+        info = dict(self.info)  # how to build the first original; whether the config says the last export's sizes
+        if "uniform" in later.info:
+            info["uniform"] = later.info["uniform"]
+        return PruneSpec(self.architecture, [cuts[key] for key in sorted(cuts)], attributes, info, removed=removed)
 
     @classmethod
     def of(cls, pruned: nn.Module) -> PruneSpec:
@@ -196,7 +213,7 @@ class PruneSpec:
             }
             removed = {str(path): tuple(map(int, gone)) for path, gone in data.get("removed", {}).items()}
             return cls(str(data["architecture"]), tensors, attributes, dict(data.get("info", {})), removed=removed)
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise SpecError(f"malformed pruning spec ({type(error).__name__}: {error})") from error
 
 
@@ -283,10 +300,12 @@ def architecture_of(model: nn.Module) -> str:
 
 
 def check_fits(spec: PruneSpec, model: nn.Module) -> None:
-    """Raise :class:`SpecError` naming the module when ``model`` is not the architecture ``spec`` was made on."""
+    """Raise :class:`SpecError` naming the module when ``model`` is not the architecture ``spec`` was made on, or
+    when the spec sets an attribute that an export does not set (:func:`check_attributes`)."""
     if spec.architecture != architecture_of(model):
         raise SpecError(f"the spec was saved from a {spec.architecture}, got a {architecture_of(model)}")
     modules = dict(model.named_modules(remove_duplicate=False))
+    check_attributes(spec.attributes, modules)
     for cut in spec.tensors:
         module = modules.get(cut.module)
         if module is None:
@@ -302,6 +321,8 @@ def check_fits(spec: PruneSpec, model: nn.Module) -> None:
                 f"module {cut.module!r}: {cut.attr} has shape {tuple(tensor.shape)}, the spec expects the original "
                 f"shape {cut.shape} (build the model with the arguments it was pruned from)"
             )
+        if len({dim for dim, _ in cut.kept}) != len(cut.kept):
+            raise SpecError(f"module {cut.module!r}: {cut.attr} has a pruned dimension listed twice")
         for dim, keep in cut.kept:
             if not 0 <= dim < len(cut.shape):
                 raise SpecError(f"module {cut.module!r}: {cut.attr} has no dimension {dim} (shape {cut.shape})")
@@ -323,6 +344,79 @@ def check_fits(spec: PruneSpec, model: nn.Module) -> None:
             raise SpecError(f"the spec removes every entry of {path!r}")
 
 
+def check_attributes(attributes: Attributes, modules: Mapping[str, nn.Module]) -> None:
+    """Raise :class:`SpecError` unless every attribute is a count an export sets, on a module that has it, no
+    larger than the module's.
+
+    Allowed: a count attribute (``num_heads``, ``attn_dim``, ``in_channels`` …: :func:`is_count_name`) of a
+    model's own module, the width attributes of a torch norm layer
+    (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and ``config.<field>`` for the
+    config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module with a config. Values are
+    positive integers (a tuple of them for ``normalized_shape``) no larger than what the module holds; a config
+    field it leaves out or as None (set from its default) takes any positive integer.
+
+    Examples:
+        >>> check_attributes({"0": {"num_features": 4}}, {"0": nn.BatchNorm2d(8)})
+        >>> check_attributes({"0": {"eps": 0}}, {"0": nn.BatchNorm2d(8)})
+        Traceback (most recent call last):
+        ...
+        maskprune.errors.SpecError: attributes of module '0' (BatchNorm2d): an export never sets 'eps' ...
+    """
+    for path, values in attributes.items():
+        module = modules.get(path)
+        if module is None:
+            raise SpecError(f"attributes: module {path!r} named by the spec is not in the model")
+        for name, value in values.items():
+            where = f"attributes of module {path!r} ({type(module).__name__})"
+            if name.startswith("config."):
+                _check_config_field(module, name[len("config.") :], value, where)
+                continue
+            if not _settable(module, name):
+                raise SpecError(
+                    f"{where}: an export never sets {name!r} (only counts such as num_heads, the widths of norm "
+                    "layers and config.<size field>)"
+                )
+            _check_count(getattr(module, name), value, f"{where}: {name}")
+
+
+def _settable(module: nn.Module, name: str) -> bool:
+    if not name.isidentifier() or name.startswith("_") or not hasattr(module, name):
+        return False
+    if name in norm_widths(module, 1):
+        return True
+    own = not type(module).__module__.startswith("torch.")  # torch's layers: their tensors say their sizes
+    return own and is_count_name(name)
+
+
+def _check_count(held: Any, value: Any, where: str) -> None:
+    """``value`` is a positive count no larger than ``held`` (element by element for a shape)."""
+    if type(held) is int:
+        ok = type(value) is int and 1 <= value <= held
+    elif isinstance(held, (tuple, list)) and all(type(h) is int for h in held):
+        ok = isinstance(value, tuple) and len(value) == len(held)
+        ok = ok and all(type(v) is int and 1 <= v <= h for v, h in zip(value, held, strict=False))
+    else:
+        raise SpecError(f"{where} is a {type(held).__name__}, not a count an export sets")
+    if not ok:
+        raise SpecError(f"{where}: {value!r} is not a positive count no larger than the model's {held!r}")
+
+
+def _check_config_field(module: nn.Module, field: str, value: Any, where: str) -> None:
+    config = getattr(module, "config", None)
+    if config is None or isinstance(config, nn.Module) or not hasattr(config, "__dict__"):
+        raise SpecError(f"{where}: config.{field} is set, but the module has no config")
+    if field not in CONFIG_FIELDS:
+        raise SpecError(
+            f"{where}: an export never sets config.{field} (only size fields: {', '.join(sorted(CONFIG_FIELDS))})"
+        )
+    held = getattr(config, field, None)
+    if held is None and (field in DERIVED or hasattr(config, field)):  # a default written out: any count
+        if type(value) is not int or value < 1:
+            raise SpecError(f"{where}: config.{field}: {value!r} is not a positive count")
+        return
+    _check_count(held, value, f"{where}: config.{field}")
+
+
 def as_spec(source: PruneSpec | str | os.PathLike | nn.Module) -> PruneSpec:
     """A spec given as itself, a saved folder (or its ``spec.json``), or a model that carries one."""
     if isinstance(source, PruneSpec):
@@ -334,8 +428,12 @@ def as_spec(source: PruneSpec | str | os.PathLike | nn.Module) -> PruneSpec:
         if file.is_dir():
             file = file / SPEC_FILE
         if not file.is_file():
-            raise FileNotFoundError(
+            raise SpecNotFoundError(
                 f"no pruning spec at {file} (a folder written by maskprune.save_pruned holds {SPEC_FILE})"
             )
-        return PruneSpec.from_json(file.read_text())
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise SpecError(f"cannot read the pruning spec {file}: {first_line(error)}") from error
+        return PruneSpec.from_json(text)
     raise TypeError(f"a spec is a PruneSpec, a saved folder or a pruned model, got {type(source).__name__}")

@@ -79,7 +79,8 @@ def prune(args: argparse.Namespace) -> None:
     log.info("soft vs hard on a fresh batch: %s", check)
     if not check:
         raise MaskpruneError(f"the exported model differs from the masked model on a fresh batch: {check}")
-    folder = save_pruned(pruned, args.out, info={"model": args.model, "input_shape": list(args.input_shape)})
+    info = {"model": args.model, "input_shape": list(args.input_shape)}
+    folder = save_pruned(pruned, args.out, info=info, architecture=args.model)
     kept, total = mask.sparsity().channels
     print(f"saved {args.model} ({kept}/{total} channels kept) to {folder}")
 

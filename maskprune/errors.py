@@ -25,6 +25,10 @@ class SpecError(MaskpruneError, ValueError):
     """A pruning spec is malformed or does not fit the model it is applied to (the module is named)."""
 
 
+class SpecNotFoundError(SpecError, FileNotFoundError):
+    """A saved folder, its spec or its weights file is missing."""
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """``error``'s type and the first line of its message (at most ``limit`` characters): a model's own error as
     a reason. A bare ``assert`` has no message.

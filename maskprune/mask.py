@@ -22,6 +22,7 @@ from ._depth import block_containers, find_blocks
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
 from ._groups import Group, build_layout, format_names
+from ._hf import export_attributes
 from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
@@ -399,8 +400,9 @@ class Mask:
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
+            attributes, info = export_attributes(index, plan, attributes)  # a config's sizes; how to rebuild
             removed = self._selection.removed_entries()
-            spec_text = PruneSpec.text_of_plan(index, plan, attributes, removed)  # the exported model carries it
+            spec_text = PruneSpec.text_of_plan(index, plan, attributes, removed, info)  # the exported model carries it
             if inplace:
                 pruned = self._export_inplace(plan, attributes, removed, inputs, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed

@@ -86,6 +86,8 @@ def test_prune_exports_verifies_and_saves(pruned_folder: tuple[Path, subprocess.
     assert info["model"] == "torchvision:resnet18" and info["input_shape"] == [1, 3, 32, 32]
     loaded = maskprune.load_pruned(torchvision.models.resnet18(), folder)
     assert loaded.layer1[0].conv1.out_channels == 45  # 30% of 64 removed
+    assert info["build"] == "torchvision:resnet18"  # the folder says how to build it: no model needed
+    assert maskprune.load_pruned(folder).layer1[0].conv1.out_channels == 45
 
 
 def test_report_of_a_folder_prints_the_table_and_draws_the_plot(
