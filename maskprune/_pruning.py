@@ -290,6 +290,8 @@ def group_path(group: Group) -> str:
     """Where a group sits: its container (block groups), else the module of its first producer (or member)."""
     if group.kind == "block":
         return group.container
+    if group.kind == "experts":
+        return group.experts
     return (group.producers() or group.members)[0].module
 
 

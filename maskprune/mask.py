@@ -19,9 +19,10 @@ from ._algorithm import Algorithm
 from ._attributes import Attributes
 from ._collector import collector_paused
 from ._depth import block_containers, find_blocks
+from ._experts import expert_layers, find_expert_layers
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, build_layout, format_names
+from ._groups import Group, build_layout, format_names, unit_index
 from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
@@ -207,7 +208,8 @@ class Mask:
         if self.depth:
             found = find_blocks(self.model, self.example_inputs, self.ignore)
             layout.blocks = block_containers(found, layout.n_units + 1)
-        if not layout.groups and not layout.blocks:
+        layout.experts = expert_layers(self._expert_layers(tr, res, layout), layout.n_flags)
+        if not layout.groups and not layout.blocks and not layout.experts:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
         self._selection = Selection(
@@ -465,6 +467,18 @@ class Mask:
     def _count_flops(self, plan: Plan) -> int:
         return self._flops_probe().count(plan).total
 
+    def _expert_layers(self, tr: Any, res: Any, layout: Any) -> list[tuple]:
+        """The mixture-of-experts layers the trace reached whose expert dim (dim 0 of their router rows and fused
+        tensors) no channel group holds."""
+        first_dim = {name: node.spaces[0] for key, node in tr.param_nodes.items() for name in tr.owned[key].names}
+
+        def free(tensors: tuple[tuple[str, str], ...]) -> bool:
+            return all(
+                name in first_dim and (unit_index(layout, first_dim[name]) == layout.n_units).all() for name in tensors
+            )
+
+        return [found for found in find_expert_layers(self.model, self.ignore) if free(found[4])]
+
     def _new_runtime(self) -> MaskRuntime:
         """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
         selection = self._selection
@@ -482,6 +496,7 @@ class Mask:
         runtime = MaskRuntime(self.model, selection.layout.n_flags, _device(self.model))
         runtime.add_dims(dims)
         runtime.add_blocks([(self.model.get_submodule(path), unit) for path, unit in selection.block_units()])
+        runtime.add_routers([(self.model.get_submodule(e.router), e.start, e.count) for e in selection.layout.experts])
         runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
@@ -543,7 +558,11 @@ class Mask:
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
         for g in groups:
-            names = [f"{m.name}[{m.dim}]" for m in g.members] or [f"blocks {', '.join(g.paths)}"]
+            names = [f"{m.name}[{m.dim}]" for m in g.members]
+            if g.kind == "block":
+                names = [f"blocks {', '.join(g.paths)}"]
+            elif g.kind == "experts":
+                names = [f"experts of {g.experts} (router {g.router}, top {g.top_k})"]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
         frozen = self._selection.layout.frozen
         if frozen:
