@@ -161,6 +161,7 @@ class Pruner:
             ranked = [self._ranked(g, scores[g.index], candidates) for g in pool]
             floors = np.asarray([max(s.min_channels, math.ceil((1 - s.max_ratio) * g.size)) for g in pool])
             total = int(round(ratio * sizes[free].sum()))
+            floors = np.maximum(floors, [getattr(g, "top_k", 0) for g in pool])  # an MoE layer keeps top_k experts
             kept[free] = alloc.global_kept(ranked, total, np.minimum(floors, sizes[free]), s.round_to)
             ratios[free] = 1.0 - kept[free] / sizes[free]
             return kept, ratios
@@ -169,7 +170,8 @@ class Pruner:
             ratios[free] = alloc.spread_ratios(sizes[free], weights[free], ratio, s.max_ratio)
         else:
             ratios[free] = ratio
-        return alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to, dither=dither), ratios
+        kept = alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to, dither=dither)
+        return np.maximum(kept, [getattr(g, "top_k", 0) for g in groups]), ratios  # an MoE layer keeps top_k experts
 
     def _ranked(self, group: Group, scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         live = candidates[group.start : group.start + group.size]
