@@ -191,3 +191,56 @@ def test_saved_loaded_and_replayed(tmp_path) -> None:
     ]
     with pytest.raises(SpecError, match="keeps 1 experts of model.layers.0.mlp.experts, fewer than top_k=2"):
         Mask(_build("qwen2_moe"), _inputs(2, 9, seed=1)).make().apply_spec(spec)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inner_width_and_hidden_size_through_the_experts(name: str) -> None:
+    model = _build(name)
+    mask = Mask(model, _inputs(2, 9, seed=1), algorithm=L1Norm(), ratio=0.5).make()
+    groups = {
+        m.name.rpartition(".")[2] + f"[{m.dim}]": g
+        for g in mask.groups
+        for m in g.members
+        if m.module == "model.layers.0.mlp.experts"
+    }
+    assert groups["gate_up_proj[2]"] is groups["down_proj[1]"]  # the hidden size
+    assert groups["gate_up_proj[1]"] is groups["down_proj[2]"]  # the inner width: gate and up halves as one unit
+    inner = groups["gate_up_proj[1]"]
+    assert inner.size == model.model.layers[0].mlp.experts.down_proj.shape[2]
+    assert not [reason for reason in mask.selection.layout.frozen if "experts" in reason]
+    mask.do_mask()
+    for group in _expert_groups(mask):
+        group.prune([1])
+    fresh = _inputs(3, 11, seed=2)
+    with torch.no_grad():
+        soft = model(**fresh).logits
+    pruned = mask.generate_pruned_model()
+    experts = pruned.model.layers[0].mlp.experts
+    width, hidden = inner.kept, groups["down_proj[1]"].kept
+    assert 0 < hidden < 32 and 0 < width < inner.size
+    assert experts.gate_up_proj.shape == (3, 2 * width, hidden) and experts.down_proj.shape == (3, hidden, width)
+    kept = torch.as_tensor(inner.keep).nonzero().flatten()
+    up = model.model.layers[0].mlp.experts.gate_up_proj[[0, 2, 3]][:, inner.size + kept]
+    torch.testing.assert_close(  # bit-exact: slices (the up half follows the gate half's channels)
+        experts.gate_up_proj[:, width:], up[..., groups["down_proj[1]"].keep], rtol=0, atol=0
+    )
+    with torch.no_grad():
+        hard = pruned(**fresh).logits
+    torch.testing.assert_close(hard, soft, rtol=RTOL, atol=RTOL * soft.abs().max().item())
+
+
+def test_eager_experts_are_removed_exactly() -> None:
+    model = _build("mixtral")
+    model.set_experts_implementation("eager")
+    mask = Mask(model, _inputs(2, 9, seed=1)).make()
+    groups = _expert_groups(mask)
+    groups[0].prune([2, 3])
+    assert _routed(model, _inputs(3, 11, seed=2))["model.layers.0.mlp.gate"] == {0, 1}
+    fresh = _inputs(3, 11, seed=2)
+    with torch.no_grad():
+        soft = model(**fresh).logits
+    pruned = mask.generate_pruned_model()
+    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+    with torch.no_grad():
+        hard = pruned(**fresh).logits
+    torch.testing.assert_close(hard, soft, rtol=RTOL, atol=RTOL * soft.abs().max().item())
