@@ -470,14 +470,23 @@ class Mask:
     def _expert_layers(self, tr: Any, res: Any, layout: Any) -> list[tuple]:
         """The mixture-of-experts layers the trace reached whose expert dim (dim 0 of their router rows and fused
         tensors) no channel group holds."""
-        first_dim = {name: node.spaces[0] for key, node in tr.param_nodes.items() for name in tr.owned[key].names}
+        found = find_expert_layers(self.model, self.ignore)
+        if not found:
+            return []
+        wanted = {name for layer in found for name in layer[4]}
+        first_dim = {
+            name: node.spaces[0]
+            for key, node in tr.param_nodes.items()
+            for name in tr.owned[key].names
+            if name in wanted and node.spaces
+        }
 
         def free(tensors: tuple[tuple[str, str], ...]) -> bool:
             return all(
                 name in first_dim and (unit_index(layout, first_dim[name]) == layout.n_units).all() for name in tensors
             )
 
-        return [found for found in find_expert_layers(self.model, self.ignore) if free(found[4])]
+        return [layer for layer in found if free(layer[4])]
 
     def _new_runtime(self) -> MaskRuntime:
         """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
