@@ -464,8 +464,10 @@ class Mask:
                 self._runtime.install()
         return self._probe
 
-    def _count_flops(self, plan: Plan) -> int:
-        return self._flops_probe().count(plan).total
+    def _count_flops(self, plan: Plan, keep: np.ndarray | None = None) -> int:
+        """FLOPs of the export of ``plan`` (made from the keep flags ``keep``: the current ones by default)."""
+        probe = self._flops_probe()
+        return probe.count(plan, self._selection.attributes(probe.index.modules, keep) if plan else None).total
 
     def _expert_layers(self, tr: Any, res: Any, layout: Any) -> list[tuple]:
         """The mixture-of-experts layers the trace reached whose expert dim (dim 0 of their router rows and fused

@@ -244,3 +244,19 @@ def test_eager_experts_are_removed_exactly() -> None:
     with torch.no_grad():
         hard = pruned(**fresh).logits
     torch.testing.assert_close(hard, soft, rtol=RTOL, atol=RTOL * soft.abs().max().item())
+
+
+def test_budgets_keep_widths_through_the_experts_aligned() -> None:
+    """torch's grouped products read rows of a multiple of 16 bytes: widths through fused experts keep a multiple of
+    4 float32 channels; a parameter budget is met with experts and widths together, and the report counts FLOPs."""
+    model = _build("qwen2_moe")
+    mask = Mask(model, _inputs(2, 9, seed=1), algorithm=Uniform(seed=0), target_params=0.7).make()
+    mask.do_mask()
+    through = [g for g in mask.groups if any(m.name.endswith(("gate_up_proj", "down_proj")) for m in g.members)]
+    assert through and all(g.kept % 4 == 0 and g.kept < g.size for g in through)
+    assert all(g.kept < g.size for g in _expert_groups(mask))
+    report = mask.sparsity()
+    assert 0 < report.flops_after < report.flops_before
+    pruned = mask.generate_pruned_model()
+    ratio = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
+    assert ratio == pytest.approx(0.7, abs=0.01)
