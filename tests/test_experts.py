@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import transformers
-from maskprune.algorithms import L1Norm, Uniform
+from maskprune.algorithms import L1Norm, RouterUsage, Uniform
 from torch import nn
 from zoo import _randomize_zero_parameters
 
@@ -260,3 +261,36 @@ def test_budgets_keep_widths_through_the_experts_aligned() -> None:
     pruned = mask.generate_pruned_model()
     ratio = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
     assert ratio == pytest.approx(0.7, abs=0.01)
+
+
+def test_router_usage_is_the_mean_routing_weight_of_each_expert() -> None:
+    data = [_inputs(2, 9, seed=s) for s in (4, 5)]
+    model = _build("qwen3_moe")
+    expected = {f"model.layers.{i}.mlp.gate": np.zeros(4) for i in range(2)}
+    tokens = 0
+    handles = [
+        model.get_submodule(path).register_forward_hook(
+            lambda m, a, out, path=path: np.add.at(
+                expected[path], out[2].numpy().ravel(), out[1].double().numpy().ravel()
+            )
+        )
+        for path in expected
+    ]
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+            tokens += batch["input_ids"].numel()
+    for handle in handles:
+        handle.remove()
+    mask = Mask(model, data[0], algorithm=RouterUsage(data), ratio=0.5).make()
+    algorithm = mask.algorithm
+    algorithm.prepare(mask, mask.groups)
+    for group in _expert_groups(mask):
+        np.testing.assert_allclose(algorithm.score(group), expected[group.router] / tokens, rtol=1e-12)
+    assert all(algorithm.score(g) is None for g in mask.groups if g.kind == "channels")
+    mask.do_mask()
+    for group in _expert_groups(mask):
+        assert group.kept == 2
+        assert sorted(group.pruned) == sorted(np.argsort(expected[group.router], kind="stable")[:2].tolist())
+    assert all(g.kept == g.size for g in mask.groups if g.kind == "channels")
+    mask.generate_pruned_model()  # verified: soft == hard

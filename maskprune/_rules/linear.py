@@ -3,7 +3,8 @@ products, the grouped products of fused experts and ``embedding``, with the size
 
 Channels flow from the input to the weight's consuming dim and from its producing dim to the output. The
 shape-only meta kernels of ``linear`` and the convolutions are ``_meta._linear`` and ``_meta._conv`` (listed in
-``_meta._PRODUCTS``, which a FLOPs count leaves to torch's own kernels).
+``_meta._PRODUCTS``, which a FLOPs count leaves to torch's own kernels); ``_meta._grouped_mm`` stands in for
+torch's meta ``_grouped_mm``, which takes only 16-bit floats.
 """
 
 from __future__ import annotations
