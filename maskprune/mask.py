@@ -46,6 +46,10 @@ DEFAULT_MAX_RATIO = 0.9
 class Mask:
     """Soft masks over a model's dependency groups, and their export to a smaller model.
 
+    Each mixture-of-experts layer in Hugging Face's fused form (Mixtral, Qwen2-MoE, Qwen3-MoE …) also gets a
+    group of ``kind == "experts"`` (an :class:`~maskprune.ExpertGroup`) whose units are its experts: a removed
+    expert is never routed, and the export removes it.
+
     Args:
         model: the model to prune; it keeps its parameters' names and shapes while masked.
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
