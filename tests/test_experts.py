@@ -230,10 +230,12 @@ def test_inner_width_and_hidden_size_through_the_experts(name: str) -> None:
     torch.testing.assert_close(hard, soft, rtol=RTOL, atol=RTOL * soft.abs().max().item())
 
 
-def test_eager_experts_are_removed_exactly() -> None:
+def test_eager_experts_and_widths_are_removed_exactly() -> None:
+    """The eager loop over experts (``F.linear`` with one expert's slice, ``index_add_``) moves the channels too."""
     model = _build("mixtral")
     model.set_experts_implementation("eager")
-    mask = Mask(model, _inputs(2, 9, seed=1)).make()
+    mask = Mask(model, _inputs(2, 9, seed=1), algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
     groups = _expert_groups(mask)
     groups[0].prune([2, 3])
     assert _routed(model, _inputs(3, 11, seed=2))["model.layers.0.mlp.gate"] == {0, 1}
@@ -241,7 +243,7 @@ def test_eager_experts_are_removed_exactly() -> None:
     with torch.no_grad():
         soft = model(**fresh).logits
     pruned = mask.generate_pruned_model()
-    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape == (2, 48, 16)  # experts, 2 * inner, hidden
     with torch.no_grad():
         hard = pruned(**fresh).logits
     torch.testing.assert_close(hard, soft, rtol=RTOL, atol=RTOL * soft.abs().max().item())

@@ -160,10 +160,11 @@ def linear(call: OpCall) -> None:
     out = call.outputs[0]
     if w.dim() != 2:
         return
-    if call.is_param(w):  # the weight's masked columns make the contraction exact
+    param = _param_dims(call, w)  # the parameter itself, or one expert's slice of fused expert weights
+    if param is not None:  # the weight's masked columns make the contraction exact
         call.unite(x, -1, w, 1)
-        call.role(w, 1, CONSUMER)
-    call.role(w, 0, PRODUCER)
+        call.role(param[0], param[1][1], CONSUMER)
+        call.role(param[0], param[1][0], PRODUCER)
     if b is not None:
         call.unite(b, -1, w, 0)
         call.role(b, -1, BIAS)
@@ -255,11 +256,12 @@ def grouped_mm(call: OpCall) -> None:
 
 def _param_dims(call: OpCall, t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
     """``t``'s parameter and the parameter's dim of each dim of ``t``, when ``t`` is a parameter or a view of one
-    with its dims permuted (``weight.transpose(-2, -1)``); else None."""
+    whose every dim is a whole dim of it (``weight.transpose(-2, -1)``, one expert's ``gate_up_proj[e]``): its
+    masked positions are zero in ``t`` too. Else None."""
     if call.is_param(t):
         return t, list(range(t.dim()))
     base = t._base
-    if base is None or not call.is_param(base) or base.dim() != t.dim() or base.storage_offset() != t.storage_offset():
+    if base is None or not call.is_param(base) or base.dim() < t.dim():
         return None
     dims: list[int] = []
     for d in range(t.dim()):
