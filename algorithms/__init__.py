@@ -16,6 +16,9 @@ Examples:
     (Activation(batch_agg='l2', seq_agg='mean', max_batches=None), WandaSP(max_batches=None))
     >>> FLAP([])
     FLAP(compensate=True, max_batches=None)
+    >>> from maskprune.algorithms import RouterUsage   # the experts of mixture-of-experts layers
+    >>> RouterUsage([])
+    RouterUsage(max_batches=None)
 """
 
 from .activation import Activation
@@ -23,6 +26,7 @@ from .apoz import APoZ
 from .baselines import Random, Uniform
 from .blocks import BlockImportance
 from .bnscale import BNScale
+from .experts import RouterUsage
 from .flap import FLAP
 from .fpgm import FPGM
 from .norms import L1Norm, L2Norm
@@ -40,6 +44,7 @@ __all__ = [
     "L1Norm",
     "L2Norm",
     "Random",
+    "RouterUsage",
     "Taylor",
     "ThiNet",
     "Uniform",

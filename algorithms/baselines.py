@@ -10,9 +10,10 @@ from maskprune import Algorithm, Group
 
 class _Seeded(Algorithm):
     """A seeded random score per channel (or per block of a ``kind == "block"`` group: the random depth
-    baseline); each call of :meth:`score` draws new ones from one stream."""
+    baseline; per expert of a ``kind == "experts"`` group); each call of :meth:`score` draws new ones from one
+    stream."""
 
-    kinds = ("channels", "block")
+    kinds = ("channels", "block", "experts")
 
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

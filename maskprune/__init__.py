@@ -12,7 +12,7 @@ Examples:
 
 from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
-from ._groups import BlockGroup, Group, Member
+from ._groups import BlockGroup, ExpertGroup, Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
 from ._records import call_model, evaluating, iter_tensors
 from ._report import GroupSparsity, Sparsity
@@ -28,6 +28,7 @@ __all__ = [
     "ActivationSite",
     "Algorithm",
     "BlockGroup",
+    "ExpertGroup",
     "ExportError",
     "Group",
     "GroupSparsity",

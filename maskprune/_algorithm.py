@@ -32,8 +32,9 @@ class Algorithm(ABC):
     #: ranking divides each group's scores by their mean first.
     comparable_across_groups: bool = False
 
-    #: the kinds of groups the criterion scores (``group.kind``): ``"channels"``, and ``"block"`` for a
-    #: depth criterion. ``do_mask()`` leaves the groups of other kinds alone and never asks about them.
+    #: the kinds of groups the criterion scores (``group.kind``): ``"channels"``, ``"block"`` for a
+    #: depth criterion, ``"experts"`` for the experts of a mixture-of-experts layer. ``do_mask()`` leaves the
+    #: groups of other kinds alone and never asks about them.
     kinds: tuple[str, ...] = ("channels",)
 
     @abstractmethod

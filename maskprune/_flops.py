@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._attributes import Attributes
 from ._export import Plan, apply_plan
 from ._meta import FastMeta, meta_copy, to_meta
 from ._records import call_model
@@ -45,11 +46,12 @@ class FlopsProbe:
         self.inputs = to_meta(inputs)
         self._dense: FlopCount | None = None
 
-    def count(self, plan: Plan) -> FlopCount:
-        """FLOPs of the model sliced by ``plan`` (an empty plan: the unpruned model)."""
+    def count(self, plan: Plan, attributes: Attributes | None = None) -> FlopCount:
+        """FLOPs of the model sliced by ``plan`` (an empty plan: the unpruned model), with the counts its code
+        reads set to ``attributes`` (``Selection.attributes`` of this probe's modules)."""
         if not plan and self._dense is not None:
             return self._dense
-        log = apply_plan(self.index, plan) if plan else None
+        log = apply_plan(self.index, plan, attributes) if plan else None
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(products=False):
                 call_model(self.model, self.inputs)

@@ -20,6 +20,7 @@ import torch
 
 from ._activations import ActivationSite, activation_sites
 from ._depth import BlockContainer
+from ._experts import ExpertLayer
 from ._graph import Resolution
 from ._records import MODEL_INPUT, MODEL_OUTPUT, Trace
 from ._walk import OwnedTensor
@@ -71,7 +72,8 @@ class Group:
         62
     """
 
-    #: what a unit is: ``"channels"`` (a channel or a head); ``"block"`` for a :class:`BlockGroup`
+    #: what a unit is: ``"channels"`` (a channel or a head); ``"block"`` for a :class:`BlockGroup`, ``"experts"``
+    #: for an :class:`ExpertGroup`
     kind = "channels"
 
     def __init__(self, selection: Selection, index: int, start: int, size: int, members: list[Member]):
@@ -225,6 +227,46 @@ class BlockGroup(Group):
         return "\n".join(lines)
 
 
+class ExpertGroup(Group):
+    """The experts of one mixture-of-experts layer: unit ``i`` is expert ``i`` (its router row and its slices of the
+    fused expert tensors). A removed expert is never routed; the export slices it out. The layer keeps at least
+    ``top_k`` experts (the experts each token is routed to). Its members are empty.
+    """
+
+    kind = "experts"
+
+    def __init__(self, selection: Selection, index: int, layer: ExpertLayer) -> None:
+        super().__init__(selection, index, layer.start, layer.count, [])
+        self.router = layer.router
+        self.experts = layer.experts
+        self.top_k = layer.top_k
+
+    def activations(self, kind: str = "output") -> list[ActivationSite]:
+        return []
+
+    def prune(self, channels: Iterable[int]) -> None:
+        """Remove these experts (``0 <= i < size``); at least ``top_k`` of them stay."""
+        idx = self._check(channels)
+        keep = self.keep
+        keep[idx] = False
+        if keep.sum() < self.top_k:
+            raise ValueError(
+                f"group {self.index} ({self.experts}) would keep {int(keep.sum())} of its {self.size} experts, fewer "
+                f"than the {self.top_k} each token is routed to (num_experts_per_tok)"
+            )
+        self._selection.set(self.start, keep)
+
+    def __repr__(self) -> str:
+        return f"Group({self.index}, experts={self.size}, kept={self.kept}, layer={self.experts!r})"
+
+    def __str__(self) -> str:
+        removed = ", ".join(map(str, self.pruned)) or "none"
+        return (
+            f"Group {self.index}: {self.kept}/{self.size} experts of {self.experts} kept (router {self.router}, "
+            f"top {self.top_k}; removed: {removed})"
+        )
+
+
 @dataclass
 class GroupLayout:
     """Groups as index arrays: what the Mask needs to build runtime masks and export plans."""
@@ -238,11 +280,12 @@ class GroupLayout:
     space_start: list[int]  # where each space's units start in unit_table
     space_size: list[int]
     blocks: list[BlockContainer] = field(default_factory=list)  # depth: units after the frozen slot
+    experts: list[ExpertLayer] = field(default_factory=list)  # MoE layers: units after the blocks
 
     @property
     def n_flags(self) -> int:
-        """Keep flags: one per channel unit, the always-kept frozen slot, then one per removable block."""
-        return self.n_units + 1 + sum(len(c.entries) for c in self.blocks)
+        """Keep flags: one per channel unit, the always-kept frozen slot, one per removable block, one per expert."""
+        return self.n_units + 1 + sum(len(c.entries) for c in self.blocks) + sum(e.count for e in self.experts)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._depth import identity_output
+from ._experts import masked_routing
 from ._layers import masked_norm, rms_rescale
 from ._records import LayerNormSite
 
@@ -174,6 +175,8 @@ class MaskRuntime:
         self.keep = torch.ones(n_flags, device=device)
         self.blocks: list[tuple[nn.Module, int]] = []  # (container entry, flat unit): removed, it is the identity
         self.removed_blocks: frozenset[int] = frozenset()
+        self.routers: list[tuple[nn.Module, int, int]] = []  # (router, flat unit of expert 0, experts)
+        self.router_bias: dict[int, torch.Tensor | None] = {}  # router index -> 0 / -inf per expert (None: all kept)
         self.dims: list[DimMask] = []
         self.norms: list[NormMask] = []
         self.buffers: list[MaskBuffer] = []
@@ -204,9 +207,17 @@ class MaskRuntime:
         """Make these container entries (entry, flat unit) the identity while their unit is removed."""
         self.blocks += blocks
 
+    def add_routers(self, routers: list[tuple[nn.Module, int, int]]) -> None:
+        """Route no token to the removed experts of these routers (router, flat unit of expert 0, experts)."""
+        self.routers += routers
+
     def refresh(self, keep_host: np.ndarray) -> None:
         """Copy the host keep flags into every derived mask (once per change, not per step)."""
         self.removed_blocks = frozenset(unit for _, unit in self.blocks if not keep_host[unit])
+        for i, (_, start, count) in enumerate(self.routers):
+            flags = torch.as_tensor(keep_host[start : start + count])
+            bias = torch.zeros(count).masked_fill_(~flags, -math.inf).to(self.keep.device)
+            self.router_bias[i] = None if flags.all() else bias
         with torch.no_grad():
             self.keep.copy_(torch.as_tensor(keep_host, dtype=self.keep.dtype))
             for buffer in self.buffers:
@@ -322,6 +333,8 @@ class MaskRuntime:
     def install(self) -> None:
         for entry, unit in self.blocks:  # a removed block is removed under either semantics
             self.handles.append(entry.register_forward_hook(self._block_hook(unit), with_kwargs=True))
+        for i, (router, _, _) in enumerate(self.routers):  # so is a removed expert
+            self.handles.append(router.register_forward_hook(self._router_hook(i)))
         if not self.enforce:
             return
         self.handles.append(self.model.register_forward_pre_hook(self._pre_hook))
@@ -342,6 +355,13 @@ class MaskRuntime:
     def _block_hook(self, unit: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return identity_output(args, kwargs, output) if unit in self.removed_blocks else None
+
+        return hook
+
+    def _router_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            bias = self.router_bias.get(index)
+            return None if bias is None else masked_routing(module, output, bias)
 
         return hook
 

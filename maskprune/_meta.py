@@ -455,6 +455,19 @@ def _cat(tensors: Any, dim: int = 0, **kwargs: Any) -> Any:
     return torch.empty((*head, total, *tail), dtype=dtype, device="meta")
 
 
+def _grouped_mm(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch._grouped_mm`` of a 2-D input and a 3-D weight (fused experts), whose own meta kernel takes only
+    16-bit floats: ``a @ b[0]``, of the output's shape and of the products of every row with its expert's slice
+    (what a FLOPs counter counts). Anything else returns NotImplemented."""
+    extra = {k: v for k, v in kwargs.items() if k != "offs" and v is not None}  # no bias, no out_dtype
+    plain = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not args and not extra
+    if not plain or a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[1] or a.dtype != b.dtype:
+        return NotImplemented
+    if not a.is_floating_point():
+        return NotImplemented
+    return torch.mm(a, b[0])
+
+
 # activation -> position of its ``inplace`` argument (None: it has none)
 _ACTIVATIONS = {
     F.relu: 1, F.relu6: 1, F.selu: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1,
@@ -488,5 +501,7 @@ FAST_KERNELS.update({getattr(torch.Tensor, f"__{name}__"): _elementwise(False) f
 FAST_KERNELS.update({getattr(torch.Tensor, f"__r{name}__"): _elementwise(False) for name in ("add", "mul")})
 FAST_KERNELS.update({getattr(torch.Tensor, f"{name}_"): _elementwise(True) for name in _BINARY})
 FAST_KERNELS.update({getattr(torch.Tensor, f"__i{name}__"): _elementwise(True) for name in _BINARY})
+if hasattr(torch, "_grouped_mm"):
+    FAST_KERNELS[torch._grouped_mm] = _grouped_mm
 if hasattr(F, "rms_norm"):
     FAST_KERNELS[F.rms_norm] = _rms_norm

@@ -22,7 +22,6 @@ from . import _allocate as alloc
 
 if TYPE_CHECKING:
     from ._algorithm import Algorithm
-    from ._export import Plan
     from ._groups import Group
     from ._selection import Selection
     from ._settings import Settings
@@ -42,10 +41,11 @@ class Decision:
 class Pruner:
     """The schedule's state (step, layer cursor) and the allocation over one :class:`Selection`.
 
-    ``flops(plan)`` counts the FLOPs of the export ``plan`` describes (the empty plan: the dense model).
+    ``flops(plan, keep)`` counts the FLOPs of the export ``plan`` describes (made from the keep flags ``keep``; the
+    empty plan: the dense model).
     """
 
-    def __init__(self, selection: Selection, settings: Settings, flops: Callable[[Plan], int]) -> None:
+    def __init__(self, selection: Selection, settings: Settings, flops: Callable[..., int]) -> None:
         self.selection = selection
         self.settings = settings
         self.flops = flops
@@ -56,6 +56,7 @@ class Pruner:
         self.weights: np.ndarray | None = None
         self.layer_counts: tuple[np.ndarray, np.ndarray] | None = None
         self.overrides = self._overrides()
+        self.alignment = _alignment(selection)
 
     # ---- the step ----------------------------------------------------------------------
     def finished(self) -> bool:
@@ -162,6 +163,7 @@ class Pruner:
             floors = np.asarray([max(s.min_channels, math.ceil((1 - s.max_ratio) * g.size)) for g in pool])
             total = int(round(ratio * sizes[free].sum()))
             kept[free] = alloc.global_kept(ranked, total, np.minimum(floors, sizes[free]), s.round_to)
+            kept = self._fitted(groups, kept, sizes)
             ratios[free] = 1.0 - kept[free] / sizes[free]
             return kept, ratios
         weights = self._group_weights(groups)
@@ -169,7 +171,15 @@ class Pruner:
             ratios[free] = alloc.spread_ratios(sizes[free], weights[free], ratio, s.max_ratio)
         else:
             ratios[free] = ratio
-        return alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to, dither=dither), ratios
+        kept = alloc.kept_counts(sizes, ratios, s.min_channels, s.round_to, dither=dither)
+        return self._fitted(groups, kept, sizes), ratios
+
+    def _fitted(self, groups: list[Group], kept: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """``kept`` where an MoE layer keeps at least ``top_k`` experts and a width through fused experts keeps a
+        multiple of 16 bytes (torch's grouped products ask that of every row they read)."""
+        steps = np.asarray([self.alignment.get(g.index, 1) for g in groups], dtype=np.int64)
+        kept = np.minimum(np.ceil(kept / steps).astype(np.int64) * steps, sizes)
+        return np.maximum(kept, [getattr(g, "top_k", 0) for g in groups])
 
     def _ranked(self, group: Group, scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         live = candidates[group.start : group.start + group.size]
@@ -223,7 +233,8 @@ class Pruner:
 
     def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
         """FLOPs of the export where each group keeps ``counts`` channels (which ones does not change the count)."""
-        return self.flops(self.selection.plan(self._keep_with(groups, counts, candidates)))
+        keep = self._keep_with(groups, counts, candidates)
+        return self.flops(self.selection.plan(keep), keep)
 
     def _params_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
         """Parameters of the export where each group keeps ``counts`` units (the first ones: blocks differ in size,
@@ -290,7 +301,22 @@ def group_path(group: Group) -> str:
     """Where a group sits: its container (block groups), else the module of its first producer (or member)."""
     if group.kind == "block":
         return group.container
+    if group.kind == "experts":
+        return group.experts
     return (group.producers() or group.members)[0].module
+
+
+def _alignment(selection: Selection) -> dict[int, int]:
+    """Channels per 16 bytes of the groups holding a dim of fused expert tensors other than the experts' own."""
+    fused = {f"{m}.{a}" if m else a for layer in selection.layout.experts for m, a in layer.tensors}
+    if not fused:
+        return {}
+    found = {}
+    for g in selection.groups:
+        sizes = [16 // m.tensor.element_size() for m in g.members if m.name in fused and m.dim]
+        if sizes:
+            found[g.index] = max(1, *sizes)
+    return found
 
 
 def _no_preparation(groups: Sequence[Group]) -> None:

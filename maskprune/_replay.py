@@ -25,12 +25,16 @@ def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np
     said_by = np.zeros(n_units + 1, dtype=np.int64)
     sources: list[str] = []
     found: set[tuple[str, str]] = set()
+    layers = selection.layout.experts
+    expert_dims = {name for layer in layers for name in layer.tensors}  # dim 0: the experts, read below
     for key, node in tr.param_nodes.items():
         owned = tr.owned[key]
         cut = next(((n, cuts[n]) for n in owned.names if n in cuts), None)
         if cut is not None:
             found.add(cut[0])
         for dim, space in enumerate(node.spaces):
+            if dim == 0 and owned.names[0] in expert_dims:
+                continue
             units = selection.units(space)
             wanted = np.ones(len(units), dtype=bool)
             if cut is not None and dim in cut[1]:
@@ -48,6 +52,12 @@ def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np
     if missing:
         raise SpecError(f"the spec prunes {missing[0]!r}, which the mask's trace never reached")
     keep = np.concatenate((want != 0, _block_flags(selection, spec)))
+    for layer in layers:
+        kept = cuts.get(layer.tensors[0], {}).get(0)
+        if kept is not None and len(kept) < layer.top_k:
+            raise SpecError(f"the spec keeps {len(kept)} experts of {layer.experts}, fewer than top_k={layer.top_k}")
+        if kept is not None:
+            keep[layer.start : layer.start + layer.count] = np.isin(np.arange(layer.count), list(kept))
     for group in selection.groups:
         if group.kind == "channels" and not keep[group.start : group.start + group.size].any():
             raise SpecError(f"the spec removes every channel of group {group.index} ({group.members[0].name})")
@@ -60,7 +70,8 @@ def keep_flags_of(selection: Selection, model: nn.Module, spec: PruneSpec) -> np
 
 
 def _block_flags(selection: Selection, spec: PruneSpec) -> np.ndarray:
-    """The flags of the removable entries (after the frozen slot): those the spec removed are off."""
+    """The flags after the frozen slot: the removable entries (those the spec removed are off), then the experts
+    (all on)."""
     flags = np.ones(selection.layout.n_flags - selection.n_units - 1, dtype=bool)
     removable = {}
     for path, unit in selection.block_units():

@@ -82,7 +82,7 @@ def sparsity_report(
 ) -> Sparsity:
     """The report of ``selection``'s flags; ``requested``: the ratio the schedule asked of each group so far."""
     dense = probe.count({})
-    now = probe.count(selection.plan())
+    now = probe.count(selection.plan(), selection.attributes(probe.index.modules))
     rows = []
     for g in selection.groups:
         modules = {m.module for m in g.members}

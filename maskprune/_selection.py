@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ._attributes import Attributes, attribute_updates
+from ._experts import expert_counts, expert_plan
 from ._export import Plan, TensorDims
 from ._graph import Resolution
-from ._groups import BlockGroup, Group, GroupLayout, prunable_spaces, unit_index, unit_views
+from ._groups import BlockGroup, ExpertGroup, Group, GroupLayout, prunable_spaces, unit_index, unit_views
 from ._records import Trace
 
 
@@ -75,13 +76,16 @@ class Selection:
 
     @property
     def groups(self) -> list[Group]:
-        """One :class:`Group` per entry of the layout, then one :class:`BlockGroup` per block container."""
+        """One :class:`Group` per entry of the layout, one :class:`BlockGroup` per block container, then one
+        :class:`ExpertGroup` per mixture-of-experts layer."""
         if self._groups is None:
             layout = self.layout
             self._groups = [
                 Group(self, i, start, size, members) for i, (start, size, members) in enumerate(layout.groups)
             ]
             self._groups += [BlockGroup(self, len(layout.groups) + i, c) for i, c in enumerate(layout.blocks)]
+            first = len(self._groups)
+            self._groups += [ExpertGroup(self, first + i, e) for i, e in enumerate(layout.experts)]
         return self._groups
 
     @property
@@ -118,10 +122,15 @@ class Selection:
         return self._shared.prunable
 
     def plan(self, keep: np.ndarray | None = None) -> Plan:
-        """Kept positions per pruned dimension of every parameter and buffer, by first name."""
+        """Kept positions per pruned dimension of every parameter and buffer, by first name (removed experts:
+        dim 0 of their fused tensors and router rows)."""
         if self._shared.tensor_dims is None:
             self._shared.tensor_dims = self._dims_table()
-        return self._shared.tensor_dims.plan(self.keep if keep is None else keep)
+        flags = self.keep if keep is None else keep
+        plan = self._shared.tensor_dims.plan(flags)
+        for name, kept in expert_plan(self.layout.experts, flags).items():
+            plan[name] = [(0, kept), *plan.get(name, [])]  # make() saw dim 0 frozen to channel groups
+        return plan
 
     def attributes(self, modules: Mapping[str, nn.Module], keep: np.ndarray | None = None) -> Attributes:
         """The counts held in module attributes (``num_heads`` …) that the export changes.
@@ -129,10 +138,13 @@ class Selection:
         ``modules``: the model's modules by qualified name.
         """
         sites = self.trace.size_sites
-        if not sites:  # no size written in the model's code: no count to update
-            return {}
         flags = self.keep if keep is None else keep
-        return attribute_updates(modules, sites, lambda space: int(flags[self.units(space)].sum()))
+        updates: Attributes = {}
+        if sites:  # a size written in the model's code: its count may change
+            updates = attribute_updates(modules, sites, lambda space: int(flags[self.units(space)].sum()))
+        for path, values in expert_counts(self.layout.experts, modules, flags).items():
+            updates.setdefault(path, {}).update(values)
+        return updates
 
     def without_last_unit(self, groups: list[int]) -> np.ndarray:
         """Flags that remove the last channel of each of ``groups`` (of more than one channel), for a trial export."""

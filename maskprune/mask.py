@@ -19,9 +19,10 @@ from ._algorithm import Algorithm
 from ._attributes import Attributes
 from ._collector import collector_paused
 from ._depth import block_containers, find_blocks
+from ._experts import expert_layers, find_expert_layers
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
-from ._groups import Group, build_layout, format_names
+from ._groups import Group, build_layout, format_names, unit_index
 from ._hf import export_attributes
 from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
@@ -45,6 +46,10 @@ DEFAULT_MAX_RATIO = 0.9
 
 class Mask:
     """Soft masks over a model's dependency groups, and their export to a smaller model.
+
+    Each mixture-of-experts layer in Hugging Face's fused form (Mixtral, Qwen2-MoE, Qwen3-MoE …) also gets a
+    group of ``kind == "experts"`` (an :class:`~maskprune.ExpertGroup`) whose units are its experts: a removed
+    expert is never routed, and the export removes it.
 
     Args:
         model: the model to prune; it keeps its parameters' names and shapes while masked.
@@ -213,7 +218,8 @@ class Mask:
         if self.depth:
             found = find_blocks(self.model, self.example_inputs, {**self.ignore, **self.freeze})
             layout.blocks = block_containers(found, layout.n_units + 1)
-        if not layout.groups and not layout.blocks:
+        layout.experts = expert_layers(self._expert_layers(tr, res, layout), layout.n_flags)
+        if not layout.groups and not layout.blocks and not layout.experts:
             reasons = "; ".join(f"{r}: {format_names(n, 3)}" for r, n in layout.frozen.items()) or "no parameters"
             raise NothingToPruneError(f"the model has no prunable channel ({reasons})")
         self._selection = Selection(
@@ -472,8 +478,31 @@ class Mask:
                 self._runtime.install()
         return self._probe
 
-    def _count_flops(self, plan: Plan) -> int:
-        return self._flops_probe().count(plan).total
+    def _count_flops(self, plan: Plan, keep: np.ndarray | None = None) -> int:
+        """FLOPs of the export of ``plan`` (made from the keep flags ``keep``: the current ones by default)."""
+        probe = self._flops_probe()
+        return probe.count(plan, self._selection.attributes(probe.index.modules, keep) if plan else None).total
+
+    def _expert_layers(self, tr: Any, res: Any, layout: Any) -> list[tuple]:
+        """The mixture-of-experts layers the trace reached whose expert dim (dim 0 of their router rows and fused
+        tensors) no channel group holds."""
+        found = find_expert_layers(self.model, self.ignore)
+        if not found:
+            return []
+        wanted = {name for layer in found for name in layer[4]}
+        first_dim = {
+            name: node.spaces[0]
+            for key, node in tr.param_nodes.items()
+            for name in tr.owned[key].names
+            if name in wanted and node.spaces
+        }
+
+        def free(tensors: tuple[tuple[str, str], ...]) -> bool:
+            return all(
+                name in first_dim and (unit_index(layout, first_dim[name]) == layout.n_units).all() for name in tensors
+            )
+
+        return [layer for layer in found if free(layer[4])]
 
     def _new_runtime(self) -> MaskRuntime:
         """Masks of every parameter dimension and layer norm holding a group's channel (all kept), installed."""
@@ -492,6 +521,7 @@ class Mask:
         runtime = MaskRuntime(self.model, selection.layout.n_flags, _device(self.model))
         runtime.add_dims(dims)
         runtime.add_blocks([(self.model.get_submodule(path), unit) for path, unit in selection.block_units()])
+        runtime.add_routers([(self.model.get_submodule(e.router), e.start, e.count) for e in selection.layout.experts])
         runtime.add_norms([(site, units(site.space)) for site in tr.layer_norms if prunable[site.space]])
         runtime.enforce = self.settings.semantics == "frozen"
         runtime.install()  # every channel kept: the masks start at one, nothing to refresh or zero
@@ -553,7 +583,11 @@ class Mask:
         ]
         lines.append(f"  {'group':>5}  {'kept/total':>11}  members")
         for g in groups:
-            names = [f"{m.name}[{m.dim}]" for m in g.members] or [f"blocks {', '.join(g.paths)}"]
+            names = [f"{m.name}[{m.dim}]" for m in g.members]
+            if g.kind == "block":
+                names = [f"blocks {', '.join(g.paths)}"]
+            elif g.kind == "experts":
+                names = [f"experts of {g.experts} (router {g.router}, top {g.top_k})"]
             lines.append(f"  {g.index:>5}  {f'{g.kept}/{g.size}':>11}  {format_names(names)}")
         frozen = self._selection.layout.frozen
         if frozen:

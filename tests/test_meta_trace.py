@@ -289,6 +289,14 @@ FAST_CASES: dict[str, tuple[Callable[..., torch.Tensor], tuple[Any, ...]]] = {
         lambda a, b: torch.cat([a, b], 1),
         (_t(2, 4, 3, 3).to(memory_format=torch.channels_last), _t(2, 5, 3, 3)),
     ),
+    "grouped_mm": (
+        lambda a, b: torch._grouped_mm(a, b, offs=torch.tensor([3, 5, 8], dtype=torch.int32, device=a.device)),
+        (_t(8, 4), _t(3, 4, 8)),
+    ),
+    "grouped_mm_wrong_width": (
+        lambda a, b: torch._grouped_mm(a, b, offs=torch.tensor([3, 5, 8], dtype=torch.int32, device=a.device)),
+        (_t(8, 4), _t(3, 8, 8)),
+    ),
     "adaptive_avg_pool2d_channels_last": (
         lambda x: F.adaptive_avg_pool2d(x, 2),
         (_t(2, 4, 5, 5).to(memory_format=torch.channels_last),),
@@ -326,6 +334,11 @@ def test_fast_meta_leaves_linear_and_convolutions_to_flop_counters() -> None:
         F.linear(x, w)
         F.conv2d(image, kernel)
     assert counter.get_total_flops() == 2 * 4 * 6 * 3 + 2 * (3 * 3 * 3) * (2 * 3 * 3)
+
+    rows, experts = torch.empty(8, 4, device="meta"), torch.empty(3, 4, 8, device="meta")
+    with FlopCounterMode(display=False) as counter, FastMeta(products=False):
+        out = torch._grouped_mm(rows, experts, offs=torch.tensor([3, 5, 8], dtype=torch.int32, device="meta"))
+    assert out.shape == (8, 8) and counter.get_total_flops() == 2 * 8 * 4 * 8  # every row times its expert's slice
 
 
 class InstanceNormByKeyword(nn.Module):

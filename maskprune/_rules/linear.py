@@ -1,9 +1,10 @@
 """Rules of layers with a weight: convolutions (transposed too), ``linear``, ``addmm``, ``einsum``, matrix
-products and ``embedding``, with the size updaters of their layers.
+products, the grouped products of fused experts and ``embedding``, with the size updaters of their layers.
 
 Channels flow from the input to the weight's consuming dim and from its producing dim to the output. The
 shape-only meta kernels of ``linear`` and the convolutions are ``_meta._linear`` and ``_meta._conv`` (listed in
-``_meta._PRODUCTS``, which a FLOPs count leaves to torch's own kernels).
+``_meta._PRODUCTS``, which a FLOPs count leaves to torch's own kernels); ``_meta._grouped_mm`` stands in for
+torch's meta ``_grouped_mm``, which takes only 16-bit floats.
 """
 
 from __future__ import annotations
@@ -159,10 +160,11 @@ def linear(call: OpCall) -> None:
     out = call.outputs[0]
     if w.dim() != 2:
         return
-    if call.is_param(w):  # the weight's masked columns make the contraction exact
+    param = _param_dims(call, w)  # the parameter itself, or one expert's slice of fused expert weights
+    if param is not None:  # the weight's masked columns make the contraction exact
         call.unite(x, -1, w, 1)
-        call.role(w, 1, CONSUMER)
-    call.role(w, 0, PRODUCER)
+        call.role(param[0], param[1][1], CONSUMER)
+        call.role(param[0], param[1][0], PRODUCER)
     if b is not None:
         call.unite(b, -1, w, 0)
         call.role(b, -1, BIAS)
@@ -230,6 +232,45 @@ def matmul(call: OpCall) -> None:
         call.role(a, -1, CONSUMER)
         call.role(b, -2, CONSUMER)
     call.set_out(out, batch + [call.space(a, -2), call.space(b, -1)])
+
+
+@rule("_grouped_mm", "grouped_mm")
+def grouped_mm(call: OpCall) -> None:
+    """Mixture-of-experts products: the rows of each expert (``offs``) of a 2-D input ``(rows, in)`` times that
+    expert's slice of a 3-D weight ``(experts, in, out)`` give ``(rows, out)`` (transformers' fused experts).
+
+    Like ``linear``: the input's channels are the weight's dim 1 when the weight is a parameter or a view of one
+    with its dims permuted (its masked slices make every expert's sum exact), the output's are the weight's
+    dim 2; the expert dim is no channel of the output.
+    """
+    a, b, out = call.args[0], call.args[1], call.outputs[0]
+    if not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 3 or out.dim() != 2:
+        return
+    param = _param_dims(call, b)
+    if param is not None:
+        call.unite(a, 1, b, 1)
+        call.role(param[0], param[1][1], CONSUMER)
+        call.role(param[0], param[1][2], PRODUCER)
+    call.set_out(out, [call.space(a, 0), call.space(b, 2)])
+
+
+def _param_dims(call: OpCall, t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+    """``t``'s parameter and the parameter's dim of each dim of ``t``, when ``t`` is a parameter or a view of one
+    whose every dim is a whole dim of it (``weight.transpose(-2, -1)``, one expert's ``gate_up_proj[e]``): its
+    masked positions are zero in ``t`` too. Else None."""
+    if call.is_param(t):
+        return t, list(range(t.dim()))
+    base = t._base
+    if base is None or not call.is_param(base) or base.dim() < t.dim():
+        return None
+    dims: list[int] = []
+    for d in range(t.dim()):
+        same = [p for p in range(base.dim()) if (base.stride(p), base.shape[p]) == (t.stride(d), t.shape[d])]
+        free = [p for p in same if p not in dims]
+        if not free:
+            return None
+        dims.append(free[0])
+    return base, dims
 
 
 @rule("embedding")

@@ -74,6 +74,14 @@ def mixing(call: OpCall) -> None:
             call.set_out(out, [None if d in dims else call.space(x, d) for d in range(x.dim())])
 
 
+@rule("histc", "bincount", "histogram")
+def histogram(call: OpCall) -> None:
+    """Counts of the input's values in bins (the tokens of each expert of a fused MoE layer): every input dim is
+    mixed, the bins are new."""
+    for out in call.outputs:
+        call.set_out(out, [None] * out.dim())
+
+
 # ---- spatial ops ---------------------------------------------------------------------------------
 _SPATIAL = [
     f"{kind}{n}d{suffix}"

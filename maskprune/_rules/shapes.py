@@ -466,6 +466,26 @@ def gather(call: OpCall) -> None:
     call.set_out(out, spaces)
 
 
+@rule("index_add")
+def index_add(call: OpCall) -> None:
+    """``x.index_add(dim, index, source)``: the rows of ``source`` added into the rows ``index`` of ``x`` along ``dim``
+    (the tokens of each expert of an eager MoE layer): the other dims of ``x`` and ``source`` are the same
+    channels; ``dim`` mixes (its count is ``x``'s)."""
+    x, out = call.args[0], call.outputs[0]
+    index, source = call.arg(2, "index"), call.arg(3, "source")
+    dim = call.arg(1, "dim")
+    if not isinstance(source, torch.Tensor) or not isinstance(index, torch.Tensor) or source.dim() != x.dim():
+        return
+    if not isinstance(dim, int) or x.dim() == 0:
+        return
+    dim %= x.dim()
+    call.claim_all(index)
+    for d in range(x.dim()):
+        if d != dim:
+            call.unite(x, d, source, d)
+    call.set_out(out, [call.space(x, d) if d != dim else None for d in range(x.dim())])
+
+
 @rule("setitem")
 def setitem(call: OpCall) -> None:
     x, value = call.args[0], call.args[2]
