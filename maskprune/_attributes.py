@@ -47,6 +47,8 @@ HEAD_COUNTS = frozenset(
         "decoder_attention_heads",
     }
 )
+# the expert counts an export of expert groups sets (never found by matching a traced size)
+EXPERT_COUNTS = frozenset({"num_experts", "num_local_experts"})
 WIDTH_ENDINGS = ("dim", "size", "_features", "channels")  # attn_dim, all_head_size, val_attn_dim, inner_dim …
 WIDTH_NAMES = frozenset({"nf", "width"})
 
