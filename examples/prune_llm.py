@@ -9,7 +9,8 @@ Offline, on two CPU cores:
 3. for each criterion and each way of pruning (``width``: channels, heads and the hidden size;
    ``depth``: whole decoder layers; ``both``), ``Mask(..., target_params=0.75)`` keeps 75% of the
    parameters; the export is verified against the masked model;
-4. held-out perplexity as pruned and after a short fine-tune, as a markdown table and JSON.
+4. held-out perplexity as pruned and after a short fine-tune, as a markdown table and JSON; the first row
+   (``none``) is the control: the dense model fine-tuned the same steps.
 
 Example:
     bash scripts/llm.sh                                       # installs python3-doc, then runs this
@@ -51,7 +52,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "prune_llm"
 HELD_OUT_EVERY = 10
 #: Channel criteria (``width``, and with :class:`BlockImportance` for the blocks, ``both``).
 WIDTH_CRITERIA = ("l2norm", "taylor", "activation", "wandasp", "flap", "random")
-MODES = ("width", "depth", "both")
+#: ``none`` is the control: the dense model fine-tuned as the pruned ones are.
+MODES = ("none", "width", "depth", "both")
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,9 @@ def grid(criteria: Sequence[str], modes: Sequence[str]) -> list[tuple[str, str]]
     """The (mode, criterion) pairs to run; depth-only runs once per block criterion (blockimportance, random)."""
     runs = []
     for mode in modes:
-        if mode == "depth":
+        if mode == "none":
+            runs.append((mode, "dense"))
+        elif mode == "depth":
             runs += [(mode, "blockimportance")] + ([(mode, "random")] if "random" in criteria else [])
         else:
             runs += [(mode, name) for name in criteria]
@@ -280,17 +284,12 @@ class Run:
     verified: bool = field(default=False)
 
 
-def prune_one(
-    base: nn.Module, mode: str, name: str, corpus: Corpus, size: ModelSize, budget: Budget, target: float = 0.75
-) -> Run:
-    """Prune a copy of ``base`` to ``target`` of its parameters, export (verified), measure, fine-tune, measure."""
-    start = time.perf_counter()
+def pruned_copy(base: nn.Module, mode: str, name: str, calibration: list[dict], target: float = 0.75) -> nn.Module:
+    """A copy of ``base`` with ``target`` of its parameters, exported (and verified) from a Mask."""
     model = copy.deepcopy(base).eval()
-    generator = torch.Generator().manual_seed(budget.seed + 1)
-    calib_tokens = windows(corpus.train, size.context, budget.calib_sequences, generator)
-    calibration = [{"input_ids": chunk} for chunk in calib_tokens.split(4)]
-    criterion = "blockimportance" if mode == "depth" and name != "random" else name
-    if criterion == "flap":
+    if mode == "none":  # the control: no pruning
+        return model
+    if name == "flap":
         add_zero_biases(model, ["o_proj", "down_proj"])  # FLAP compensates the removed channels in biases
     algorithm = algorithm_for(name, mode, calibration)
     mask = Mask(model, calibration[0], algorithm=algorithm, target_params=target, depth=mode != "width").make()
@@ -302,6 +301,22 @@ def prune_one(
     mask.do_mask()
     pruned = mask.generate_pruned_model()  # verified: raises ExportError when it differs from the masked model
     mask.remove()  # the masked copy is done with; the export is a plain model
+    return pruned
+
+
+def prune_one(
+    base: nn.Module, mode: str, name: str, corpus: Corpus, size: ModelSize, budget: Budget, target: float = 0.75
+) -> Run:
+    """Prune a copy of ``base`` to ``target`` of its parameters, export (verified), measure, fine-tune, measure.
+
+    ``mode="none"`` is the control: the dense model, fine-tuned the same steps.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(budget.seed + 1)
+    calib_tokens = windows(corpus.train, size.context, budget.calib_sequences, generator)
+    calibration = [{"input_ids": chunk} for chunk in calib_tokens.split(4)]
+    criterion = "blockimportance" if mode == "depth" and name != "random" else name
+    pruned = pruned_copy(base, mode, name, calibration, target)
     kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(base)
     ppl_pruned = perplexity(pruned, corpus.held_out, size, budget)
     train(pruned, corpus.train, size, budget, budget.finetune_steps, budget.finetune_lr)
@@ -314,7 +329,7 @@ def prune_one(
         ppl_pruned=ppl_pruned,
         ppl_finetuned=ppl_finetuned,
         seconds=time.perf_counter() - start,
-        verified=True,
+        verified=mode != "none",
     )
 
 

@@ -71,9 +71,16 @@ def test_depth_only_removes_whole_layers_and_no_channel(corpus: job.Corpus, base
     assert run.kept_params == pytest.approx(1 - 2 * per_layer, abs=1e-6)  # every channel kept
 
 
+def test_the_control_is_the_dense_model_fine_tuned(corpus: job.Corpus, base: torch.nn.Module) -> None:
+    run = job.prune_one(base, "none", "dense", corpus, SIZE, BUDGET)
+    assert (run.kept_params, run.layers, run.verified) == (1.0, SIZE.layers, False)
+    assert run.ppl_pruned == pytest.approx(job.perplexity(base, corpus.held_out, SIZE, BUDGET), rel=1e-6)
+
+
 def test_the_grid_and_the_table() -> None:
-    runs = job.grid(["l2norm", "random"], ["width", "depth", "both"])
+    runs = job.grid(["l2norm", "random"], ["none", "width", "depth", "both"])
     assert runs == [
+        ("none", "dense"),
         ("width", "l2norm"),
         ("width", "random"),
         ("depth", "blockimportance"),
