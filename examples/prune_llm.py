@@ -284,6 +284,13 @@ class Run:
     verified: bool = field(default=False)
 
 
+def calibration_batches(corpus: Corpus, size: ModelSize, budget: Budget) -> list[dict[str, torch.Tensor]]:
+    """``calib_sequences`` random windows of the training split, in batches of 4 (the same at every call)."""
+    generator = torch.Generator().manual_seed(budget.seed + 1)
+    tokens = windows(corpus.train, size.context, budget.calib_sequences, generator)
+    return [{"input_ids": chunk} for chunk in tokens.split(4)]
+
+
 def pruned_copy(base: nn.Module, mode: str, name: str, calibration: list[dict], target: float = 0.75) -> nn.Module:
     """A copy of ``base`` with ``target`` of its parameters, exported (and verified) from a Mask."""
     model = copy.deepcopy(base).eval()
@@ -312,9 +319,7 @@ def prune_one(
     ``mode="none"`` is the control: the dense model, fine-tuned the same steps.
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(budget.seed + 1)
-    calib_tokens = windows(corpus.train, size.context, budget.calib_sequences, generator)
-    calibration = [{"input_ids": chunk} for chunk in calib_tokens.split(4)]
+    calibration = calibration_batches(corpus, size, budget)
     criterion = "blockimportance" if mode == "depth" and name != "random" else name
     pruned = pruned_copy(base, mode, name, calibration, target)
     kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(base)

@@ -3,6 +3,7 @@ width, by depth and by both, verified export, perplexity before and after a fine
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from maskprune import Mask
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the examples import each other as plain modules, as when run as scripts
@@ -62,6 +65,17 @@ def test_a_quarter_of_the_parameters_removed(
     assert run.ppl_pruned > job.perplexity(base, corpus.held_out, SIZE, BUDGET)  # pruning costs something
     assert run.layers == SIZE.layers or mode == "both"  # both: blocks lose the channels' ratio, here under 1/8
     assert run.criterion == ("l2norm" if mode == "width" else "activation+blockimportance")
+
+
+@pytest.mark.parametrize("mode", ["width", "both"])
+def test_the_export_computes_what_the_spec_masks(corpus: job.Corpus, base: torch.nn.Module, mode: str) -> None:
+    calibration = job.calibration_batches(corpus, SIZE, BUDGET)
+    pruned = job.pruned_copy(base, mode, "wandasp", calibration)
+    masked = copy.deepcopy(base)
+    Mask(masked, calibration[0], depth=mode == "both").make().apply_spec(pruned)  # the masks the export records
+    fresh = {"input_ids": corpus.held_out[: 3 * 20].view(3, 20)}  # another batch size and length
+    assert job.maskprune.verify(masked, pruned, fresh).ok
+    assert job.maskprune.count_parameters(pruned) < 0.77 * job.maskprune.count_parameters(base)
 
 
 def test_depth_only_removes_whole_layers_and_no_channel(corpus: job.Corpus, base: torch.nn.Module) -> None:
