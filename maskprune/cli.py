@@ -4,6 +4,7 @@ Examples:
     maskprune inspect torchvision:resnet18 --input-shape 1,3,64,64
     maskprune prune torchvision:resnet18 --algorithm fpgm --ratio 0.3 --out resnet18-fpgm
     maskprune report resnet18-fpgm --plot channels.png
+    maskprune prune hf:my-llama --calib text.txt --algorithm wandasp --target-params 0.75 --depth --out my-llama-75
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 import maskprune.algorithms as criteria
 
-from ._models import build_model, parse_shape
+from ._models import build_model, parse_shape, text_batches
 from ._spec import as_spec
 from ._verify import VerifyResult, verify
 from .errors import MaskpruneError
@@ -40,6 +41,12 @@ ALGORITHMS = {
     "bnscale": criteria.BNScale,
     "random": criteria.Random,
     "uniform": criteria.Uniform,
+}
+# criteria that read calibration batches (--calib): language models
+CALIBRATED = {
+    "activation": criteria.Activation,
+    "wandasp": criteria.WandaSP,
+    "blockimportance": criteria.BlockImportance,
 }
 
 
@@ -72,15 +79,17 @@ def inspect(args: argparse.Namespace) -> None:
 def prune(args: argparse.Namespace) -> None:
     """One-shot (or ``--steps``) pruning, export, verification on a fresh batch, save."""
     model = build_model(args.model)
-    mask = _pruned_mask(model, args, args.input_shape)
+    calibration = _calibration(args)
+    mask = _pruned_mask(model, args, calibration[0] if calibration else args.input_shape, calibration)
     log.info("exporting (verified against the masked model)")
     pruned = mask.generate_pruned_model()
-    check = _verify(mask, pruned, args.input_shape)
+    check = verify(model, pruned, calibration[-1]) if calibration else _verify(mask, pruned, args.input_shape)
     log.info("soft vs hard on a fresh batch: %s", check)
     if not check:
         raise MaskpruneError(f"the exported model differs from the masked model on a fresh batch: {check}")
-    info = {"model": args.model, "input_shape": list(args.input_shape)}
-    folder = save_pruned(pruned, args.out, info=info, architecture=args.model)
+    inputs = {"calib": str(args.calib)} if calibration else {"input_shape": list(args.input_shape)}
+    architecture = None if args.model.startswith("hf:") else args.model  # a transformers model records its config
+    folder = save_pruned(pruned, args.out, info={"model": args.model, **inputs}, architecture=architecture)
     kept, total = mask.sparsity().channels
     print(f"saved {args.model} ({kept}/{total} channels kept) to {folder}")
 
@@ -123,15 +132,37 @@ def _fresh(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.
     return args.target, original, mask, mask.generate_pruned_model()
 
 
-def _pruned_mask(model: torch.nn.Module, args: argparse.Namespace, shape: Sequence[int]) -> Mask:
+def _calibration(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """``--calib``'s batches (tokenized by an ``hf:`` folder's tokenizer, else bytes); none without it."""
+    if args.calib is None:
+        if args.algorithm in CALIBRATED:
+            raise ValueError(f"--algorithm {args.algorithm} reads calibration text: give --calib FILE.txt")
+        if args.model.startswith("hf:"):
+            raise ValueError("an hf: model needs --calib FILE.txt (its example inputs are token ids)")
+        return []
+    folder = args.model[3:] if args.model.startswith("hf:") else None
+    return text_batches(args.calib, folder)
+
+
+def _pruned_mask(
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    example: Sequence[int] | dict[str, torch.Tensor],
+    calibration: Sequence[dict[str, torch.Tensor]] = (),
+) -> Mask:
+    name = args.algorithm
+    algorithm = CALIBRATED[name](calibration) if name in CALIBRATED else ALGORITHMS[name]()
     mask = Mask(
         model,
-        input_shape=shape,
-        algorithm=ALGORITHMS[args.algorithm](),
+        example if isinstance(example, dict) else None,
+        input_shape=None if isinstance(example, dict) else example,
+        algorithm=algorithm,
         ratio=args.ratio,
         target_flops=args.target_flops,
+        target_params=getattr(args, "target_params", None),
         allocation=args.allocation,
         steps=args.steps,
+        depth=getattr(args, "depth", False),
     )
     log.info("tracing %s", type(model).__name__)
     mask.make()
@@ -159,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="torch seed: the random weights of the models and the example inputs"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "torchvision:NAME, timm:NAME (timm installed) or module.path:factory"
+    model_help = "torchvision:NAME, timm:NAME (timm installed), hf:FOLDER (prune only) or module.path:factory"
 
     sub = commands.add_parser("inspect", help="print the dependency groups and what is frozen")
     sub.add_argument("model", help=model_help)
@@ -171,7 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("model", help=model_help)
     sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
     sub.add_argument("--out", required=True, help="folder to write spec.json and model.safetensors to")
-    _pruning_options(sub)
+    sub.add_argument("--calib", help="text file of calibration (and example) inputs for an hf: language model")
+    sub.add_argument("--target-params", type=float, help="fraction of the parameters to keep, instead of --ratio")
+    sub.add_argument("--depth", action="store_true", help="also remove whole residual blocks (decoder layers)")
+    _pruning_options(sub, calibrated=True)
     sub.set_defaults(run=prune)
 
     sub = commands.add_parser("report", help="before/after table (and --plot) of a saved folder or of pruning a model")
@@ -185,8 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pruning_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="l1", help="criterion (default l1)")
+def _pruning_options(sub: argparse.ArgumentParser, calibrated: bool = False) -> None:
+    names = sorted(ALGORITHMS) + (sorted(CALIBRATED) if calibrated else [])
+    sub.add_argument("--algorithm", choices=names, default="l1", help="criterion (default l1)")
     sub.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.5)")
     sub.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove instead of --ratio")
     sub.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="per group or ranked")

@@ -133,7 +133,7 @@ def test_a_bad_model_is_an_error_message_and_status_1() -> None:
 @pytest.mark.parametrize(
     "model, message",
     [
-        ("resnet18", "a model is torchvision:NAME, timm:NAME or module.path:factory, got 'resnet18'"),
+        ("resnet18", "a model is torchvision:NAME, timm:NAME, hf:FOLDER or module.path:factory, got 'resnet18'"),
         ("no_such_package:build", "cannot import 'no_such_package'"),
         ("maskprune.testing:nothing", "'maskprune.testing' has no callable 'nothing'"),
         ("maskprune.testing:TINY_MODELS", "'maskprune.testing' has no callable 'TINY_MODELS'"),
@@ -159,3 +159,40 @@ def test_bad_arguments_exit_with_usage(args: list[str], message: str, capsys) ->
         cli.main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def llama_folder(tmp_path: Path) -> Path:
+    """A tiny Llama (byte vocabulary, no tokenizer) saved with save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_prune_a_hugging_face_folder_with_calibration_text(llama_folder: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text(Path(cli.__file__).read_text())  # prose enough: bytes, as the folder has no tokenizer
+    args = ["--quiet", "prune", f"hf:{llama_folder}", "--calib", str(calib), "--algorithm", "wandasp"]
+    assert cli.main([*args, "--target-params", "0.75", "--out", str(tmp_path / "out")]) == 0
+
+    original = maskprune._models.build_model(f"hf:{llama_folder}")
+    pruned = maskprune.load_pruned(maskprune._models.build_model(f"hf:{llama_folder}"), tmp_path / "out")
+    kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(original)
+    assert abs(kept - 0.75) <= 0.01, kept
+    batch = maskprune._models.text_batches(calib, llama_folder, length=16, count=2)
+    assert batch[0]["input_ids"].shape == (2, 16) and int(batch[0]["input_ids"].max()) < 256
+    assert json.loads((tmp_path / "out" / "spec.json").read_text())["info"]["calib"] == str(calib)
+
+
+def test_an_hf_model_without_calibration_text_is_an_error(llama_folder: Path, tmp_path: Path, caplog) -> None:
+    assert cli.main(["prune", f"hf:{llama_folder}", "--out", str(tmp_path / "out")]) == 1
+    assert "needs --calib" in caplog.text
+    assert cli.main(["prune", f"hf:{tmp_path}", "--calib", __file__, "--out", str(tmp_path / "out")]) == 1
+    assert "no config.json" in caplog.text and not (tmp_path / "out").exists()
