@@ -217,7 +217,11 @@ class Pruner:
             return counts
         units = sum(g.size for g in groups)
         best = _bisect(removed_at, target, (most, counts), s.max_ratio, units)
-        blocks = {g.index: g.size for g in groups if g.kind == "block" and g.index not in fixed}
+        blocks = {  # the block groups the criterion scored (one it declined keeps its blocks)
+            g.index: g.size
+            for g in groups
+            if g.kind == "block" and g.index not in fixed and scores.get(g.index) is not None
+        }
         if abs(best[0] - target) > FLOPS_TOLERANCE and blocks:
             # a block is a coarse step: hold the block groups at each ratio they can take, the channels meet the rest
             steps = sorted({j / size for size in blocks.values() for j in range(size)})

@@ -325,6 +325,19 @@ def test_a_parameter_budget_with_depth_and_width(target: float) -> None:
     assert maskprune.verify(model, pruned, _inputs("llama", 1, 9, seed=4)).ok
 
 
+def test_a_parameter_budget_with_depth_and_a_channel_criterion_prunes_channels_only() -> None:
+    """A criterion that scores channels only (L1Norm) leaves the blocks; the budget is met by channels alone."""
+    build, _ = DECODERS["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    mask = Mask(model, _inputs("llama", 2, 12, seed=1), algorithm=L1Norm(), target_params=0.75, depth=True)
+    mask.make().do_mask()
+    pruned = mask.generate_pruned_model()
+    kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(model)
+    assert abs(kept - 0.75) <= 0.01, kept
+    assert all(g.kept == g.size for g in mask.groups if g.kind == "block")
+
+
 @pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, float("nan")])
 def test_target_params_outside_zero_one_is_an_error(value: float) -> None:
     with pytest.raises(ValueError, match=r"target_params must be a number in \(0, 1\)"):
