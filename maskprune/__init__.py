@@ -14,6 +14,7 @@ from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
+from ._recalibrate import recalibrate_bn
 from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
@@ -46,6 +47,7 @@ __all__ = [
     "count_parameters",
     "load_pruned",
     "masked_norm",
+    "recalibrate_bn",
     "register",
     "save_pruned",
     "unregister",

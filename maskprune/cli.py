@@ -3,6 +3,7 @@
 Example:
     maskprune inspect torchvision:resnet18 --input-shape 1,3,64,64
     maskprune prune torchvision:resnet18 --algorithm fpgm --ratio 0.3 --out resnet18-fpgm
+    maskprune prune torchvision:resnet18 --ratio 0.3 --calib images.pt --out resnet18-l1   # BN re-estimated
     maskprune report resnet18-fpgm --plot channels.png
 """
 
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from tqdm import tqdm
 import maskprune.algorithms as criteria
 
 from ._models import build_model, parse_shape
+from ._recalibrate import DEFAULT_BATCHES
 from ._spec import as_spec
 from ._verify import VerifyResult, verify
 from .errors import MaskpruneError
@@ -131,12 +134,31 @@ def _pruned_mask(model: torch.nn.Module, args: argparse.Namespace, shape: Sequen
         target_flops=args.target_flops,
         allocation=args.allocation,
         steps=args.steps,
+        recalibrate=_calibration_batches(args.calib, args.calib_batch_size, shape) if args.calib else None,
     )
     log.info("tracing %s", type(model).__name__)
     mask.make()
     for _ in tqdm(range(args.steps), desc="pruning", unit="step", disable=args.quiet):
         mask.do_mask()
     return mask
+
+
+def _calibration_batches(path: str, batch_size: int, shape: Sequence[int]) -> list[torch.Tensor]:
+    """The ``--calib`` file: one floating tensor of inputs ``(N, *shape[1:])``, cut into batches of ``batch_size``."""
+    try:
+        images = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # an unreadable or unsafe file: say which and why
+        raise ValueError(f"--calib {path}: not a tensor file saved with torch.save ({error})") from error
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != len(shape):
+        if isinstance(images, torch.Tensor):
+            got = f"a {images.dtype} tensor of shape {tuple(images.shape)}"
+        else:
+            got = f"a {type(images).__name__}"
+        dims = ", ".join(map(str, shape[1:]))
+        raise ValueError(f"--calib {path}: expected one floating tensor of inputs (N, {dims}), got {got}")
+    if len(images) == 0 or batch_size < 1:
+        raise ValueError(f"--calib {path}: {len(images)} inputs in batches of {batch_size}: nothing to run")
+    return list(images.split(batch_size))
 
 
 def _verify(mask: Mask, pruned: torch.nn.Module, shape: Sequence[int]) -> VerifyResult:
@@ -190,6 +212,13 @@ def _pruning_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove instead of --ratio")
     sub.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="per group or ranked")
     sub.add_argument("--steps", type=int, default=1, help="do_mask() steps to reach the target (default 1)")
+    sub.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="inputs (one tensor saved with torch.save) on which the BatchNorm statistics are re-estimated "
+        f"after pruning (maskprune.recalibrate_bn, at most {DEFAULT_BATCHES} batches)",
+    )
+    sub.add_argument("--calib-batch-size", type=int, default=32, help="inputs per --calib batch (default 32)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from ._layers import leaf_rules
 from ._masking import MaskRuntime
 from ._probe import fixed_size_groups, needs_trial_export
 from ._pruning import Pruner
+from ._recalibrate import recalibrate_bn
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._settings import Settings
@@ -75,6 +76,8 @@ class Mask:
             (soft filters, as SFP and FPGM: ``do_mask()`` zeroes the removed filters, which keep
             training, and every ``do_mask()`` re-selects from all channels).
         ignore: modules (or qualified names) whose channels must never be pruned.
+        recalibrate: batches (a DataLoader, a list of tensors) on which :func:`~maskprune.recalibrate_bn`
+            re-estimates the BatchNorm statistics after every ``do_mask()`` that changed the masks.
 
     Example:
         >>> model = torchvision.models.resnet18()                               # doctest: +SKIP
@@ -102,6 +105,7 @@ class Mask:
         pre_layer: bool = False,
         semantics: str = "frozen",
         ignore: Iterable[nn.Module | str] = (),
+        recalibrate: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -109,6 +113,8 @@ class Mask:
             raise TypeError(
                 f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
             )
+        if recalibrate is not None and not isinstance(recalibrate, Iterable):
+            raise TypeError(f"recalibrate must be an iterable of batches, got {type(recalibrate).__name__}")
         if not isinstance(ratios, (Mapping, type(None))):
             raise TypeError(f"ratios must be a dict {{module or name: ratio}}, got {type(ratios).__name__}")
         named_ratios = {}
@@ -132,6 +138,7 @@ class Mask:
         self.algorithm = algorithm
         self.example_inputs = _example_inputs(model, example_inputs, input_shape)
         self.ignore = _resolve_modules(model, ignore, "ignore")
+        self.recalibrate = recalibrate
         self._made = False
         self._trace: Trace | None = None
         self._layout: GroupLayout | None = None
@@ -245,6 +252,8 @@ class Mask:
                 self._runtime.apply()
             else:
                 self._runtime.apply_producers()
+            if self.recalibrate is not None:
+                recalibrate_bn(self.model, self.recalibrate)
         self.algorithm.finish(self)
         return changed or self.settings.pre_layer
 
