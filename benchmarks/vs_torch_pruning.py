@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, help="markdown file (default: benchmarks/results/vs_torch_pruning.md)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2,048 training images, 1 seed, 8 steps")
+    parser.add_argument("--from-json", type=Path, help="only write the markdown report of this results file")
     args = parser.parse_args(argv)
     unknown = set(args.finetune) - {"all", "none", *NAMES}
     if unknown:
@@ -339,8 +341,14 @@ def report(runs: list[Run], bases: dict[int, float], args: argparse.Namespace, s
         + f"; {len(args.seeds)} base seed(s), mean ± sample std over them.",
         f"Columns: test accuracy (%) of the exported model as pruned; after `maskprune.recalibrate_bn` on "
         f"{args.recalibration_batches} training batches of 128; after {args.finetune_steps} SGD steps from there.",
-        "",
     ]
+    tuned = sorted({r.seed for r in runs if r.finetuned is not None})
+    if tuned != sorted({r.seed for r in runs}):
+        lines.append(
+            f"Fine-tuned on base seed(s) {', '.join(map(str, tuned)) or 'none'} only (a smaller grid): the "
+            "fine-tuned column is over those seeds, the other columns over every seed listed."
+        )
+    lines.append("")
     for allocation in args.allocations:
         what = (
             f"uniform: {RATIO:.0%} of every group's channels"
@@ -356,6 +364,15 @@ def report(runs: list[Run], bases: dict[int, float], args: argparse.Namespace, s
 
 def main(argv: Sequence[str] | None = None) -> list[Run]:
     args = parse_args(argv)
+    if args.from_json:  # the report of a finished or interrupted run, as it was measured
+        saved = json.loads(args.from_json.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        output, args = args.output, parse_args(shlex.split(saved["command"])[2:])  # the run's own options
+        args.output, args.command, args.seeds = output, saved["command"], sorted({r.seed for r in runs})
+        fm.set_threads(args.threads)
+        bases = {int(seed): accuracy for seed, accuracy in saved["bases"].items()}
+        args.output.write_text(report(runs, bases, args, saved.get("seconds", 0.0)))
+        return runs
     start = time.perf_counter()
     fm.set_threads(args.threads)
     data = fm.load_fashion_mnist(args.data)
@@ -376,10 +393,8 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
                 f"seed {seed} {r.allocation} {r.criterion}: {r.as_pruned} {r.recalibrated} {r.finetuned} "
                 f"{r.error or ''} ({r.seconds:.0f} s)"
             )
-            json_path.write_text(
-                json.dumps({"command": args.command, "bases": bases, "runs": [asdict(r) for r in runs]}, indent=1)
-                + "\n"
-            )
+            record = {"command": args.command, "bases": bases, "seconds": time.perf_counter() - start}
+            json_path.write_text(json.dumps({**record, "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
     text = report(runs, bases, args, time.perf_counter() - start)
     print(text)
     args.output.write_text(text)
