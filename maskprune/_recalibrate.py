@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._trace import call_model
+from ._trace import call_model, evaluating  # the helpers that run a model on a batch
 
 #: How many batches :func:`recalibrate_bn` reads by default.
 DEFAULT_BATCHES = 100
@@ -72,25 +72,23 @@ def recalibrate_bn(
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    flags = [(module, module.training) for module in model.modules()]
     momenta = [norm.momentum for norm in norms]
     saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
     device = _device(model)
     count = 0
     try:
-        model.eval()
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a cumulative average over the batches
-            norm.train()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():  # every training flag comes back, also on error
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average over the batches
+                norm.train()
             for batch in loader if batches is None else islice(loader, batches):
                 call_model(model, _to_device(inputs(batch) if inputs else _model_input(batch), device))
                 count += 1
-        if count == 0:
-            raise ValueError(
-                "recalibrate_bn: the loader gave no batch (an exhausted iterator? pass a DataLoader or a list)"
-            )
+            if count == 0:
+                raise ValueError(
+                    "recalibrate_bn: the loader gave no batch (an exhausted iterator? pass a DataLoader or a list)"
+                )
     except BaseException:
         with torch.no_grad():
             for norm, buffers in zip(norms, saved, strict=True):
@@ -100,9 +98,6 @@ def recalibrate_bn(
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-        for module, training in flags:
-            if module.training != training:
-                module.training = training
     return count
 
 
