@@ -171,3 +171,15 @@ def test_mask_recalibrates_after_each_do_mask_that_changed_something() -> None:
     assert torch.all(model.bn1.running_mean == 7.0)
     with pytest.raises(TypeError, match="recalibrate must be an iterable"):
         Mask(model, x, recalibrate=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_batches_go_to_the_models_device() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)).eval()
+    data = batches(2)
+    on_gpu = copy.deepcopy(model).cuda()
+    recalibrate_bn(model, data)
+    recalibrate_bn(on_gpu, [(x, torch.zeros(4)) for x in data])  # CPU tensors inside tuples
+    assert on_gpu[1].running_mean.is_cuda and not on_gpu.training
+    torch.testing.assert_close(on_gpu[1].running_var.cpu(), model[1].running_var, rtol=1e-4, atol=1e-5)
