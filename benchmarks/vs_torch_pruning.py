@@ -121,7 +121,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, help="markdown file (default: benchmarks/results/vs_torch_pruning.md)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2,048 training images, 1 seed, 8 steps")
-    parser.add_argument("--from-json", type=Path, help="only write the markdown report of this results file")
+    parser.add_argument("--cache", type=Path, default=fm.CACHE_DIR, help="where the base models are cached")
+    parser.add_argument(
+        "--from-json", nargs="+", type=Path, help="only write the markdown report of these results files (merged)"
+    )
     args = parser.parse_args(argv)
     unknown = set(args.finetune) - {"all", "none", *NAMES}
     if unknown:
@@ -364,14 +367,15 @@ def report(runs: list[Run], bases: dict[int, float], args: argparse.Namespace, s
 
 def main(argv: Sequence[str] | None = None) -> list[Run]:
     args = parse_args(argv)
-    if args.from_json:  # the report of a finished or interrupted run, as it was measured
-        saved = json.loads(args.from_json.read_text())
-        runs = [Run(**r) for r in saved["runs"]]
-        output, args = args.output, parse_args(shlex.split(saved["command"])[2:])  # the run's own options
-        args.output, args.command, args.seeds = output, saved["command"], sorted({r.seed for r in runs})
+    if args.from_json:  # the report of finished or interrupted runs, as they were measured
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        runs = [Run(**r) for part in saved for r in part["runs"]]
+        output, args = args.output, parse_args(shlex.split(saved[0]["command"])[2:])  # the run's own options
+        args.output, args.seeds = output, sorted({r.seed for r in runs})
+        args.command = "`; `".join(part["command"] for part in saved)
+        bases = {int(seed): accuracy for part in saved for seed, accuracy in part["bases"].items()}
         fm.set_threads(args.threads)
-        bases = {int(seed): accuracy for seed, accuracy in saved["bases"].items()}
-        args.output.write_text(report(runs, bases, args, saved.get("seconds", 0.0)))
+        args.output.write_text(report(runs, bases, args, sum(part.get("seconds", 0.0) for part in saved)))
         return runs
     start = time.perf_counter()
     fm.set_threads(args.threads)
@@ -384,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     json_path = args.output.with_suffix(".json")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        base, info = fm.base_model(data, epochs=args.base_epochs, seed=seed, log=log)
+        base, info = fm.base_model(data, epochs=args.base_epochs, seed=seed, cache_dir=args.cache, log=log)
         bases[seed] = info["test_accuracy"]
         for run in grid(args, seed):
             runs.append(run_one(base, data, run, args))
