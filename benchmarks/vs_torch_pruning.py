@@ -123,7 +123,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke test: 2,048 training images, 1 seed, 8 steps")
     parser.add_argument("--cache", type=Path, default=fm.CACHE_DIR, help="where the base models are cached")
     parser.add_argument(
-        "--from-json", nargs="+", type=Path, help="only write the markdown report of these results files (merged)"
+        "--from-json",
+        nargs="+",
+        type=Path,
+        help="merge these results files (a later run replaces the same earlier one) into --output and its .json",
     )
     args = parser.parse_args(argv)
     unknown = set(args.finetune) - {"all", "none", *NAMES}
@@ -369,13 +372,19 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     args = parse_args(argv)
     if args.from_json:  # the report of finished or interrupted runs, as they were measured
         saved = [json.loads(path.read_text()) for path in args.from_json]
-        runs = [Run(**r) for part in saved for r in part["runs"]]
-        output, args = args.output, parse_args(shlex.split(saved[0]["command"])[2:])  # the run's own options
-        args.output, args.seeds = output, sorted({r.seed for r in runs})
-        args.command = "`; `".join(part["command"] for part in saved)
+        # a later file's run of the same criterion, allocation and seed replaces an earlier one
+        merged = {(r["criterion"], r["allocation"], r["seed"]): r for part in saved for r in part["runs"]}
+        runs = [Run(**r) for r in merged.values()]
+        commands = [c for part in saved for c in part.get("commands", [part["command"]])]
+        output, args = args.output, parse_args(shlex.split(commands[0])[2:])  # the first run's own options
+        args.output, args.seeds, args.command = output, sorted({r.seed for r in runs}), "`; `".join(commands)
         bases = {int(seed): accuracy for part in saved for seed, accuracy in part["bases"].items()}
         fm.set_threads(args.threads)
-        args.output.write_text(report(runs, bases, args, sum(part.get("seconds", 0.0) for part in saved)))
+        seconds = sum(part.get("seconds", 0.0) for part in saved)
+        args.output.write_text(report(runs, bases, args, seconds))
+        record = {"command": commands[0], "commands": commands, "bases": bases, "seconds": seconds}
+        record["runs"] = [asdict(r) for r in runs]
+        args.output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         return runs
     start = time.perf_counter()
     fm.set_threads(args.threads)
