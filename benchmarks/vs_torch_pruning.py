@@ -292,6 +292,15 @@ def mean_std(values: Sequence[float | None]) -> str:
     return f"{statistics.mean(values) * 100:.2f} ± {std * 100:.2f}"
 
 
+def finetuned(done: list[Run]) -> str:
+    """The fine-tuned cell; the seeds it covers when they are not all of the row's."""
+    tuned = [r for r in done if r.finetuned is not None]
+    cell = mean_std([r.finetuned for r in tuned])
+    if tuned and len(tuned) < len(done):
+        cell += f" (seed{'s' if len(tuned) > 1 else ''} {','.join(str(r.seed) for r in tuned)})"
+    return cell
+
+
 def table(runs: list[Run], allocation: str) -> list[str]:
     """One line per criterion: the three columns as mean ± std over base seeds, the structure."""
     lines = [
@@ -308,7 +317,7 @@ def table(runs: list[Run], allocation: str) -> list[str]:
             label(criterion),
             mean_std([r.as_pruned for r in done]),
             mean_std([r.recalibrated for r in done]),
-            mean_std([r.finetuned for r in done]),
+            finetuned(done),
             f"{min(flops):.3f}" + (f" - {max(flops):.3f}" if max(flops) - min(flops) >= 0.0005 else ""),
             f"{min(params):,}" + (f" - {max(params):,}" if max(params) != min(params) else ""),
             ",".join(str(r.seed) for r in done),
@@ -348,11 +357,10 @@ def report(runs: list[Run], bases: dict[int, float], args: argparse.Namespace, s
         f"Columns: test accuracy (%) of the exported model as pruned; after `maskprune.recalibrate_bn` on "
         f"{args.recalibration_batches} training batches of 128; after {args.finetune_steps} SGD steps from there.",
     ]
-    tuned = sorted({r.seed for r in runs if r.finetuned is not None})
-    if tuned != sorted({r.seed for r in runs}):
+    if any(r.finetuned is None for r in runs if not r.error):
         lines.append(
-            f"Fine-tuned on base seed(s) {', '.join(map(str, tuned)) or 'none'} only (a smaller grid): the "
-            "fine-tuned column is over those seeds, the other columns over every seed listed."
+            "A smaller grid: not every run was fine-tuned; a fine-tuned cell names its seeds when they are not "
+            "all of its row's."
         )
     lines.append("")
     for allocation in args.allocations:
