@@ -326,6 +326,36 @@ def table(runs: list[Run], allocation: str) -> list[str]:
     return lines
 
 
+def best(runs: list[Run], allocations: Sequence[str]) -> list[str]:
+    """Each library's best criterion per allocation and column, by the mean over the seeds it ran on."""
+    lines = ["| allocation | column | maskprune's best | Torch-Pruning's best |", "| --- | --- | --- | --- |"]
+    for allocation in allocations:
+        for field, column in (
+            ("as_pruned", "as pruned"),
+            ("recalibrated", "BN re-estimated"),
+            ("finetuned", "fine-tuned"),
+        ):
+            cells = []
+            for library in ("mp", "tp"):
+                means = {}
+                for criterion in dict.fromkeys(r.criterion for r in runs if r.criterion.startswith(library + ":")):
+                    values = [
+                        (getattr(r, field), r.seed)
+                        for r in runs
+                        if r.criterion == criterion and r.allocation == allocation and getattr(r, field) is not None
+                    ]
+                    if values:
+                        means[criterion] = (statistics.mean(v for v, _ in values), [s for _, s in values])
+                if not means:
+                    cells.append("")
+                    continue
+                top = max(means, key=lambda c: means[c][0])
+                mean, seeds = means[top]
+                cells.append(f"`{top.split(':')[1]}` {mean * 100:.2f} (seeds {','.join(map(str, seeds))})")
+            lines.append(f"| {allocation} | {column} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def label(criterion: str) -> str:
     library, name = criterion.split(":")
     return f"maskprune `{name}`" if library == "mp" else f"Torch-Pruning `{name}`"
@@ -370,6 +400,7 @@ def report(runs: list[Run], bases: dict[int, float], args: argparse.Namespace, s
             else f"global ranking, {TARGET_FLOPS:.0%} of the FLOPs removed"
         )
         lines += [f"## {what}", "", *table(runs, allocation), ""]
+    lines += ["## Best of each library, per column", "", *best(runs, args.allocations), ""]
     errors = [f"- {r.criterion} {r.allocation} seed {r.seed}: {r.error}" for r in runs if r.error]
     if errors:
         lines += ["Errors:", "", *errors, ""]
