@@ -8,6 +8,9 @@ Examples:
     (L1Norm(reduction='sum'), L2Norm(reduction='sum'), FPGM(rate_norm=1.0, distance='cosine', reduction='sum'))
     >>> Random(seed=0), Uniform(seed=0), BNScale(strength=1e-4)
     (Random(seed=0), Uniform(seed=0), BNScale(strength=0.0001))
+    >>> from maskprune.algorithms import LAMP, GroupMagnitude    # whole groups; layer-adaptive
+    >>> GroupMagnitude(p=1), LAMP()
+    (GroupMagnitude(p=1, include_norms=True, reduction='mean'), LAMP(reduction='mean'))
     >>> from maskprune.algorithms import APoZ, Taylor, ThiNet    # activations: need data or training
     >>> Taylor(), ThiNet([], samples=10)
     (Taylor(), ThiNet(samples=10, rescale=False, max_batches=None))
@@ -29,6 +32,8 @@ from .bnscale import BNScale
 from .experts import RouterUsage
 from .flap import FLAP
 from .fpgm import FPGM
+from .group_magnitude import GroupMagnitude
+from .lamp import LAMP
 from .norms import L1Norm, L2Norm
 from .taylor import Taylor
 from .thinet import ThiNet
@@ -37,10 +42,12 @@ from .wanda import WandaSP
 __all__ = [
     "FLAP",
     "FPGM",
+    "LAMP",
     "APoZ",
     "Activation",
     "BNScale",
     "BlockImportance",
+    "GroupMagnitude",
     "L1Norm",
     "L2Norm",
     "Random",

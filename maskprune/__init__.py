@@ -15,6 +15,7 @@ from ._algorithm import Algorithm
 from ._groups import BlockGroup, ExpertGroup, Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
 from ._records import call_model, evaluating, iter_tensors
+from ._recalibrate import recalibrate_bn
 from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
@@ -52,6 +53,7 @@ __all__ = [
     "iter_tensors",
     "load_pruned",
     "masked_norm",
+    "recalibrate_bn",
     "register",
     "save_pruned",
     "unregister",

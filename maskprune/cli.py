@@ -3,6 +3,7 @@
 Examples:
     maskprune inspect torchvision:resnet18 --input-shape 1,3,64,64
     maskprune prune torchvision:resnet18 --algorithm fpgm --ratio 0.3 --out resnet18-fpgm
+    maskprune prune torchvision:resnet18 --ratio 0.3 --calib images.pt --out resnet18-l1   # BN re-estimated
     maskprune report resnet18-fpgm --plot channels.png
     maskprune prune hf:my-llama --calib text.txt --algorithm wandasp --target-params 0.75 --depth --out my-llama-75
 """
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm import tqdm
 import maskprune.algorithms as criteria
 
 from ._models import build_model, parse_shape, text_batches
+from ._recalibrate import DEFAULT_BATCHES
 from ._spec import as_spec
 from ._verify import VerifyResult, verify
 from .errors import MaskpruneError
@@ -132,9 +135,14 @@ def _fresh(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Mask, torch.
     return args.target, original, mask, mask.generate_pruned_model()
 
 
+def _is_tensor_file(path: str | None) -> bool:
+    """Whether ``--calib`` names inputs saved with ``torch.save`` (a ``.txt`` file is text for a language model)."""
+    return path is not None and not str(path).endswith(".txt")
+
+
 def _calibration(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
-    """``--calib``'s batches (tokenized by an ``hf:`` folder's tokenizer, else bytes); none without it."""
-    if args.calib is None:
+    """``--calib FILE.txt``'s batches (tokenized by an ``hf:`` folder's tokenizer, else bytes); none without it."""
+    if args.calib is None or _is_tensor_file(args.calib):
         if args.algorithm in CALIBRATED:
             raise ValueError(f"--algorithm {args.algorithm} reads calibration text: give --calib FILE.txt")
         if args.model.startswith("hf:"):
@@ -163,12 +171,33 @@ def _pruned_mask(
         allocation=args.allocation,
         steps=args.steps,
         depth=getattr(args, "depth", False),
+        recalibrate=_calibration_batches(args, example) if _is_tensor_file(args.calib) else None,
     )
     log.info("tracing %s", type(model).__name__)
     mask.make()
     for _ in tqdm(range(args.steps), desc="pruning", unit="step", disable=args.quiet):
         mask.do_mask()
     return mask
+
+
+def _calibration_batches(args: argparse.Namespace, shape: Sequence[int]) -> list[torch.Tensor]:
+    """The ``--calib`` tensor file: one floating tensor of inputs ``(N, *shape[1:])``, cut into batches of
+    ``--calib-batch-size``."""
+    path, batch_size = args.calib, args.calib_batch_size
+    try:
+        images = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # an unreadable or unsafe file: say which and why
+        raise ValueError(f"--calib {path}: not a tensor file saved with torch.save ({error})") from error
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != len(shape):
+        if isinstance(images, torch.Tensor):
+            got = f"a {images.dtype} tensor of shape {tuple(images.shape)}"
+        else:
+            got = f"a {type(images).__name__}"
+        dims = ", ".join(map(str, shape[1:]))
+        raise ValueError(f"--calib {path}: expected one floating tensor of inputs (N, {dims}), got {got}")
+    if len(images) == 0 or batch_size < 1:
+        raise ValueError(f"--calib {path}: {len(images)} inputs in batches of {batch_size}: nothing to run")
+    return list(images.split(batch_size))
 
 
 def _verify(mask: Mask, pruned: torch.nn.Module, shape: Sequence[int]) -> VerifyResult:
@@ -202,7 +231,6 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("model", help=model_help)
     sub.add_argument("--input-shape", type=_input_shape, default=DEFAULT_SHAPE, help="example input, e.g. 1,3,224,224")
     sub.add_argument("--out", required=True, help="folder to write spec.json and model.safetensors to")
-    sub.add_argument("--calib", help="text file of calibration (and example) inputs for an hf: language model")
     sub.add_argument("--target-params", type=float, help="fraction of the parameters to keep, instead of --ratio")
     sub.add_argument("--depth", action="store_true", help="also remove whole residual blocks (decoder layers)")
     _pruning_options(sub, calibrated=True)
@@ -226,6 +254,15 @@ def _pruning_options(sub: argparse.ArgumentParser, calibrated: bool = False) -> 
     sub.add_argument("--target-flops", type=float, help="fraction of FLOPs to remove instead of --ratio")
     sub.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="per group or ranked")
     sub.add_argument("--steps", type=int, default=1, help="do_mask() steps to reach the target (default 1)")
+    sub.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="calibration inputs: a .txt file of text for an hf: language model (tokenized by its tokenizer, else "
+        "bytes; read by the calibrated criteria), or one tensor of inputs saved with torch.save, on which the "
+        f"BatchNorm statistics are re-estimated after pruning (maskprune.recalibrate_bn, at most {DEFAULT_BATCHES} "
+        "batches)",
+    )
+    sub.add_argument("--calib-batch-size", type=int, default=32, help="inputs per --calib batch (default 32)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
 from ._pruning import Pruner
 from ._records import iter_tensors
+from ._recalibrate import recalibrate_bn
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._selection import Selection
@@ -88,6 +89,8 @@ class Mask:
             entries include residual blocks (output = input + something, of the input's shape) gets a group of
             ``kind == "block"`` whose units are those entries. A removed block computes the identity; the
             export deletes it from its container (and renumbers Hugging Face layer counts and ``layer_idx``).
+        recalibrate: batches (a DataLoader, a list of tensors) on which :func:`~maskprune.recalibrate_bn`
+            re-estimates the BatchNorm statistics after every ``do_mask()`` that changed the masks.
 
     Examples:
         >>> model = torchvision.models.resnet18()
@@ -121,6 +124,7 @@ class Mask:
         ignore: Iterable[nn.Module | str] = (),
         freeze: Iterable[nn.Module | str] = (),
         depth: bool = False,
+        recalibrate: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,6 +137,8 @@ class Mask:
             raise TypeError(
                 f"algorithm must have a score(group) method (a maskprune.Algorithm), got {type(algorithm).__name__}"
             )
+        if recalibrate is not None and not isinstance(recalibrate, Iterable):
+            raise TypeError(f"recalibrate must be an iterable of batches, got {type(recalibrate).__name__}")
         if not isinstance(ratios, (Mapping, type(None))):
             raise TypeError(f"ratios must be a dict {{module or name: ratio}}, got {type(ratios).__name__}")
         if ratio is not None and target_flops is not None:
@@ -172,6 +178,7 @@ class Mask:
         self.ignore = _resolve_modules(model, ignore, "ignore")
         self.freeze = _resolve_modules(model, freeze, "freeze")
         self.depth = bool(depth)
+        self.recalibrate = recalibrate
         self._made = False
         self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
@@ -286,6 +293,8 @@ class Mask:
                 self._runtime.apply()
             else:
                 self._runtime.apply_producers()
+            if self.recalibrate is not None:
+                recalibrate_bn(self.model, self.recalibrate)
         self.algorithm.finish(self)
         return changed
 

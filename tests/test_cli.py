@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 
 import maskprune
@@ -196,3 +197,29 @@ def test_an_hf_model_without_calibration_text_is_an_error(llama_folder: Path, tm
     assert "needs --calib" in caplog.text
     assert cli.main(["prune", f"hf:{tmp_path}", "--calib", __file__, "--out", str(tmp_path / "out")]) == 1
     assert "no config.json" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_prune_with_calib_reestimates_the_batch_norm_statistics(tmp_path: Path, caplog) -> None:
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    torch.save(images, tmp_path / "calib.pt")
+    out = tmp_path / "pruned"
+    args = ["prune", "torchvision:resnet18", "--ratio", "0.3", "--input-shape", SHAPE, "--out", str(out)]
+    assert cli.main(["--quiet", *args, "--calib", str(tmp_path / "calib.pt"), "--calib-batch-size", "8"]) == 0
+    loaded = maskprune.load_pruned(torchvision.models.resnet18(), out)
+    saved = {k: v.clone() for k, v in loaded.state_dict().items()}
+    assert not torch.allclose(saved["bn1.running_mean"], torch.zeros(()))  # a fresh resnet18 has zeros there
+    maskprune.recalibrate_bn(loaded, list(images.split(8)))  # the exported model sees what the masked one saw
+    for name, value in loaded.state_dict().items():
+        # float32 rounding of sliced convs, amplified by train-mode BatchNorms over 8 x 1 x 1 values in layer4
+        torch.testing.assert_close(value, saved[name], rtol=1e-3, atol=1e-3)
+    assert saved["bn1.num_batches_tracked"] == 2
+
+    (tmp_path / "text.pt").write_text("not a tensor file")
+    torch.save({"images": images}, tmp_path / "dict.pt")
+    for name, message in [
+        ("text.pt", "text.pt: not a tensor file saved with torch.save"),
+        ("dict.pt", "dict.pt: expected one floating tensor of inputs (N, 3, 32, 32), got a dict"),
+    ]:
+        caplog.clear()
+        assert cli.main(["--quiet", *args, "--calib", str(tmp_path / name)]) == 1
+        assert message in caplog.text
