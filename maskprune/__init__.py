@@ -14,8 +14,8 @@ from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import BlockGroup, ExpertGroup, Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
-from ._records import call_model, evaluating, iter_tensors
 from ._recalibrate import recalibrate_bn
+from ._records import call_model, evaluating, iter_tensors
 from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify

@@ -28,8 +28,8 @@ from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
 from ._pruning import Pruner
-from ._records import iter_tensors
 from ._recalibrate import recalibrate_bn
+from ._records import iter_tensors
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._selection import Selection
