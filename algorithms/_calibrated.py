@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskprune import ActivationSite, Algorithm, Group, Mask
+from maskprune import ActivationSite, Group, Mask
 
-from ._calibration import BatchInputs, check_batches, check_inputs
+from ._calibration import BatchInputs
 from ._moments import Moments, collect, site_key
+from ._prepared import Prepared
 
 
-class Calibrated(Algorithm):
+class Calibrated(Prepared):
     """A criterion scored from :class:`~._moments.Moments` at sites it plans per group (see :meth:`plan`).
 
     Subclasses say where to measure (:meth:`plan`), what one watched tensor contributes (:meth:`samples`)
@@ -25,12 +26,9 @@ class Calibrated(Algorithm):
     """
 
     def __init__(self, data: Iterable[Any], *, max_batches: int | None, inputs: BatchInputs | None) -> None:
-        self.data = data
-        self.max_batches = check_batches(max_batches)
-        self.inputs = check_inputs(inputs)
+        super().__init__(data, max_batches=max_batches, inputs=inputs)
         #: ``{group index: why}`` for groups left alone.
         self.declined: dict[int, str] = {}
-        self._scores: dict[Group, np.ndarray | None] = {}
 
     @abstractmethod
     def plan(self, mask: Mask, group: Group) -> Any:
@@ -78,18 +76,6 @@ class Calibrated(Algorithm):
             else:
                 self._scores[group] = self.scores(group, plan, moments)
         self._warn(groups)
-
-    def score(self, group: Group) -> np.ndarray | None:
-        """The scores computed by :meth:`prepare`, or None when the group is declined."""
-        if group not in self._scores:
-            raise RuntimeError(
-                f"{type(self).__name__} has no statistics for group {group.index}: it scores the groups given to "
-                "prepare(), which Mask.do_mask() calls"
-            )
-        return self._scores[group]
-
-    def finish(self, mask: Mask) -> None:
-        self._scores = {}
 
     def _warn(self, groups: Sequence[Group]) -> None:
         lost = [f"{g.index} ({self.declined[g.index]})" for g in groups if g.index in self.declined]

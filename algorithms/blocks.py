@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from maskprune import Algorithm, Group, Mask, evaluating
+from maskprune import Group, Mask, evaluating
 from maskprune.distributed import all_reduce_sum
 
-from ._calibration import BatchInputs, check_batches, check_inputs, run_batches
+from ._calibration import BatchInputs, run_batches
+from ._prepared import Prepared
 
 
-class BlockImportance(Algorithm):
+class BlockImportance(Prepared):
     """Block influence (ShortGPT, Men et al. 2024): ``BI = 1 - mean cos(x_in, x_out)`` per block.
 
     Scores the groups of ``kind == "block"`` (``Mask(..., depth=True)``) and declines every other
@@ -43,10 +43,7 @@ class BlockImportance(Algorithm):
     kinds = ("block",)
 
     def __init__(self, data: Iterable[Any], *, inputs: BatchInputs | None = None, max_batches: int | None = None):
-        self.data = data
-        self.inputs = check_inputs(inputs)
-        self.max_batches = check_batches(max_batches)
-        self._scores: dict[Group, np.ndarray] = {}
+        super().__init__(data, max_batches=max_batches, inputs=inputs)
 
     def prepare(self, mask: Mask, groups: Sequence[Group]) -> None:
         """Run the calibration batches, summing ``1 - cos`` and the token count at every block's output."""
@@ -71,20 +68,6 @@ class BlockImportance(Algorithm):
         for group in blocks:
             self._scores[group] = influence[start : start + group.size]
             start += group.size
-
-    def score(self, group: Group) -> np.ndarray | None:
-        """The block influence of each entry of a block group; None for other groups."""
-        if group.kind not in self.kinds:
-            return None
-        if group not in self._scores:
-            raise RuntimeError(
-                f"BlockImportance has no statistics for group {group.index}: it scores the groups given to "
-                "prepare(), which Mask.do_mask() calls"
-            )
-        return self._scores[group]
-
-    def finish(self, mask: Mask) -> None:
-        self._scores = {}
 
     def __repr__(self) -> str:
         return f"BlockImportance(max_batches={self.max_batches})"

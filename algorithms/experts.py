@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from maskprune import Algorithm, Group, Mask, evaluating
+from maskprune import Group, Mask, evaluating
 from maskprune.distributed import all_reduce_sum
 
-from ._calibration import BatchInputs, check_batches, check_inputs, run_batches
+from ._calibration import BatchInputs, run_batches
+from ._prepared import Prepared
 
 
-class RouterUsage(Algorithm):
+class RouterUsage(Prepared):
     """The mean routing weight of each expert: its score in the router's top-k, summed over the tokens of the
     calibration batches and divided by their number (0 for a token not routed to it).
 
@@ -33,10 +33,7 @@ class RouterUsage(Algorithm):
     kinds = ("experts",)
 
     def __init__(self, data: Iterable[Any], *, inputs: BatchInputs | None = None, max_batches: int | None = None):
-        self.data = data
-        self.inputs = check_inputs(inputs)
-        self.max_batches = check_batches(max_batches)
-        self._scores: dict[Group, np.ndarray] = {}
+        super().__init__(data, max_batches=max_batches, inputs=inputs)
 
     def prepare(self, mask: Mask, groups: Sequence[Group]) -> None:
         """Run the calibration batches, summing each expert's routing weight and the token count at every router."""
@@ -59,20 +56,6 @@ class RouterUsage(Algorithm):
         reduced = all_reduce_sum([*sums, *counts])
         for i, group in enumerate(layers):
             self._scores[group] = (reduced[i] / reduced[len(layers) + i].clamp(min=1)).cpu().numpy()
-
-    def score(self, group: Group) -> np.ndarray | None:
-        """The mean routing weight of each expert of an expert group; None for other groups."""
-        if group.kind not in self.kinds:
-            return None
-        if group not in self._scores:
-            raise RuntimeError(
-                f"RouterUsage has no statistics for group {group.index}: it scores the groups given to "
-                "prepare(), which Mask.do_mask() calls"
-            )
-        return self._scores[group]
-
-    def finish(self, mask: Mask) -> None:
-        self._scores = {}
 
     def __repr__(self) -> str:
         return f"RouterUsage(max_batches={self.max_batches})"
