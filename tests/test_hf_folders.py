@@ -66,7 +66,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, dict[str, int]]] = {
             )
         ),
         "AutoModelForCausalLM",
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "shared_expert_intermediate_size": 18, "num_experts": 4},
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "shared_expert_intermediate_size": 18, "num_experts": 3},
     ),
     "gpt2": (  # its own names, and n_inner left as None (4 * n_embd) before: written out now
         lambda: transformers.GPT2LMHeadModel(
@@ -99,7 +99,8 @@ def _randomized(model: nn.Module) -> nn.Module:
 
 
 def _uniform_prune(name: str) -> tuple[nn.Module, nn.Module]:
-    """The model and its export with a quarter of every group removed (one of two key/value heads): the same
+    """The model and its export with a quarter of every group removed (one of two key/value heads, one of four
+    experts): the same
     positions in every layer, so the layers keep the same sizes."""
     torch.manual_seed(0)
     model = _randomized(CASES[name][0]())
