@@ -100,8 +100,7 @@ def _randomized(model: nn.Module) -> nn.Module:
 
 def _uniform_prune(name: str) -> tuple[nn.Module, nn.Module]:
     """The model and its export with a quarter of every group removed (one of two key/value heads, one of four
-    experts): the same
-    positions in every layer, so the layers keep the same sizes."""
+    experts): the same positions in every layer, so the layers keep the same sizes."""
     torch.manual_seed(0)
     model = _randomized(CASES[name][0]())
     mask = Mask(model, _inputs(1)).make()
