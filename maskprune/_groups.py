@@ -120,13 +120,17 @@ class Group:
         return activation_sites(selection.trace.leaf_calls, selection.units, self.start, self.size, kind)
 
     def prune(self, channels: Iterable[int]) -> None:
-        """Zero these channels of the group (0 <= c < size). A group always keeps at least one channel."""
-        idx = self._check(channels)
+        """Remove these units of the group (``0 <= c < size``). A channel group keeps at least one channel, a block
+        group one entry of its container, an expert group the ``top_k`` experts each token is routed to."""
         keep = self.keep
-        keep[idx] = False
+        keep[self._check(channels)] = False
+        self._refuse(keep)
+        self._selection.set(self.start, keep)
+
+    def _refuse(self, keep: np.ndarray) -> None:
+        """Raise ``ValueError`` where the group may not keep only ``keep``."""
         if not keep.any():
             raise ValueError(f"group {self.index} would lose all {self.size} channels; keep at least one")
-        self._selection.set(self.start, keep)
 
     def restore(self, channels: Iterable[int] | None = None) -> None:
         """Bring channels back (all when ``channels`` is None); weights zeroed meanwhile stay zero."""
@@ -205,17 +209,12 @@ class BlockGroup(Group):
     def activations(self, kind: str = "output") -> list[ActivationSite]:
         return []
 
-    def prune(self, channels: Iterable[int]) -> None:
-        """Remove these entries (units ``0 <= i < size``, entry ``entries[i]``); the container keeps one entry."""
-        idx = self._check(channels)
-        keep = self.keep
-        keep[idx] = False
+    def _refuse(self, keep: np.ndarray) -> None:
         if not keep.any() and self.length == self.size:
             raise ValueError(
                 f"group {self.index} would remove all {self.length} entries of {self.container or '<root>'}; "
                 "keep at least one"
             )
-        self._selection.set(self.start, keep)
 
     def __repr__(self) -> str:
         return f"Group({self.index}, blocks={self.size}, kept={self.kept}, container={self.container!r})"
@@ -244,17 +243,12 @@ class ExpertGroup(Group):
     def activations(self, kind: str = "output") -> list[ActivationSite]:
         return []
 
-    def prune(self, channels: Iterable[int]) -> None:
-        """Remove these experts (``0 <= i < size``); at least ``top_k`` of them stay."""
-        idx = self._check(channels)
-        keep = self.keep
-        keep[idx] = False
+    def _refuse(self, keep: np.ndarray) -> None:
         if keep.sum() < self.top_k:
             raise ValueError(
                 f"group {self.index} ({self.experts}) would keep {int(keep.sum())} of its {self.size} experts, fewer "
                 f"than the {self.top_k} each token is routed to (num_experts_per_tok)"
             )
-        self._selection.set(self.start, keep)
 
     def __repr__(self) -> str:
         return f"Group({self.index}, experts={self.size}, kept={self.kept}, layer={self.experts!r})"
