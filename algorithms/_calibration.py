@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from maskprune import call_model
+from maskprune import batch_input, call_model, model_device, to_device
 
 BatchInputs = Callable[[Any], Any]
 
@@ -29,37 +28,6 @@ def check_inputs(inputs: BatchInputs | None) -> BatchInputs | None:
     return inputs
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def default_inputs(batch: Any) -> Any:
-    """A tensor or a dict is the model input; a tuple or list is ``(inputs, targets, ...)``: element 0."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("a calibration batch is an empty tuple or list; pass inputs=... to say what to feed")
-        return batch[0]
-    return batch
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device`` without blocking."""
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def run_batches(
     model: nn.Module,
     data: Iterable[Any],
@@ -75,7 +43,7 @@ def run_batches(
     rejects a batch (naming it, counted from 0, with the model's error).
     """
     device = model_device(model)
-    get = inputs or default_inputs
+    get = inputs or batch_input
     total = len(data) if hasattr(data, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)

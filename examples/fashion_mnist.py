@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from maskprune import summary
+from maskprune import model_device, recalibrate_bn, summary
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the idx files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -482,29 +482,14 @@ def recalibrated_accuracy(model: nn.Module, data: FashionMNIST, batches: int = 2
         0.7812
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in norms]
-    was_training, device = model.training, model_device(model)
+    saved = [{k: v.clone() for k, v in m.named_buffers()} for m in norms]
     try:
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a plain average over the batches
-        model.train()
-        for index, (images, _) in enumerate(data.train_loader(128, seed=seed)):
-            if index == batches:
-                break
-            model(images.to(device, non_blocking=True))
+        recalibrate_bn(model, data.train_loader(128, seed=seed), batches=batches)
         return evaluate(model, data.test_loader())
     finally:
-        model.train(was_training)
-        for norm, (momentum, buffers) in zip(norms, saved, strict=True):
-            norm.momentum = momentum
+        for norm, buffers in zip(norms, saved, strict=True):
             for name, value in buffers.items():
                 getattr(norm, name).copy_(value)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def measure_latency(model: nn.Module, batch_size: int = 1, *, repeats: int = 30, warmup: int = 5) -> float:

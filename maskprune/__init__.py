@@ -15,7 +15,7 @@ from ._algorithm import Algorithm
 from ._groups import BlockGroup, ExpertGroup, Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
 from ._recalibrate import recalibrate_bn
-from ._records import call_model, evaluating, iter_tensors
+from ._records import batch_input, call_model, evaluating, iter_tensors, model_device, to_device
 from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
@@ -46,6 +46,7 @@ __all__ = [
     "TraceError",
     "VerifyResult",
     "__version__",
+    "batch_input",
     "call_model",
     "count_flops",
     "count_parameters",
@@ -53,9 +54,11 @@ __all__ = [
     "iter_tensors",
     "load_pruned",
     "masked_norm",
+    "model_device",
     "recalibrate_bn",
     "register",
     "save_pruned",
+    "to_device",
     "unregister",
     "verify",
     "watch",

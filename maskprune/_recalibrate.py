@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._records import call_model, evaluating  # the helpers that run a model on a batch
+from ._records import batch_input, call_model, evaluating, model_device, to_device
 
 #: How many batches :func:`recalibrate_bn` reads by default.
 DEFAULT_BATCHES = 100
@@ -74,7 +74,7 @@ def recalibrate_bn(
         return 0
     momenta = [norm.momentum for norm in norms]
     saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
-    device = _device(model)
+    device = model_device(model)
     count = 0
     try:
         with evaluating(model), torch.no_grad():  # every training flag comes back, also on error
@@ -83,7 +83,7 @@ def recalibrate_bn(
                 norm.momentum = None  # a cumulative average over the batches
                 norm.train()
             for batch in loader if batches is None else islice(loader, batches):
-                call_model(model, _to_device(inputs(batch) if inputs else _model_input(batch), device))
+                call_model(model, to_device(inputs(batch) if inputs else batch_input(batch), device))
                 count += 1
             if count == 0:
                 raise ValueError(
@@ -99,30 +99,3 @@ def recalibrate_bn(
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
     return count
-
-
-def _model_input(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("recalibrate_bn: a batch is an empty tuple or list; pass inputs=... to say what to feed")
-        return batch[0]
-    return batch
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

@@ -170,6 +170,53 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without tensors.
+
+    Examples:
+        >>> model_device(torch.nn.Linear(2, 2)), model_device(torch.nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def batch_input(batch: Any) -> Any:
+    """What a batch feeds the model: a tensor or a dict as it is; a tuple or list is ``(inputs, targets, ...)``,
+    whose element 0 is the input (a DataLoader's ``(images, labels)``).
+
+    Examples:
+        >>> batch_input((torch.ones(2, 3), torch.zeros(2))).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("a batch is an empty tuple or list; pass inputs=... to say what to feed the model")
+        return batch[0]
+    return batch
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device`` without blocking.
+
+    Examples:
+        >>> to_device({"ids": (torch.ones(2),)}, torch.device("cpu"))["ids"][0].device
+        device(type='cpu')
+    """
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, Mapping):  # a dict, or a UserDict such as transformers' BatchEncoding
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; every module's ``training`` flag restored after, also on error.

@@ -29,7 +29,7 @@ from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
 from ._pruning import Pruner
 from ._recalibrate import recalibrate_bn
-from ._records import iter_tensors
+from ._records import iter_tensors, model_device
 from ._replay import keep_flags_of
 from ._report import Sparsity, sparsity_report
 from ._selection import Selection
@@ -527,7 +527,7 @@ class Mask:
                     for dim, space in enumerate(node.spaces)
                     if prunable[space]
                 ]
-        runtime = MaskRuntime(self.model, selection.layout.n_flags, _device(self.model))
+        runtime = MaskRuntime(self.model, selection.layout.n_flags, model_device(self.model))
         runtime.add_dims(dims)
         runtime.add_blocks([(self.model.get_submodule(path), unit) for path, unit in selection.block_units()])
         runtime.add_routers([(self.model.get_submodule(e.router), e.start, e.count) for e in selection.layout.experts])
@@ -616,13 +616,6 @@ class Mask:
     __str__ = __repr__
 
 
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _check_inputs(model: nn.Module, inputs: Any) -> None:
     """Floating example inputs must have the dtype of the model's floating parameters, on their device."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -648,7 +641,7 @@ def _example_inputs(model: nn.Module, example_inputs: Any, input_shape: Sequence
         if not all(isinstance(n, int) and n > 0 for n in input_shape):
             raise ValueError(f"input_shape must be positive integers, got {tuple(input_shape)!r}")
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return torch.randn(tuple(input_shape), device=_device(model), dtype=dtype)
+        return torch.randn(tuple(input_shape), device=model_device(model), dtype=dtype)
     if example_inputs is None:
         raise ValueError("example_inputs is required (a tensor, a tuple of arguments or a dict), or input_shape=")
     if isinstance(example_inputs, list):
