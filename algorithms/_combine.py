@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,10 +78,3 @@ def reduce_members(
     if reduction == "mean":
         return stacked.mean(0)
     return stacked.max(0).values
-
-
-def combine(
-    group: Group, members: list[Member], member_score: Callable[[Member], torch.Tensor], reduction: str
-) -> torch.Tensor:
-    """Score each member, normalise by its mean (so wide layers do not dominate), reduce across members."""
-    return reduce_members([per_unit(m, member_score(m), group.size) for m in members], reduction)

@@ -88,11 +88,6 @@ class Selection:
             self._groups += [ExpertGroup(self, first + i, e) for i, e in enumerate(layout.experts)]
         return self._groups
 
-    @property
-    def read_only(self) -> bool:
-        """Whether this is a :meth:`candidates` view (its flags cannot be changed)."""
-        return self.on_change is None
-
     def candidates(self, keep: np.ndarray) -> Selection:
         """A read-only view of the same layout with the flags ``keep`` (the plan tables are shared)."""
         return Selection(self.trace, self.resolution, self.layout, keep, leaves=self.leaves, _shared=self._shared)

@@ -111,11 +111,6 @@ class ModelIndex:
         return self._owned
 
 
-def distinct_modules(table: list[tuple[str, nn.Module]]) -> list[nn.Module]:
-    """The modules of ``table``, each once, in order (``model.modules()``)."""
-    return list({id(m): m for _, m in table}.values())
-
-
 def store(module: nn.Module, **values: object) -> None:
     """``setattr(module, name, value)`` for each value in turn, sooner where ``nn.Module.__setattr__`` only stores it.
 
