@@ -22,6 +22,9 @@ Examples:
     >>> from maskprune.algorithms import RouterUsage   # the experts of mixture-of-experts layers
     >>> RouterUsage([])
     RouterUsage(max_batches=None)
+    >>> from maskprune.algorithms import ByKind   # width, depth and experts in one Mask
+    >>> ByKind(channels=L2Norm(), block=BlockImportance([]))
+    ByKind(channels=L2Norm(reduction='sum'), block=BlockImportance(max_batches=None))
 """
 
 from .activation import Activation
@@ -29,6 +32,7 @@ from .apoz import APoZ
 from .baselines import Random, Uniform
 from .blocks import BlockImportance
 from .bnscale import BNScale
+from .by_kind import ByKind
 from .experts import RouterUsage
 from .flap import FLAP
 from .fpgm import FPGM
@@ -47,6 +51,7 @@ __all__ = [
     "Activation",
     "BNScale",
     "BlockImportance",
+    "ByKind",
     "GroupMagnitude",
     "L1Norm",
     "L2Norm",

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from maskprune.algorithms import FLAP, Activation, BlockImportance, L2Norm, Random, Taylor, WandaSP
+from maskprune.algorithms import FLAP, Activation, BlockImportance, ByKind, L2Norm, Random, Taylor, WandaSP
 from maskprune.algorithms.flap import add_zero_biases
 from torch import nn
 
 import maskprune
-from maskprune import Algorithm, Group, Mask
+from maskprune import Algorithm, Mask
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where Debian's python3-doc puts the reST sources of the documentation.
@@ -196,45 +196,6 @@ def base_model(corpus: Corpus, size: ModelSize, budget: Budget, cache_dir: Path 
     return model.eval()
 
 
-class WidthAndDepth(Algorithm):
-    """One criterion for channel groups and another for block groups (either may be None: not pruned).
-
-    Examples:
-        >>> WidthAndDepth(None, Random(seed=0)).kinds
-        ('block',)
-    """
-
-    def __init__(self, channels: Algorithm | None, blocks: Algorithm | None) -> None:
-        self.parts = {"channels": channels, "block": blocks}
-        self.kinds = tuple(kind for kind, part in self.parts.items() if part is not None)
-
-    def _each(self) -> list[Algorithm]:
-        return [part for part in self.parts.values() if part is not None]
-
-    def attach(self, mask: Mask) -> None:
-        for part in self._each():
-            part.attach(mask)
-
-    def detach(self, mask: Mask) -> None:
-        for part in self._each():
-            part.detach(mask)
-
-    def prepare(self, mask: Mask, groups: Sequence[Group]) -> None:
-        for kind, part in self.parts.items():
-            if part is not None:
-                part.prepare(mask, [g for g in groups if g.kind == kind])
-
-    def finish(self, mask: Mask) -> None:
-        for part in self._each():
-            part.finish(mask)
-
-    def score(self, group: Group) -> torch.Tensor:
-        return self.parts[group.kind].score(group)
-
-    def __repr__(self) -> str:
-        return f"WidthAndDepth({self.parts['channels']!r}, {self.parts['block']!r})"
-
-
 def channel_criterion(name: str, calibration: list[dict]) -> Algorithm:
     """The width criterion called ``name`` (see :data:`WIDTH_CRITERIA`)."""
     return {
@@ -253,8 +214,8 @@ def algorithm_for(name: str, mode: str, calibration: list[dict]) -> Algorithm:
         return channel_criterion(name, calibration)
     blocks = Random(seed=0) if name == "random" else BlockImportance(calibration)
     if mode == "depth":
-        return WidthAndDepth(None, blocks)
-    return Random(seed=0) if name == "random" else WidthAndDepth(channel_criterion(name, calibration), blocks)
+        return ByKind(block=blocks)
+    return Random(seed=0) if name == "random" else ByKind(channels=channel_criterion(name, calibration), block=blocks)
 
 
 def grid(criteria: Sequence[str], modes: Sequence[str]) -> list[tuple[str, str]]:

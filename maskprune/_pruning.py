@@ -204,7 +204,7 @@ class Pruner:
 
         def removed_at(ratio: float, fixed: dict[int, float] = fixed) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
             allocated = self._counts_at(groups, scores, candidates, ratio, fixed, dither=True)
-            return 1.0 - count(groups, allocated[0], candidates) / dense, allocated
+            return 1.0 - count(groups, allocated[0], candidates, scores) / dense, allocated
 
         most, counts = removed_at(s.max_ratio)
         if most < target - 0.01:
@@ -235,20 +235,25 @@ class Pruner:
                     break
         return best[1]
 
-    def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
-        """FLOPs of the export where each group keeps ``counts`` channels (which ones does not change the count)."""
-        keep = self._keep_with(groups, counts, candidates)
+    def _flops_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray, scores: dict) -> int:
+        """FLOPs of the export where each group keeps ``counts`` units (those :meth:`_keep_with` picks)."""
+        keep = self._keep_with(groups, counts, candidates, scores)
         return self.flops(self.selection.plan(keep), keep)
 
-    def _params_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> int:
-        """Parameters of the export where each group keeps ``counts`` units (the first ones: blocks differ in size,
-        so the count is an estimate for block groups)."""
-        return self.selection.parameter_counts(self._keep_with(groups, counts, candidates))[1]
+    def _params_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray, scores: dict) -> int:
+        """Parameters of the export where each group keeps ``counts`` units (those :meth:`_keep_with` picks)."""
+        return self.selection.parameter_counts(self._keep_with(groups, counts, candidates, scores))[1]
 
-    def _keep_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def _keep_with(self, groups: list[Group], counts: np.ndarray, candidates: np.ndarray, scores: dict) -> np.ndarray:
+        """The keep flags where each group keeps ``counts`` units: in a channel group the first live ones (which
+        ones does not change a count), in a block or expert group the ones the criterion keeps. A removed block
+        takes its channels with it, so counting the wrong blocks would count channels removed twice."""
         keep = self.selection.keep.copy()
         for g, kept in zip(groups, counts, strict=True):
             part = slice(g.start, g.start + g.size)
+            if g.kind != "channels" and scores.get(g.index) is not None:
+                keep[part] = alloc.choose(scores[g.index], candidates[part], int(kept))
+                continue
             live = np.flatnonzero(candidates[part])
             flags = np.zeros(g.size, dtype=bool)
             flags[live[: int(kept)]] = True

@@ -16,7 +16,18 @@ import pytest
 import torch
 import torchvision
 import transformers
-from maskprune.algorithms import FPGM, APoZ, BlockImportance, BNScale, L1Norm, L2Norm, Taylor, ThiNet, Uniform
+from maskprune.algorithms import (
+    FPGM,
+    APoZ,
+    BlockImportance,
+    BNScale,
+    ByKind,
+    L1Norm,
+    L2Norm,
+    Taylor,
+    ThiNet,
+    Uniform,
+)
 from test_transformers import _greedy_tokens
 from torch import nn
 
@@ -336,6 +347,40 @@ def test_a_parameter_budget_with_depth_and_a_channel_criterion_prunes_channels_o
     kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(model)
     assert abs(kept - 0.75) <= 0.01, kept
     assert all(g.kept == g.size for g in mask.groups if g.kind == "block")
+
+
+def test_a_parameter_budget_counts_the_blocks_the_criterion_removes() -> None:
+    """Width and depth by two criteria (ByKind): the budget counts the blocks BlockImportance removes, not the last
+    ones, so channels removed inside a removed block are not counted twice (here 0.759 was kept for 0.75)."""
+    config = _config(
+        transformers.LlamaConfig, hidden_size=128, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2
+    )
+    config.intermediate_size, config.max_position_embeddings = 384, 64
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # layers of unequal scale: the block criterion removes middle layers, not the last
+        for i, layer in enumerate(model.model.layers):
+            for parameter in layer.parameters():
+                parameter.mul_(1 + 0.3 * (i * 7 % 5))
+    ids = _inputs("llama", 2, 32, seed=1)
+    algorithm = ByKind(channels=L2Norm(), block=BlockImportance([ids]))
+    mask = Mask(model, ids, algorithm=algorithm, target_params=0.75, depth=True).make()
+    mask.do_mask()
+    (blocks,) = _block_groups(mask)
+    assert blocks.pruned and blocks.pruned != list(range(12 - len(blocks.pruned), 12))
+    pruned = mask.generate_pruned_model()
+    kept = maskprune.count_parameters(pruned) / maskprune.count_parameters(model)
+    assert abs(kept - 0.75) <= 0.01 * 0.75, kept
+    assert pruned.config.num_hidden_layers == 12 - len(blocks.pruned)
+
+
+def test_by_kind_takes_instances_of_the_kind_they_score() -> None:
+    with pytest.raises(TypeError, match=r"ByKind\(channels=...\) takes an Algorithm instance"):
+        ByKind(channels=L2Norm)
+    with pytest.raises(ValueError, match="scores groups of kinds"):
+        ByKind(block=L2Norm())
+    with pytest.raises(ValueError, match="at least one of"):
+        ByKind()
 
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, float("nan")])
