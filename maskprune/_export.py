@@ -74,17 +74,74 @@ class TensorDims:
 
 
 @dataclass
+class Released:
+    """A tensor sliced in place whose memory was given back: its removed parts, to rebuild it on undo.
+
+    ``tensor`` is the original object, its ``.data`` emptied; ``sliced`` the tensor that replaced it;
+    ``parts[i]`` the positions removed along ``dims[i]``, of the rows kept along the dims before it.
+
+    Examples:
+        >>> t, dims = torch.arange(12.0).view(3, 4), [(0, np.array([0, 2])), (1, np.array([1, 3]))]
+        >>> released = Released.of(t, dims, t[[0, 2]][:, [1, 3]])
+        >>> t.numel(), released.sliced.tolist()
+        (0, [[1.0, 3.0], [9.0, 11.0]])
+        >>> released.restore(); t.view(-1).tolist() == list(range(12))
+        True
+    """
+
+    tensor: torch.Tensor
+    sliced: torch.Tensor
+    dims: list[tuple[int, np.ndarray]]
+    parts: list[torch.Tensor]
+    shape: torch.Size
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, dims: list[tuple[int, np.ndarray]], sliced: torch.Tensor) -> Released:
+        """Keep what ``dims`` (kept positions per dim) remove from ``tensor``, sliced to ``sliced``; empty it."""
+        data, parts = tensor.detach(), []
+        for step, (dim, keep) in enumerate(dims):
+            parts.append(data.index_select(dim, torch.as_tensor(_removed(keep, data.shape[dim]), device=data.device)))
+            if step < len(dims) - 1:
+                data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+        released = cls(tensor, sliced, dims, parts, tensor.shape)
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)  # its storage is given back
+        return released
+
+    def restore(self) -> None:
+        """Put the whole tensor back into the original object, kept and removed positions where they were."""
+        data = self.sliced.detach()
+        for (dim, keep), part in reversed(list(zip(self.dims, self.parts, strict=True))):
+            shape = list(data.shape)
+            shape[dim] = self.shape[dim]
+            whole = torch.empty(shape, dtype=data.dtype, device=data.device)
+            whole.index_copy_(dim, torch.as_tensor(keep, device=data.device), data)
+            removed = torch.as_tensor(_removed(keep, self.shape[dim]), device=data.device)
+            data = whole.index_copy_(dim, removed, part)
+        self.tensor.data = data
+
+
+def _removed(keep: np.ndarray, size: int) -> np.ndarray:
+    """The positions of ``range(size)`` not in ``keep``, in order."""
+    flags = np.ones(size, dtype=bool)
+    flags[keep] = False
+    return np.flatnonzero(flags)
+
+
+@dataclass
 class UndoLog:
     """What applying a plan changed, to put back on failure."""
 
     tensors: list[tuple[nn.Module, str, bool, Any]] = field(default_factory=list)
     attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
     counts: list[tuple[Any, str, Any]] = field(default_factory=list)
+    released: list[Released] = field(default_factory=list)
 
     def undo(self) -> None:
         undo_attributes(self.counts)
         for module, saved in reversed(self.attributes):
             module.__dict__.update(saved)
+        for released in reversed(self.released):
+            released.restore()
         for module, attr, is_param, tensor in reversed(self.tensors):
             (module._parameters if is_param else module._buffers)[attr] = tensor
 
@@ -94,22 +151,28 @@ def apply_plan(
     plan: Plan,
     attributes: Attributes | None = None,
     removed: dict[str, list[int]] | None = None,
+    release: bool = False,
 ) -> UndoLog:
     """Slice the tensors of ``index``'s model by ``plan`` (ties stay tied), update the modules that changed and
     ``attributes``, then delete the ``removed`` container entries (``{container path: [positions]}``).
 
     An index kept by the caller serves every plan applied and undone on one model (the undo puts the same
-    tensors back).
+    tensors back). ``release=True`` gives each sliced tensor's memory back as it goes, keeping only its removed
+    positions for the undo (:class:`Released`): the model's memory never grows, where keeping the originals
+    would add the sliced copies to it. A tensor whose storage it shares with another is kept whole instead.
     """
     log = UndoLog()
     modules, owned_by_id = index.modules, index.owned
     changed: dict[int, nn.Module] = {}
     slicer = Slicer(plan)
+    alone = _alone_in_storage(owned_by_id.values()) if release else set()
     try:
         for owned in owned_by_id.values():
             new = slicer.slice(owned)
             if new is None:
                 continue
+            if id(owned.tensor) in alone:
+                log.released.append(Released.of(owned.tensor, slicer.dims(owned), new))
             for path, attr in owned.names:
                 module = modules[path]
                 log.tensors.append((module, attr, owned.is_param, owned.tensor))
@@ -188,13 +251,18 @@ class Slicer:
         self.indices: dict[tuple[int, torch.device], torch.Tensor] = {}  # (id of a kept array, device) -> index
         self.scratch: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}  # flat, by device, dtype, slot
 
-    def slice(self, owned: OwnedTensor) -> torch.Tensor | None:
-        """The kept positions of ``owned``'s tensor as a new tensor, or None where the plan keeps all of it."""
+    def dims(self, owned: OwnedTensor) -> list[tuple[int, np.ndarray]] | None:
+        """The kept positions of each pruned dim of ``owned``'s tensor, or None where the plan keeps all of it."""
         for name in owned.names:  # the plan names a tensor by one of its names
             dims = self.plan.get(name)
             if dims is not None:
-                break
-        else:
+                return dims
+        return None
+
+    def slice(self, owned: OwnedTensor) -> torch.Tensor | None:
+        """The kept positions of ``owned``'s tensor as a new tensor, or None where the plan keeps all of it."""
+        dims = self.dims(owned)
+        if dims is None:
             return None
         tensor = owned.tensor
         if tensor.is_meta:  # no values to select: only the shape changes (meta index_select is slow)
@@ -270,3 +338,22 @@ def _plain_buffer(tensor: torch.Tensor) -> bool:
 
 
 _PLAIN_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def _alone_in_storage(owned: Iterable[OwnedTensor]) -> set[int]:
+    """The ``id`` of each tensor with values that alone spans its storage: giving its memory back frees it."""
+    tensors = [o.tensor for o in owned]
+    shared: dict[int, int] = {}
+    for tensor in tensors:
+        if not tensor.is_meta:
+            key = tensor.untyped_storage().data_ptr()
+            shared[key] = shared.get(key, 0) + 1
+    return {
+        id(t)
+        for t in tensors
+        if type(t) in (torch.Tensor, nn.Parameter)
+        and not t.is_meta
+        and shared[t.untyped_storage().data_ptr()] == 1
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    }

@@ -559,7 +559,7 @@ class Mask:
     ) -> nn.Module:
         soft = _verify.float32_outputs(self.model, inputs) if verify else None
         self._runtime.uninstall()
-        log = apply_plan(ModelIndex(self.model), plan, attributes, removed) if plan or removed else None
+        log = apply_plan(ModelIndex(self.model), plan, attributes, removed, release=True) if plan or removed else None
         if verify:
             try:
                 result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)
