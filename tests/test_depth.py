@@ -194,6 +194,27 @@ def test_resnet_stages_lose_the_blocks_that_keep_their_shape() -> None:
     assert report.parameters_after == maskprune.count_parameters(pruned)
 
 
+def test_convnext_blocks_with_layer_scale_and_stochastic_depth() -> None:
+    """ConvNeXt blocks (depthwise 7x7, LayerNorm, layer scale, stochastic depth in eval) are residual: each stage's
+    blocks form one group; a whole stage between two downsamplings is itself a removable entry of ``features``."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    stages = [CNBlockConfig(16, 32, 2), CNBlockConfig(32, 48, 4), CNBlockConfig(48, None, 2)]
+    model = ConvNeXt(stages, stochastic_depth_prob=0.1, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = Mask(model, x, depth=True).make()
+    blocks = {g.container: g for g in _block_groups(mask)}
+    sizes = {path: g.size for path, g in blocks.items()}
+    assert sizes == {"features": 3, "features.1": 2, "features.3": 4, "features.5": 2}
+    assert blocks["features"].entries == (1, 3, 5)  # the stages; the stem and downsamplings change the shape
+    blocks["features.1"].prune([0])
+    blocks["features.3"].prune([1, 3])
+    pruned = mask.generate_pruned_model()
+    assert [len(pruned.features[i]) for i in (1, 3, 5)] == [1, 2, 2]
+    assert maskprune.verify(model, pruned, torch.randn(3, 3, 64, 64)).ok
+
+
 class _Residual(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
