@@ -85,6 +85,26 @@ def test_inplace_export_returns_the_same_smaller_model(build: Build, leftover_ho
     torch.testing.assert_close(run(model, y), soft_y, rtol=1e-5, atol=1e-6)
 
 
+def test_inplace_export_gives_the_sliced_tensors_memory_back(build: Build) -> None:
+    """The original of each sliced tensor is emptied as it goes (its memory given back at once, whoever else holds
+    the parameter), so an in-place export needs about no memory beyond the masked model's; the tensors it keeps
+    whole stay the same objects."""
+    model, inputs = build("resnet18")
+    mask = Mask(model, inputs(2), algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    before = dict(model.named_parameters())
+    bytes_before = sum(p.numel() * p.element_size() for p in before.values())
+
+    mask.generate_pruned_model(inplace=True)
+
+    after = dict(model.named_parameters())
+    sliced = [name for name in before if after[name] is not before[name]]
+    assert "layer1.0.conv1.weight" in sliced and "fc.bias" not in sliced  # the classes stay
+    assert all(before[name].numel() == 0 for name in sliced)
+    held = sum(p.numel() * p.element_size() for p in before.values())  # the originals, as a caller holding them
+    assert held < 0.05 * bytes_before
+
+
 def patch_export(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], change: Callable) -> None:
     """Until ``monkeypatch.undo()``, the export of a tensor of ``shape`` goes wrong: ``change`` is applied to it."""
     slice_ = maskprune._export.Slicer.slice
