@@ -396,8 +396,10 @@ class Mask:
         first diverging module. ``rtol`` (max |soft - hard| / max |hard|) follows
         the outputs' dtype by default: 1e-5 in float32 and float64, looser in
         bfloat16 and float16 (:data:`maskprune._verify.TOLERANCES`). ``inplace=True``
-        slices the masked model itself (no copy; the Mask is then spent); a failed
-        export leaves it as it was.
+        slices the masked model itself (no copy; the Mask is then spent), giving each
+        sliced tensor's memory back as it goes: the original parameter objects are left
+        empty, and the export needs about no memory beyond the masked model's (a 7B
+        model is pruned where it fits once). A failed export leaves the model as it was.
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
