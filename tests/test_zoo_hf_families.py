@@ -207,9 +207,18 @@ FAMILIES = [
         "attention.q_proj",
     ),
     Family(
-        "deberta_v2",  # heads merged with the batch for bmm: heads stay (docs/limitations.md)
+        "deberta_v2",  # heads merged with the batch for bmm and repeated over it: heads stay (docs/limitations.md)
         lambda: transformers.DebertaV2ForSequenceClassification(
-            _config(transformers.DebertaV2Config, **SMALL, max_position_embeddings=64, num_labels=3)
+            _config(
+                transformers.DebertaV2Config,
+                **SMALL,
+                max_position_embeddings=64,
+                num_labels=3,
+                relative_attention=True,  # disentangled attention, as DeBERTa-v3 has it
+                pos_att_type=["p2c", "c2p"],
+                position_buckets=8,
+                max_relative_positions=16,
+            )
         ),
         _text,
     ),
