@@ -317,3 +317,8 @@ def test_family_generates_the_same_tokens(name: str) -> None:
     assert masked_tokens.shape[0] == 2 and masked_tokens.shape[1] >= 5
     # bit-exact: integer tokens; no greedy step is a near tie (`_greedy_tokens`), so rounding cannot flip one
     assert torch.equal(masked_tokens, pruned_tokens)
+    if family.prompt == "input_ids":  # left padding: the attention masks (sliding windows, ALiBi) see it
+        padded = dict(prompt, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+        with torch.no_grad():
+            # bit-exact: integer tokens, no near tie (`_greedy_tokens`)
+            assert torch.equal(_greedy_tokens(model, padded, options), _greedy_tokens(pruned, padded, options))
