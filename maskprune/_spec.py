@@ -350,11 +350,11 @@ def check_attributes(attributes: Attributes, modules: Mapping[str, nn.Module]) -
 
     Allowed: a count attribute (``num_heads``, ``attn_dim``, ``in_channels`` …: :func:`is_count_name`) of a
     model's own module, a size it keeps for its other methods (``in_chs``, ``out_chs``, ``groups``:
-    :data:`~maskprune._attributes.SIZE_ATTRIBUTES`), its expert count (``num_experts``), the width attributes of a torch norm layer
-    (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and ``config.<field>`` for the
-    config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module with a config. Values are
-    positive integers (a tuple of them for ``normalized_shape``) no larger than what the module holds; a config
-    field it leaves out or as None (set from its default) takes any positive integer.
+    :data:`~maskprune._attributes.SIZE_ATTRIBUTES`), its expert count (``num_experts``), the width attributes
+    of a torch norm layer (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and
+    ``config.<field>`` for the config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module
+    with a config. Values are positive integers (a tuple of them for ``normalized_shape``) no larger than what the
+    module holds; a config field it leaves out or as None (set from its default) takes any positive integer.
 
     Examples:
         >>> check_attributes({"0": {"num_features": 4}}, {"0": nn.BatchNorm2d(8)})
