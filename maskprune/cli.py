@@ -61,7 +61,8 @@ EXPECTED_ERRORS = (MaskpruneError, ValueError, OSError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status: 0, or 2 after one line on stderr saying what was wrong."""
+    """Run one command; returns the exit status: 0, or 2 after one line on stderr saying what was wrong (130 after
+    Ctrl-C)."""
     args = _parser().parse_args(argv)  # bad arguments: one line and exit status 2 (Parser.error)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
@@ -70,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`maskprune inspect ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: not an error, the shell's status for it
         if args.debug:
             raise
         print("maskprune: interrupted", file=sys.stderr)
-        return 2
+        return 130
     except Exception as error:
         if args.debug:
             raise
