@@ -11,6 +11,12 @@ fails to run) and those channels stay frozen. A torch norm layer without tensors
 records the width it normalises as a site too, and gets its ``num_features`` (``num_channels`` and
 ``num_groups``, ``normalized_shape``) from it.
 
+Some sizes are read only by a model's other methods, after the export: timm's ``reparameterize()``
+builds a convolution of ``self.in_chs`` by ``self.out_chs`` channels. A model's own module records
+each of its :data:`SIZE_ATTRIBUTES` that equals a dimension of its inputs (``in_*``), of its outputs
+(``out_*``) or of either (``dim`` …) as a site naming that attribute (:func:`module_size_sites`): the
+export sets it where that dimension is pruned, and leaves it where two pruned dimensions disagree.
+
 Examples:
     >>> class Heads(nn.Module):
     ...     num_heads = 4
@@ -22,13 +28,14 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from ._layers import norm_widths
-from ._records import HEADS, LAYER, SizeSite
+from ._layers import has_updater, norm_widths
+from ._records import HEADS, LAYER, WIDTH, SizeSite, TensorNode
 
 # module path -> {attribute (``config.<field>`` for its config): new value (a tuple for ``normalized_shape``)}
 Attributes = dict[str, dict[str, int | tuple[int, ...]]]
@@ -51,6 +58,18 @@ HEAD_COUNTS = frozenset(
 EXPERT_COUNTS = frozenset({"num_experts", "num_local_experts"})
 WIDTH_ENDINGS = ("dim", "size", "_features", "channels")  # attn_dim, all_head_size, val_attn_dim, inner_dim …
 WIDTH_NAMES = frozenset({"nf", "width"})
+# a module's sizes that its methods may read after an export, by the tensors they measure (``groups``: where it
+# equals the input width, a depthwise block's)
+SIZE_ATTRIBUTES = {
+    "in_chs": "inputs",
+    "in_channels": "inputs",
+    "groups": "inputs",
+    "out_chs": "outputs",
+    "out_channels": "outputs",
+    "num_features": "either",
+    "dim": "either",
+    "hidden_size": "either",
+}
 
 # names that end like a count but say a geometry or a vocabulary: never a channel count
 NOT_COUNTS = frozenset(
@@ -91,6 +110,36 @@ def holds_count(module: nn.Module | None, value: int) -> bool:
     return module is not None and bool(_count_attributes(module, value))
 
 
+def module_size_sites(
+    path: str, module: nn.Module, inputs: list[TensorNode], outputs: list[TensorNode]
+) -> list[SizeSite]:
+    """The sites of ``module``'s :data:`SIZE_ATTRIBUTES`: one per dimension of the tensors it measures that it
+    equals (none for a layer the export sets from its tensors: torch's, their subclasses).
+
+    Examples:
+        >>> class Block(nn.Module):
+        ...     in_chs, out_chs, dim = 8, 4, 3
+        >>> x, y = TensorNode((0, 1), (2, 8)), TensorNode((0, 2), (2, 4))
+        >>> [(s.attribute, s.space) for s in module_size_sites("b", Block(), [x], [y])]
+        [('in_chs', 1), ('out_chs', 2)]
+    """
+    if type(module).__module__.startswith("torch.") or has_updater(module):
+        return []
+    sites = []
+    for name, measures in SIZE_ATTRIBUTES.items():
+        value = inspect.getattr_static(module, name, None)  # a property (timm's ConvNormAct.in_channels) is not set
+        if type(value) is not int:
+            continue
+        nodes = {"inputs": inputs, "outputs": outputs, "either": inputs + outputs}[measures]
+        for node in nodes:
+            sites += [
+                SizeSite(path, value, space, WIDTH, written=False, attribute=name)
+                for space, size in zip(node.spaces, node.shape, strict=True)
+                if size == value
+            ]
+    return sites
+
+
 def attribute_updates(
     modules: Mapping[str, nn.Module], sites: list[SizeSite], kept: Callable[[int], int | None]
 ) -> Attributes:
@@ -99,6 +148,7 @@ def attribute_updates(
     ``kept(space)``: the number of channels the export keeps in a space.
     """
     proposals: dict[tuple[str, int], set[int]] = {}
+    named: dict[tuple[str, str], set[int]] = {}  # a site naming its attribute: that attribute's new counts
     configs: dict[tuple[int, str], tuple[str, set[int]]] = {}  # a shared config's field: every layer's count
     updates: Attributes = {}
     for site in sites:
@@ -108,6 +158,10 @@ def attribute_updates(
         if site.kind == LAYER:  # one space per tensorless layer (Tracer.tensorless_layer): no conflict
             if new != site.value:
                 updates.setdefault(site.path, {}).update(norm_widths(modules[site.path], new))
+            continue
+        if site.attribute is not None:
+            if new != site.value:
+                named.setdefault((site.path, site.attribute), set()).add(new)
             continue
         if new != site.value:
             proposals.setdefault((site.path, site.value), set()).add(new)
@@ -122,6 +176,9 @@ def attribute_updates(
         (new,) = news
         for name in _count_attributes(module, old):
             updates.setdefault(path, {})[name] = new
+    for (path, name), news in named.items():
+        if len(news) == 1:  # two pruned dimensions of that size: which one it counts is unknown, it stays
+            updates.setdefault(path, {}).setdefault(name, news.pop())
     for (_, name), (path, news) in configs.items():
         new = news.pop()
         if not news and new != getattr(modules[path].config, name):  # every layer agrees: the config can say it

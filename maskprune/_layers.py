@@ -202,6 +202,20 @@ def update_module(module: nn.Module) -> None:
             return
 
 
+def has_updater(module: nn.Module) -> bool:
+    """Whether :func:`update_module` sets ``module``'s attributes from its tensors (torch's layers, their
+    subclasses, a registered module with its own ``update``).
+
+    Examples:
+        >>> has_updater(nn.Conv2d(3, 8, 1)), has_updater(nn.Sequential())
+        (True, False)
+    """
+    registered = _LEAF_RULES.get(type(module))
+    if registered is not None and registered.update is not None:
+        return True
+    return any(isinstance(module, module_type) for module_type, _ in _UPDATERS)
+
+
 # ---- masked statistics -------------------------------------------------------------------------
 def masked_norm(
     x: torch.Tensor,

@@ -56,7 +56,9 @@ class SizeSite:
 
     A reshape into attention heads (``view(B, N, self.num_heads, self.head_dim)``) or a split by a
     width (``split(self.split_size)``) records one; an export that changes the count updates the
-    module's attributes of that name and value (see :mod:`maskprune._attributes`).
+    module's attributes of that name and value (see :mod:`maskprune._attributes`). A module's size
+    attribute (``in_chs``, ``dim`` …) that equals a dimension of its inputs or outputs records one
+    naming that ``attribute``: only it is updated.
     """
 
     path: str
@@ -64,6 +66,7 @@ class SizeSite:
     space: int
     kind: str = WIDTH  # HEADS: a count of heads; WIDTH: a count of channels; LAYER: a tensorless norm layer's width
     written: bool = True  # False: implied, not written (``flatten(1)``, ``view(B, -1)`` merging channels)
+    attribute: str | None = None  # the one attribute holding the size (a module's ``in_chs`` …), else any that holds it
 
 
 class TracedSize(int):

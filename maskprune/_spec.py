@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ._attributes import EXPERT_COUNTS, Attributes, is_count_name
+from ._attributes import EXPERT_COUNTS, SIZE_ATTRIBUTES, Attributes, is_count_name
 from ._export import Plan
 from ._hf import CONFIG_FIELDS, DERIVED
 from ._layers import norm_widths
@@ -349,11 +349,12 @@ def check_attributes(attributes: Attributes, modules: Mapping[str, nn.Module]) -
     larger than the module's.
 
     Allowed: a count attribute (``num_heads``, ``attn_dim``, ``in_channels`` …: :func:`is_count_name`) of a
-    model's own module, its expert count (``num_experts``), the width attributes of a torch norm layer
-    (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and ``config.<field>`` for the
-    config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module with a config. Values are
-    positive integers (a tuple of them for ``normalized_shape``) no larger than what the module holds; a config
-    field it leaves out or as None (set from its default) takes any positive integer.
+    model's own module, a size it keeps for its other methods (``in_chs``, ``out_chs``, ``groups``:
+    :data:`~maskprune._attributes.SIZE_ATTRIBUTES`), its expert count (``num_experts``), the width attributes
+    of a torch norm layer (``num_features``, ``num_channels``/``num_groups``, ``normalized_shape``), and
+    ``config.<field>`` for the config fields an export sets (:data:`~maskprune._hf.CONFIG_FIELDS`) on a module
+    with a config. Values are positive integers (a tuple of them for ``normalized_shape``) no larger than what the
+    module holds; a config field it leaves out or as None (set from its default) takes any positive integer.
 
     Examples:
         >>> check_attributes({"0": {"num_features": 4}}, {"0": nn.BatchNorm2d(8)})
@@ -385,7 +386,7 @@ def _settable(module: nn.Module, name: str) -> bool:
     if name in norm_widths(module, 1):
         return True
     own = not type(module).__module__.startswith("torch.")  # torch's layers: their tensors say their sizes
-    return own and (is_count_name(name) or name in EXPERT_COUNTS)
+    return own and (is_count_name(name) or name in EXPERT_COUNTS or name in SIZE_ATTRIBUTES)
 
 
 def _check_count(held: Any, value: Any, where: str) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _rules
+from ._attributes import module_size_sites
 from ._graph import ChannelGraph
 from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
@@ -257,6 +258,9 @@ class Tracer:
                 self.module_outputs.setdefault(key, outputs)
                 if is_leaf_call:
                     self.record_leaf_call(path, module, args, outputs)
+            if leaf is None:
+                inputs = [self.nodes[id(t)] for t in iter_tensors(args) if id(t) in self.nodes]
+                self.size_sites += module_size_sites(path, module, inputs, self.output_nodes(output))
         for space, kind in ln_sites:
             self.resolve_layer_norm(module, path, ops, space, kind, args, output)
 

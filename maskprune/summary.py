@@ -5,7 +5,7 @@ Examples:
     >>> mask = Mask(original, torch.randn(1, 3, 16, 16), algorithm=L1Norm(), ratio=0.5).make()
     >>> mask.do_mask(); pruned = mask.generate_pruned_model()
     True
-    >>> comparison = compare(original, pruned, torch.randn(1, 3, 16, 16))
+    >>> comparison = compare(original, pruned, torch.randn(1, 3, 16, 16), min_run_time=0.01)
     >>> comparison.parameters, comparison.flops
     ((516, 260), (167616, 83808))
     >>> layer_channels(original, pruned)
@@ -14,9 +14,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,24 +30,44 @@ from torch import nn
 from ._records import call_model, evaluating, iter_tensors
 from .measure import count_flops, count_parameters
 
+BLOCK_SECONDS = 0.01  # runs timed together: a block long enough for the clock, short enough to show the spread
+MIN_BLOCKS = 5  # an interquartile range needs a few
+NOISY = 0.1  # an interquartile range above this fraction of the median: the latency ratio is not to be trusted
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds per forward pass: the median and interquartile range over ``blocks`` timed blocks of runs."""
+
+    median: float
+    iqr: float
+    blocks: int
+    threads: int
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr > NOISY * self.median
+
 
 @dataclass
 class Comparison:
-    """Parameters, FLOPs and median latency (seconds, ``repeats`` runs) of two models on the same inputs."""
+    """Parameters, FLOPs and latency (see :func:`time_forward`) of two models on the same inputs."""
 
     parameters: tuple[int, int]
     flops: tuple[int, int]
-    latency: tuple[float, float]
+    latency: tuple[Latency, Latency]
     channels: tuple[int, int] | None = None
 
     def rows(self) -> list[tuple[str, float | int, float | int]]:
         rows: list[tuple[str, float | int, float | int]] = []
         if self.channels is not None:
             rows.append(("prunable channels", *self.channels))
+        before, after = self.latency
         rows += [
             ("parameters", *self.parameters),
             ("GFLOPs", self.flops[0] / 1e9, self.flops[1] / 1e9),
-            ("latency (ms)", self.latency[0] * 1e3, self.latency[1] * 1e3),
+            ("latency (ms)", before.median * 1e3, after.median * 1e3),
+            ("latency IQR (ms)", before.iqr * 1e3, after.iqr * 1e3),
         ]
         return rows
 
@@ -54,8 +78,19 @@ class Comparison:
         ]
         for label, before, after in self.rows():
             fmt = "{:>14,.3f}" if isinstance(before, float) else "{:>14,}"
-            ratio = after / before if before else float("nan")
-            lines.append(f"| {label:18} | {fmt.format(before)} | {fmt.format(after)} | {ratio:>12.3f} |")
+            ratio = "" if "IQR" in label else f"{after / before if before else float('nan'):.3f}"
+            lines.append(f"| {label:18} | {fmt.format(before)} | {fmt.format(after)} | {ratio:>12} |")
+        before, after = self.latency
+        threads = f"{before.threads} thread{'s' if before.threads > 1 else ''}"
+        lines.append(
+            f"latency: median and interquartile range of {before.blocks} and {after.blocks} timed blocks "
+            f"(torch.utils.benchmark, {threads})"
+        )
+        if before.noisy or after.noisy:
+            lines.append(
+                f"latency is noisy here (an interquartile range over {NOISY:.0%} of the median): compare it only "
+                "on a quiet machine or with a longer timing"
+            )
         return "\n".join(lines)
 
 
@@ -65,20 +100,65 @@ def compare(
     inputs: Any,
     *,
     channels: tuple[int, int] | None = None,
-    repeats: int = 10,
+    threads: int = 1,
+    min_run_time: float = 1.0,
 ) -> Comparison:
     """Measure ``original`` and ``pruned`` on ``inputs``; ``channels`` is (total, kept) prunable channels if known.
+    ``threads`` and ``min_run_time``: see :func:`time_forward`.
 
     Examples:
-        >>> compare(nn.Linear(8, 8), nn.Linear(8, 4), torch.randn(1, 8)).parameters
+        >>> compare(nn.Linear(8, 8), nn.Linear(8, 4), torch.randn(1, 8), min_run_time=0.01).parameters
         (72, 36)
     """
     return Comparison(
         parameters=(count_parameters(original), count_parameters(pruned)),
         flops=(count_flops(original, inputs), count_flops(pruned, inputs)),
-        latency=(measure_latency(original, inputs, repeats), measure_latency(pruned, inputs, repeats)),
+        latency=tuple(time_forward([original, pruned], inputs, threads=threads, min_run_time=min_run_time)),
         channels=channels,
     )
+
+
+def time_forward(
+    models: nn.Module | Sequence[nn.Module], inputs: Any, *, threads: int = 1, min_run_time: float = 1.0
+) -> list[Latency]:
+    """Time one forward pass of each of ``models`` on ``inputs`` in eval mode without gradients, by
+    ``torch.utils.benchmark``'s ``Timer`` on ``threads`` threads, accelerators synchronized.
+
+    After two warm-up runs each model runs in blocks of about 10 ms (one run where a run takes longer), at least
+    5 blocks and ``min_run_time`` seconds; the models take turns block by block, so that a machine that slows
+    down or speeds up meanwhile shifts them alike. The median and interquartile range are of the blocks' times
+    per run.
+
+    Examples:
+        >>> (latency,) = time_forward(nn.Linear(3, 2), torch.randn(1, 3), min_run_time=0.01)
+        >>> latency.median < 1.0, latency.blocks >= 5, latency.threads
+        (True, True, 1)
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time must be a positive number of seconds, got {min_run_time!r}")
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    benchmark = _benchmark()
+    run = "call_model(model, inputs)"
+    scope = {"call_model": call_model, "inputs": inputs}
+    timers = [benchmark.Timer(run, globals={**scope, "model": m}, num_threads=threads) for m in models]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for model in models:
+            stack.enter_context(evaluating(model))
+        runs, blocks = [], []
+        for timer in timers:
+            timer.timeit(2)  # warm-up: lazy initialisation, caches
+            once = timer.timeit(1).median
+            runs.append(max(1, math.ceil(BLOCK_SECONDS / once)))
+            blocks.append(max(MIN_BLOCKS, math.ceil(min_run_time / (runs[-1] * once))))
+        measured: list[list[Any]] = [[] for _ in models]
+        for turn in range(max(blocks)):
+            for i, timer in enumerate(timers):
+                if turn < blocks[i]:
+                    measured[i].append(timer.timeit(runs[i]))
+    merged = [benchmark.Measurement.merge(m)[0] for m in measured]
+    return [Latency(m.median, m.iqr, len(m.times), threads) for m in merged]
 
 
 def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -> float:
@@ -100,6 +180,19 @@ def measure_latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: in
             if run >= warmup:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _benchmark() -> Any:
+    """``torch.utils.benchmark``, imported without the warning its import of ``torch.utils.cpp_extension`` logs on a
+    CUDA build of torch without a CUDA runtime (it compiles nothing for this timing)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
 
 
 def layer_channels(original: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
