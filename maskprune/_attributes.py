@@ -63,6 +63,7 @@ WIDTH_NAMES = frozenset({"nf", "width"})
 SIZE_ATTRIBUTES = {
     "in_chs": "inputs",
     "in_channels": "inputs",
+    "channels": "inputs",
     "groups": "inputs",
     "out_chs": "outputs",
     "out_channels": "outputs",

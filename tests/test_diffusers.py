@@ -193,6 +193,21 @@ def test_diffusers_model_soft_equals_hard(name: str) -> None:
     assert result.ok and result.scale > 0, f"{name}: {result}"
 
 
+@pytest.mark.parametrize("name", ["unet2d", "autoencoder_kl"])
+def test_up_and_downsamplers_lose_channels_and_say_so(name: str) -> None:
+    """``Upsample2D`` and ``Downsample2D`` check ``x.shape[1] == self.channels`` in their forward: the export sets
+    ``channels`` where it equals their inputs' pruned width, so the channels entering them are pruned too."""
+    model, pruned = _exported(name)
+    samplers = (diffusers.models.upsampling.Upsample2D, diffusers.models.downsampling.Downsample2D)
+    before = {n: m.channels for n, m in model.named_modules() if isinstance(m, samplers)}
+    after = {n: m.channels for n, m in pruned.named_modules() if isinstance(m, samplers)}
+    assert before and after.keys() == before.keys()
+    assert any(after[n] < before[n] for n in before), after
+    for n, m in pruned.named_modules():
+        if isinstance(m, samplers) and m.conv is not None:
+            assert m.conv.in_channels == m.channels, n
+
+
 def _ddpm_images(unet: nn.Module, steps: int) -> torch.Tensor:
     pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=steps))
     pipeline.set_progress_bar_config(disable=True)
