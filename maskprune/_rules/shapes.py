@@ -250,6 +250,27 @@ def expand(call: OpCall) -> None:
     call.set_out(out, spaces)
 
 
+@rule("repeat_interleave")
+def repeat_interleave(call: OpCall) -> None:
+    """Each slice along ``dim`` repeated ``repeats`` times in place (grouped-query attention's
+    ``k.repeat_interleave(rep, dim=1)``): output channel ``j`` is input channel ``j // repeats``; the other dims
+    pass through. Per-slice repeat counts (a tensor) and the flattening form (no ``dim``) freeze what they touch.
+    """
+    x, out = call.args[0], call.outputs[0]
+    repeats, dim = call.arg(1, "repeats"), call.arg(2, "dim")
+    if isinstance(repeats, torch.Tensor) or dim is None or x.dim() != out.dim() or not isinstance(x, torch.Tensor):
+        return
+    d = int(dim) % x.dim()
+    if out.shape[d] != x.shape[d] * int(repeats):
+        return
+    spaces: list[int | None] = [call.space(x, k) for k in range(x.dim())]
+    source = spaces[d]
+    spaces[d] = merged = call.graph.new_space(out.shape[d])
+    idx = np.arange(out.shape[d])
+    call.link(merged, idx, source, idx // int(repeats))
+    call.set_out(out, spaces)
+
+
 @rule("cat", "concat", "concatenate")
 def cat(call: OpCall) -> None:
     tensors = list(call.arg(0, "tensors"))
