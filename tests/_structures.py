@@ -212,7 +212,6 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "conv_lstm": _randn((4, 3, 9), (1, 3, 4)),
     "gru_bidirectional": SEQUENCES,
     "lstm_proj": SEQUENCES,
-    "lstm_packed": SEQUENCES,
     "rnn_batch_first": _randn((4, 9, 5), (1, 3, 5)),
     "lstm_initial_state": SEQUENCES,
     "lstm_cell_loop": SEQUENCES,

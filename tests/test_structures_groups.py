@@ -309,10 +309,6 @@ EXPECTED: dict[str, set[GroupKey]] = {
             "head.weight[1]",
         ),
     },
-    "lstm_packed": {
-        INPUT_6,
-        G(4, *layers("rnn", 2, False, *GATE_ROWS, "weight_hh[1]"), "rnn.weight_ih_l1[1]", "head.weight[1]"),
-    },
     "rnn_batch_first": {INPUT_6, G(4, *layers("rnn", 1, False, *GATE_ROWS, "weight_hh[1]"), "head.weight[1]")},
     "lstm_initial_state": {  # the initial state's producer loses the hidden channels too
         INPUT_6,

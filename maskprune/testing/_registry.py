@@ -178,7 +178,6 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "lstm_proj": _seeded(
         lambda: (TinyRecurrent(nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=4)), torch.randn(7, 3, 5))
     ),
-    "lstm_packed": _seeded(lambda: (TinyRecurrent(nn.LSTM(6, 4, num_layers=2), packed=True), torch.randn(7, 3, 5))),
     "rnn_batch_first": _seeded(
         lambda: (TinyRecurrent(nn.RNN(6, 4, nonlinearity="relu", batch_first=True)), torch.randn(3, 7, 5))
     ),

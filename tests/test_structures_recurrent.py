@@ -1,0 +1,205 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells), grouped-query attention written with
+``repeat_interleave`` and Falcon's fused attention: the counts an export sets, masked == exported on fresh inputs.
+
+The exact groups of the tiny recurrent models are in ``test_structures_groups.py`` with every structure's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from _structures import FRESH, RTOL, G, assert_soft_equals_hard, found, group_of, grouped, make, prune_every_group
+from torch import nn
+
+import maskprune
+from maskprune.testing import TINY_MODELS, TinyRecurrent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# tiny model -> the path of its recurrent layer
+RECURRENT = {
+    "conv_lstm": "lstm",
+    "gru_bidirectional": "rnn",
+    "lstm_proj": "rnn",
+    "rnn_batch_first": "rnn",
+    "lstm_initial_state": "rnn",
+}
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def _flat_weights_are_the_parameters(rnn: nn.RNNBase) -> bool:
+    return all(w is getattr(rnn, name) for w, name in zip(rnn._flat_weights, rnn._flat_weights_names, strict=True))
+
+
+# ---- nn.LSTM, nn.GRU, nn.RNN -------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_export_sets_input_hidden_and_proj_sizes(name: str) -> None:
+    mask, model, inputs = make(name)
+    path = RECURRENT[name]
+    original = model.get_submodule(path)
+    prune_every_group(mask)
+    hidden = group_of(mask, f"{path}.weight_hh_l0", 0).kept
+    inputs_kept = group_of(mask, f"{path}.weight_ih_l0", 1).kept
+    proj = group_of(mask, f"{path}.weight_hr_l0", 0).kept if original.proj_size else 0
+    assert hidden < original.hidden_size and inputs_kept < original.input_size
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+    rnn = pruned.get_submodule(path)
+    assert (rnn.input_size, rnn.hidden_size, rnn.proj_size) == (inputs_kept, hidden, proj)
+    options = {"num_layers": original.num_layers, "bias": original.bias, "bidirectional": original.bidirectional}
+    options.update(batch_first=original.batch_first, **({"proj_size": proj} if proj else {}))
+    built = type(original)(inputs_kept, hidden, **options)
+    assert _shapes(rnn) == _shapes(built)  # every layer and direction: the module's own layout of its sizes
+    assert _flat_weights_are_the_parameters(rnn)
+
+
+def test_a_removed_hidden_channel_is_removed_from_every_gate_layer_and_direction() -> None:
+    mask, model, inputs = make("gru_bidirectional")
+    group_of(mask, "rnn.weight_hh_l0", 0).prune([1, 4])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["gru_bidirectional"]())
+    kept = [0, 2, 3, 5]
+    rows = [gate * 6 + i for gate in range(3) for i in kept]  # GRU: reset, update, new gates
+    for suffix in ("_l0", "_l0_reverse", "_l1", "_l1_reverse"):
+        weight, bias = getattr(model.rnn, f"weight_hh{suffix}"), getattr(model.rnn, f"bias_ih{suffix}")
+        # bit-exact: the export copies the kept rows and columns
+        assert torch.equal(getattr(pruned.rnn, f"weight_hh{suffix}"), weight[rows][:, kept])
+        assert torch.equal(getattr(pruned.rnn, f"bias_ih{suffix}"), bias[rows])  # bit-exact: a copy
+    # layer 1 reads both directions of layer 0: columns i and 6 + i
+    columns = kept + [6 + i for i in kept]
+    # bit-exact: a copy
+    assert torch.equal(pruned.rnn.weight_ih_l1, model.rnn.weight_ih_l1[rows][:, columns])
+
+
+def test_input_and_hidden_sizes_of_equal_value_get_their_own_counts(tmp_path) -> None:
+    """``LSTM(6, 6)``: its zero states are sized by ``hidden_size``; ``input_size`` keeps the input's own count."""
+    mask, model, inputs = make("lstm_initial_state")
+    group_of(mask, "rnn.weight_ih_l0", 1).prune([2])
+    group_of(mask, "rnn.weight_hh_l0", 0).prune([0, 3, 5])
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["lstm_initial_state"]())
+    assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (5, 3)
+    maskprune.save_pruned(pruned, tmp_path / "lstm")
+    loaded = maskprune.load_pruned(TINY_MODELS["lstm_initial_state"]()[0], tmp_path / "lstm")
+    assert (loaded.rnn.input_size, loaded.rnn.hidden_size) == (5, 3) and _flat_weights_are_the_parameters(loaded.rnn)
+    x = FRESH["lstm_initial_state"]()[0]
+    torch.testing.assert_close(loaded.eval()(x), pruned.eval()(x), rtol=1e-6, atol=1e-6)
+
+
+def test_removed_channels_of_a_non_zero_initial_state_change_nothing_kept() -> None:
+    """The initial state is ``tanh(init(x)) + 1``: 1 in a removed channel of the masked model, which reads no
+    column of it; the kept channels compute what the export computes."""
+    mask, model, inputs = make("lstm_initial_state")
+    removed = [1, 4]
+    group_of(mask, "rnn.weight_hh_l0", 0).prune(removed)
+    seen = []
+    handle = model.rnn.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(inputs)
+    finally:
+        handle.remove()
+    # bit-exact: tanh(0) + 1 is exactly 1
+    assert torch.equal(seen[0][..., removed], torch.ones_like(seen[0][..., removed]))
+    assert_soft_equals_hard(mask, model, inputs, FRESH["lstm_initial_state"]())
+
+
+def test_an_initial_state_given_as_a_model_input_freezes_the_hidden_channels() -> None:
+    class WithState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.gru, self.head = nn.Linear(5, 6), nn.GRU(6, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gru(self.inp(x), h0)[0]).sum(0)
+
+    model = WithState()
+    mask = maskprune.Mask(model, (torch.randn(7, 3, 5), torch.randn(1, 3, 4))).make()
+    assert found(mask) == {G(6, "inp.weight[0]", "inp.bias[0]", "gru.weight_ih_l0[1]")}
+    assert "gru.weight_hh_l0[0]" not in grouped(mask)
+
+
+def test_packed_sequences() -> None:
+    """A packed sequence of unequal, unsorted lengths (the trace runs the model itself: the lengths are read)."""
+    torch.manual_seed(0)
+    model, inputs = TinyRecurrent(nn.LSTM(6, 4, num_layers=2), packed=True), torch.randn(7, 3, 5)
+    mask = maskprune.Mask(model, inputs).make()
+    gates = [f"rnn.{t}_l{k}[0]" for k in (0, 1) for t in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    hidden = G(4, *gates, "rnn.weight_hh_l0[1]", "rnn.weight_hh_l1[1]", "rnn.weight_ih_l1[1]", "head.weight[1]")
+    assert found(mask) == {G(6, "inp.weight[0]", "inp.bias[0]", "rnn.weight_ih_l0[1]"), hidden}
+    prune_every_group(mask)
+    pruned = assert_soft_equals_hard(mask, model, inputs, [torch.randn(9, 4, 5), torch.randn(3, 1, 5)])
+    assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (3, 2)
+
+
+# ---- cells -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["lstm_cell_loop", "gru_cell_loop"])
+def test_cells_in_a_loop(name: str) -> None:
+    mask, model, inputs = make(name)
+    prune_every_group(mask)
+    hidden, inputs_kept = group_of(mask, "cell.weight_hh", 1).kept, group_of(mask, "cell.weight_ih", 1).kept
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH[name]())
+    cell = pruned.cell
+    assert (
+        (cell.input_size, cell.hidden_size) == (inputs_kept, hidden) < (model.cell.input_size, model.cell.hidden_size)
+    )
+    assert _shapes(cell) == _shapes(type(model.cell)(inputs_kept, hidden))
+
+
+# ---- attention ---------------------------------------------------------------------------------
+def test_repeat_interleave_grouped_query_attention_loses_whole_head_groups() -> None:
+    mask, model, inputs = make("repeat_interleave_attention")
+    group = group_of(mask, "k_proj.weight", 0)
+    group.prune([0])  # key/value head 0 and query heads 0 and 1
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["repeat_interleave_attention"]())
+    # bit-exact: the export copies the kept rows and columns
+    assert torch.equal(pruned.q_proj.weight, model.q_proj.weight[6:])
+    assert torch.equal(pruned.k_proj.weight, model.k_proj.weight[3:])  # bit-exact: a copy
+    assert torch.equal(pruned.o_proj.weight, model.o_proj.weight[:, 6:])  # bit-exact: a copy
+
+
+def test_repeat_interleave_by_per_slice_counts_freezes() -> None:
+    class PerSlice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x).repeat_interleave(torch.tensor([1, 2, 3]), dim=1))
+
+    with pytest.raises(maskprune.NothingToPruneError, match="repeat_interleave"):
+        maskprune.Mask(PerSlice(), torch.randn(2, 4)).make()
+
+
+@pytest.fixture(scope="module")
+def falcon() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+    )
+    return transformers.FalconForCausalLM(config).eval()
+
+
+def test_falcon_multi_query_prunes_its_width_and_mlp_exactly(falcon: nn.Module) -> None:
+    """Falcon's linear layers compute ``input @ weight.T``; its default fused multi-query attention writes its head
+    count as ``num_heads + 2`` and keeps its heads (frozen, named)."""
+    ids = torch.randint(0, 50, (2, 6))
+    mask = maskprune.Mask(falcon, ids).make()
+    mlp = group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 0)
+    hidden = group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 1)
+    assert (mlp.size, hidden.size) == (128, 32) and len(mask.groups) == 3
+    assert "transformer.h.0.self_attention.query_key_value.weight[0]" not in grouped(mask)
+    assert re.search(r"`getitem` in transformer\.h\.\d\.self_attention: .*query_key_value\.weight\[0\]", str(mask))
+    prune_every_group(mask)
+    pruned = mask.generate_pruned_model()
+    assert pruned.transformer.h[0].mlp.dense_h_to_4h.weight.shape == (64, 16)
+    for x in (ids, torch.randint(0, 50, (1, 9))):
+        result = maskprune.verify(falcon, pruned, x)
+        assert result.problem is None and result.max_rel <= RTOL, str(result)
+    prompt = torch.randint(0, 50, (1, 5))
+    greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    # bit-exact: token ids, from logits equal within 1e-5
+    assert torch.equal(falcon.generate(prompt, **greedy), pruned.generate(prompt, **greedy))
