@@ -319,6 +319,8 @@ EXPECTED: dict[str, set[GroupKey]] = {
             "head.weight[1]",
             "init.weight[0]",
             "init.bias[0]",
+            "init_cell.weight[0]",
+            "init_cell.bias[0]",
         ),
     },
     "lstm_cell_loop": {

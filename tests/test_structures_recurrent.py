@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from _structures import FRESH, RTOL, G, assert_soft_equals_hard, found, group_of, grouped, make, prune_every_group
+from maskprune.algorithms import GroupMagnitude, L1Norm
 from torch import nn
 
 import maskprune
@@ -89,20 +90,22 @@ def test_input_and_hidden_sizes_of_equal_value_get_their_own_counts(tmp_path) ->
 
 
 def test_removed_channels_of_a_non_zero_initial_state_change_nothing_kept() -> None:
-    """The initial state is ``tanh(init(x)) + 1``: 1 in a removed channel of the masked model, which reads no
-    column of it; the kept channels compute what the export computes."""
+    """The initial states are ``tanh(init(x)) + 1``: 1 in a removed channel of the masked model, which reads no
+    column of them; the kept channels compute what the export computes."""
     mask, model, inputs = make("lstm_initial_state")
     removed = [1, 4]
     group_of(mask, "rnn.weight_hh_l0", 0).prune(removed)
     seen = []
-    handle = model.rnn.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].detach().clone()))
+    handle = model.rnn.register_forward_pre_hook(lambda m, args: seen.extend(t.detach().clone() for t in args[1]))
     try:
         with torch.no_grad():
             model.eval()(inputs)
     finally:
         handle.remove()
-    # bit-exact: tanh(0) + 1 is exactly 1
-    assert torch.equal(seen[0][..., removed], torch.ones_like(seen[0][..., removed]))
+    assert len(seen) == 2  # h0 and c0
+    for state in seen:
+        # bit-exact: tanh(0) + 1 is exactly 1
+        assert torch.equal(state[..., removed], torch.ones_like(state[..., removed]))
     assert_soft_equals_hard(mask, model, inputs, FRESH["lstm_initial_state"]())
 
 
@@ -132,6 +135,21 @@ def test_packed_sequences() -> None:
     prune_every_group(mask)
     pruned = assert_soft_equals_hard(mask, model, inputs, [torch.randn(9, 4, 5), torch.randn(3, 1, 5)])
     assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (3, 2)
+
+
+@pytest.mark.parametrize("algorithm", [L1Norm, GroupMagnitude])
+def test_do_mask_and_training_steps_on_a_recurrent_model(algorithm: type) -> None:
+    model, inputs = TINY_MODELS["lstm_proj"]()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mask = maskprune.Mask(model, inputs, algorithm=algorithm(), ratio=0.5).make()
+    mask.do_mask()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(inputs).square().mean().backward()
+        optimizer.step()
+    assert sorted(group.kept for group in mask.groups) == [2, 3, 4]  # half of 4, 6 and 8
+    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["lstm_proj"]())
+    assert (pruned.rnn.input_size, pruned.rnn.hidden_size, pruned.rnn.proj_size) == (3, 4, 2)
 
 
 # ---- cells -------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class TinyRecurrent(nn.Module):
     """``inp`` (a linear layer) -> ``rnn`` -> ``head`` (a linear layer) on every step, summed over time.
 
     ``packed=True`` runs ``rnn`` on a packed sequence of unequal lengths; ``initial=True`` gives it an initial
-    state computed from the input, non-zero in every channel (``tanh(init(x)) + 1``; ``(h0, h0 / 2)`` for an LSTM).
+    state computed from the input, non-zero in every channel: ``h0 = tanh(init(x)) + 1`` (an LSTM's ``c0`` the
+    same by ``init_cell``).
     """
 
     def __init__(self, rnn: nn.RNNBase, packed: bool = False, initial: bool = False) -> None:
@@ -38,6 +39,7 @@ class TinyRecurrent(nn.Module):
         directions = 2 if rnn.bidirectional else 1
         self.head = nn.Linear(directions * (rnn.proj_size or rnn.hidden_size), 4)
         self.init = nn.Linear(5, rnn.proj_size or rnn.hidden_size) if initial else None
+        self.init_cell = nn.Linear(5, rnn.hidden_size) if initial and isinstance(rnn, nn.LSTM) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self.inp(x)
@@ -47,9 +49,12 @@ class TinyRecurrent(nn.Module):
             out, _ = self.rnn(pack_padded_sequence(steps, lengths, enforce_sorted=False))
             out, _ = pad_packed_sequence(out, total_length=x.shape[0])
         elif self.init is not None:
-            h0 = torch.tanh(self.init(x.mean(time))) + 1
-            h0 = h0.expand(self.rnn.num_layers * (2 if self.rnn.bidirectional else 1), -1, -1).contiguous()
-            out, _ = self.rnn(steps, (h0, h0 / 2) if isinstance(self.rnn, nn.LSTM) else h0)
+            layers = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+            h0, c0 = [
+                None if init is None else (torch.tanh(init(x.mean(time))) + 1).expand(layers, -1, -1).contiguous()
+                for init in (self.init, self.init_cell)
+            ]
+            out, _ = self.rnn(steps, h0 if c0 is None else (h0, c0))
         else:
             out, _ = self.rnn(steps)
         return self.head(out).sum(time)
