@@ -10,7 +10,18 @@ import re
 
 import pytest
 import torch
-from _structures import FRESH, RTOL, G, assert_soft_equals_hard, found, group_of, grouped, make, prune_every_group
+from _structures import (
+    FRESH,
+    RTOL,
+    G,
+    assert_soft_equals_hard,
+    found,
+    group_of,
+    grouped,
+    make,
+    member,
+    prune_every_group,
+)
 from maskprune.algorithms import GroupMagnitude, L1Norm
 from torch import nn
 
@@ -201,19 +212,31 @@ def falcon() -> nn.Module:
     return transformers.FalconForCausalLM(config).eval()
 
 
-def test_falcon_multi_query_prunes_its_width_and_mlp_exactly(falcon: nn.Module) -> None:
-    """Falcon's linear layers compute ``input @ weight.T``; its default fused multi-query attention writes its head
-    count as ``num_heads + 2`` and keeps its heads (frozen, named)."""
+def test_falcon_multi_query_attention_loses_query_heads_exactly(falcon: nn.Module) -> None:
+    """Falcon's fused multi-query attention: ``view(B, N, num_heads + 2, head_dim)``, the queries ``[..., :-2, :]``,
+    the one key and value head ``[..., [-2], :]`` and ``[..., [-1], :]``; its linear layers compute
+    ``input @ weight.T``. Query heads go (with their ``dense`` columns), the key and value rows stay."""
     ids = torch.randint(0, 50, (2, 6))
     mask = maskprune.Mask(falcon, ids).make()
-    mlp = group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 0)
-    hidden = group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 1)
-    assert (mlp.size, hidden.size) == (128, 32) and len(mask.groups) == 3
-    assert "transformer.h.0.self_attention.query_key_value.weight[0]" not in grouped(mask)
-    assert re.search(r"`getitem` in transformer\.h\.\d\.self_attention: .*query_key_value\.weight\[0\]", str(mask))
-    prune_every_group(mask)
+    qkv = "transformer.h.{}.self_attention.query_key_value.weight"
+    for layer in (0, 1):
+        heads = group_of(mask, qkv.format(layer), 0)
+        assert found(mask) >= {G(4, f"{qkv.format(layer)}[0]", f"transformer.h.{layer}.self_attention.dense.weight[1]")}
+        assert heads.size == 4 and group_of(mask, f"transformer.h.{layer}.mlp.dense_h_to_4h.weight", 0).size == 128
+    assert group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 1).size == 32  # the hidden width
+    assert len(mask.groups) == 5
+    assert re.search(r"`getitem` in transformer\.h\.0\.self_attention: .*query_key_value\.weight\[0\]", str(mask))
+    group_of(mask, qkv.format(0), 0).prune([0, 2])
+    group_of(mask, qkv.format(1), 0).prune([3])
+    group_of(mask, "transformer.h.0.mlp.dense_h_to_4h.weight", 1).prune(list(range(0, 32, 3)))
     pruned = mask.generate_pruned_model()
-    assert pruned.transformer.h[0].mlp.dense_h_to_4h.weight.shape == (64, 16)
+    attention = [block.self_attention for block in pruned.transformer.h]
+    assert [a.num_heads for a in attention] == [2, 3] and [a.head_dim for a in attention] == [8, 8]
+    rows = [*range(8, 16), *range(24, 32), *range(32, 48)]  # query heads 1 and 3, then the key and value heads
+    hidden = [i for i in range(32) if i % 3]
+    original = falcon.transformer.h[0].self_attention.query_key_value.weight
+    # bit-exact: the export copies the kept rows and columns
+    assert torch.equal(attention[0].query_key_value.weight, original[rows][:, hidden])
     for x in (ids, torch.randint(0, 50, (1, 9))):
         result = maskprune.verify(falcon, pruned, x)
         assert result.problem is None and result.max_rel <= RTOL, str(result)
@@ -221,3 +244,69 @@ def test_falcon_multi_query_prunes_its_width_and_mlp_exactly(falcon: nn.Module) 
     greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     # bit-exact: token ids, from logits equal within 1e-5
     assert torch.equal(falcon.generate(prompt, **greedy), pruned.generate(prompt, **greedy))
+
+
+# ---- indexing the fused heads ----------------------------------------------------------------------
+class Indexed(nn.Module):
+    """``a``'s 8 outputs as 4 pairs; ``index`` takes some pairs, ``b`` reads them."""
+
+    def __init__(self, index: object, width: int) -> None:
+        super().__init__()
+        self.index = index
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).unflatten(-1, (-1, 2))[..., self.index, :].flatten(-2))
+
+
+@pytest.mark.parametrize(
+    ("index", "width", "prunable"),
+    [
+        (slice(None, -1), 6, [0, 1, 2]),  # the last pair stays
+        (slice(1, None), 6, [1, 2, 3]),  # the first pair stays
+        (slice(1, -1), 4, [1, 2]),
+    ],
+)
+def test_slices_anchored_to_the_ends_keep_their_inside_prunable(index: slice, width: int, prunable: list[int]) -> None:
+    torch.manual_seed(0)
+    model, x = Indexed(index, width), torch.randn(2, 4)
+    mask = maskprune.Mask(model, x).make()
+    group = group_of(mask, "a.weight", 0)
+    assert sorted({int(row) // 2 for row in member(group, "a.weight", 0).positions}) == prunable
+    group.prune([0])
+    assert_soft_equals_hard(mask, model, x, [torch.randn(5, 4)])
+
+
+@pytest.mark.parametrize(
+    ("index", "width"),
+    [
+        (slice(None, 2), 4),  # a stop counted from the front: the slice would take other pairs
+        (slice(None, None, 2), 4),
+        ([0, -1], 4),  # a list counting from both ends
+    ],
+)
+def test_other_slices_and_lists_freeze_what_they_index(index: object, width: int) -> None:
+    with pytest.raises(maskprune.NothingToPruneError, match="getitem"):
+        maskprune.Mask(Indexed(index, width), torch.randn(2, 4)).make()
+
+
+def test_a_list_index_keeps_the_channels_it_picks() -> None:
+    """``[..., [-1], :]`` takes the last pair, which stays; the other pairs are prunable, a pair at a time."""
+
+    class PickLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y) + self.c(y.unflatten(-1, (-1, 2))[..., [-1], :].flatten(-2))
+
+    torch.manual_seed(0)
+    model, x = PickLast(), torch.randn(2, 4)
+    mask = maskprune.Mask(model, x).make()
+    group = group_of(mask, "a.weight", 0)
+    assert member(group, "a.weight", 0).positions.tolist() == list(range(6)) and group.size == 3  # pairs 0 to 2
+    group.prune([1])
+    pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(5, 4)])
+    assert pruned.a.out_features == 6
