@@ -290,6 +290,22 @@ def test_other_slices_and_lists_freeze_what_they_index(index: object, width: int
         maskprune.Mask(Indexed(index, width), torch.randn(2, 4)).make()
 
 
+def test_a_slice_from_a_size_read_is_checked_by_the_trial_export() -> None:
+    """``y[:, c // 2:]`` with ``c`` read from ``y``: its start moves with the count, so nothing inside is removed."""
+
+    class SecondHalf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y[:, y.shape[1] // 2 :])
+
+    with pytest.raises(maskprune.NothingToPruneError, match="a.weight"):
+        maskprune.Mask(SecondHalf(), torch.randn(2, 4)).make()
+
+
 def test_a_list_index_keeps_the_channels_it_picks() -> None:
     """``[..., [-1], :]`` takes the last pair, which stays; the other pairs are prunable, a pair at a time."""
 

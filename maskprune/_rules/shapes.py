@@ -509,6 +509,7 @@ def _anchored_slice(call: OpCall, x: torch.Tensor, dim: int, item: slice) -> int
     """``x[..., lo:-s]``: output channel ``j`` is channel ``lo + j`` of ``x``; the channels outside it stay."""
     n = x.shape[dim]
     lo, hi = _anchored_range(item, n)
+    call.unproven("a slice's bounds")  # a bound computed from a size read (``x[:, c // 2:]``) would move
     source, kept = call.space(x, dim), call.graph.new_space(hi - lo)
     call.link(kept, np.arange(hi - lo), source, np.arange(lo, hi))
     _keep_positions(call, source, np.concatenate([np.arange(lo), np.arange(hi, n)]))
