@@ -41,10 +41,10 @@ def recurrent(call: OpCall) -> None:
     ``batch_first``; ``hx`` is ``(h, c)`` for ``lstm``.
     """
     args = call.args
+    if len(args) < 9:  # nine positional arguments either way
+        return
     packed = isinstance(args[1], torch.Tensor) and args[1].dim() == 1
     shift = int(packed)
-    if len(args) < 8 + shift:
-        return
     x, hx, weights = args[0], args[1 + shift], list(args[2 + shift])
     has_biases, layers, bidirectional = bool(args[3 + shift]), int(args[4 + shift]), bool(args[7 + shift])
     states = list(hx) if call.name == "lstm" else [hx]
@@ -52,7 +52,7 @@ def recurrent(call: OpCall) -> None:
     gates = GATES[call.name]
     per_direction, extra = divmod(len(weights), layers * directions)
     projected = per_direction - (4 if has_biases else 2) == 1
-    if extra or not (call.name == "lstm" or not projected) or per_direction not in (2, 3, 4, 5):
+    if extra or per_direction not in (2, 3, 4, 5) or (projected and call.name != "lstm"):
         return
     if not all(isinstance(t, torch.Tensor) for t in (*states, *weights)):
         return
