@@ -13,6 +13,7 @@ import torch
 from _structures import (
     FRESH,
     RTOL,
+    SEQUENCES,
     G,
     assert_soft_equals_hard,
     found,
@@ -26,7 +27,7 @@ from maskprune.algorithms import GroupMagnitude, L1Norm
 from torch import nn
 
 import maskprune
-from maskprune.testing import TINY_MODELS, TinyRecurrent
+from maskprune.testing import TINY_MODELS, TinyCellLoop, TinyRecurrent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,17 +87,27 @@ def test_a_removed_hidden_channel_is_removed_from_every_gate_layer_and_direction
     assert torch.equal(pruned.rnn.weight_ih_l1, model.rnn.weight_ih_l1[rows][:, columns])
 
 
-def test_input_and_hidden_sizes_of_equal_value_get_their_own_counts(tmp_path) -> None:
-    """``LSTM(6, 6)``: its zero states are sized by ``hidden_size``; ``input_size`` keeps the input's own count."""
-    mask, model, inputs = make("lstm_initial_state")
-    group_of(mask, "rnn.weight_ih_l0", 1).prune([2])
-    group_of(mask, "rnn.weight_hh_l0", 0).prune([0, 3, 5])
-    pruned = assert_soft_equals_hard(mask, model, inputs, FRESH["lstm_initial_state"]())
-    assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (5, 3)
-    maskprune.save_pruned(pruned, tmp_path / "lstm")
-    loaded = maskprune.load_pruned(TINY_MODELS["lstm_initial_state"]()[0], tmp_path / "lstm")
-    assert (loaded.rnn.input_size, loaded.rnn.hidden_size) == (5, 3) and _flat_weights_are_the_parameters(loaded.rnn)
-    x = FRESH["lstm_initial_state"]()[0]
+@pytest.mark.parametrize("path", ["rnn", "cell"])
+def test_input_and_hidden_sizes_of_equal_value_get_their_own_counts(path: str, tmp_path) -> None:
+    """``LSTM(6, 6)``, ``LSTMCell(6, 6)``: the layer sizes its zero initial states by ``hidden_size``; the export
+    gives ``input_size`` the input's own count."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyRecurrent(nn.LSTM(6, 6, num_layers=2)) if path == "rnn" else TinyCellLoop(nn.LSTMCell(6, 6))
+
+    model, inputs = build(), torch.randn(7, 3, 5)
+    mask = maskprune.Mask(model, inputs).make()
+    suffix = "_l0" if path == "rnn" else ""
+    group_of(mask, f"{path}.weight_ih{suffix}", 1).prune([2])
+    group_of(mask, f"{path}.weight_hh{suffix}", 0).prune([0, 3, 5])
+    pruned = assert_soft_equals_hard(mask, model, inputs, SEQUENCES())
+    layer = pruned.get_submodule(path)
+    assert (layer.input_size, layer.hidden_size) == (5, 3)
+    maskprune.save_pruned(pruned, tmp_path / "saved")
+    loaded = maskprune.load_pruned(build(), tmp_path / "saved")
+    assert (loaded.get_submodule(path).input_size, loaded.get_submodule(path).hidden_size) == (5, 3)
+    x = SEQUENCES()[0]
     torch.testing.assert_close(loaded.eval()(x), pruned.eval()(x), rtol=1e-6, atol=1e-6)
 
 
