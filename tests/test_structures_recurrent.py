@@ -157,6 +157,11 @@ def test_packed_sequences() -> None:
     prune_every_group(mask)
     pruned = assert_soft_equals_hard(mask, model, inputs, [torch.randn(9, 4, 5), torch.randn(3, 1, 5)])
     assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (3, 2)
+    mask.remove()
+    by_ratio = maskprune.Mask(model, inputs, algorithm=L1Norm(), ratio=0.5).make()
+    by_ratio.do_mask()
+    assert sorted(group.kept for group in by_ratio.groups) == [2, 3]
+    assert_soft_equals_hard(by_ratio, model, inputs, [torch.randn(9, 4, 5)])
 
 
 @pytest.mark.parametrize("algorithm", [L1Norm, GroupMagnitude])
