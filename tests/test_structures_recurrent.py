@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _structures import (
     FRESH,
     RTOL,
@@ -203,6 +204,36 @@ def test_repeat_interleave_grouped_query_attention_loses_whole_head_groups() -> 
     assert torch.equal(pruned.q_proj.weight, model.q_proj.weight[6:])
     assert torch.equal(pruned.k_proj.weight, model.k_proj.weight[3:])  # bit-exact: a copy
     assert torch.equal(pruned.o_proj.weight, model.o_proj.weight[:, 6:])  # bit-exact: a copy
+
+
+def test_repeat_interleave_of_one_key_head_by_a_held_count_loses_query_heads() -> None:
+    """Multi-query attention: one key/value head, ``repeat_interleave(self.num_heads, dim=1)``; the export sets
+    ``num_heads``."""
+
+    class MultiQuery(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head_dim, self.num_heads = 3, 4
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 12), nn.Linear(8, 3), nn.Linear(8, 3)
+            self.o_proj, self.head = nn.Linear(12, 8), nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q = self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+            k, v = [
+                p(x).view(b, n, -1, self.head_dim).transpose(1, 2).repeat_interleave(self.num_heads, dim=1)
+                for p in (self.k_proj, self.v_proj)
+            ]
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.head(x + self.o_proj(a.transpose(1, 2).reshape(b, n, -1)))
+
+    torch.manual_seed(0)
+    model, x = MultiQuery(), torch.randn(2, 5, 8)
+    mask = maskprune.Mask(model, x).make()
+    assert found(mask) == {G(4, "q_proj.weight[0]", "q_proj.bias[0]", "o_proj.weight[1]")}
+    group_of(mask, "q_proj.weight", 0).prune([0, 2])
+    pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(3, 7, 8)])
+    assert pruned.num_heads == 2 and pruned.q_proj.out_features == 6
 
 
 def test_repeat_interleave_by_per_slice_counts_freezes() -> None:

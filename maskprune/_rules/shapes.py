@@ -260,7 +260,9 @@ def expand(call: OpCall) -> None:
 def repeat_interleave(call: OpCall) -> None:
     """Each slice along ``dim`` repeated ``repeats`` times in place (grouped-query attention's
     ``k.repeat_interleave(rep, dim=1)``): output channel ``j`` is input channel ``j // repeats``; the other dims
-    pass through. Per-slice repeat counts (a tensor) and the flattening form (no ``dim``) freeze what they touch.
+    pass through. One slice repeated by a count an attribute holds (``k.repeat_interleave(self.num_heads, dim=1)``
+    of one key head) gives copies that go one at a time. Per-slice repeat counts (a tensor) and the flattening form
+    (no ``dim``) freeze what they touch.
     """
     x, out = call.args[0], call.outputs[0]
     repeats, dim = call.arg(1, "repeats"), call.arg(2, "dim")
@@ -272,8 +274,13 @@ def repeat_interleave(call: OpCall) -> None:
     spaces: list[int | None] = [call.space(x, k) for k in range(x.dim())]
     source = spaces[d]
     spaces[d] = merged = call.graph.new_space(out.shape[d])
-    idx = np.arange(out.shape[d])
-    call.link(merged, idx, source, idx // int(repeats))
+    if x.shape[d] == 1 and type(repeats) is int and call.held(repeats):
+        # one slice copied ``self.num_heads`` times (multi-query attention's one key head): the copies go one by
+        # one, and the export sets the count
+        call.tracer.size_site(repeats, merged, HEADS)
+    else:
+        idx = np.arange(out.shape[d])
+        call.link(merged, idx, source, idx // int(repeats))
     call.set_out(out, spaces)
 
 
