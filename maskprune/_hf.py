@@ -85,7 +85,8 @@ def config_updates(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], head
     config = copy.deepcopy(model.config)
     original = {name: value for name, value in vars(model.config).items() if name in CONFIG_FIELDS}
     for name in DERIVED:
-        original.setdefault(name, _ABSENT)
+        if not isinstance(getattr(type(config), name, None), property):  # Falcon's head_dim: computed, not set
+            original.setdefault(name, _ABSENT)
     for name, value in original.items():  # a field left to a default (GPT-2's n_inner): its value, written out
         if value is None or value is _ABSENT:
             materialised = _default_of(model, config, name)

@@ -153,6 +153,7 @@ def _bool_mask() -> list[tuple[torch.Tensor, torch.Tensor]]:
 IMAGES = _randn((3, 3, 8, 8), (1, 3, 12, 10))
 IMAGES_FIXED_SIZE = _randn((3, 3, 8, 8))  # the model's parameters fix the spatial size
 TOKENS = _randn((3, 5, 6), (1, 7, 6))
+SEQUENCES = _randn((9, 4, 5), (3, 1, 5))  # (time, batch, features)
 
 FRESH: dict[str, Callable[[], list[Any]]] = {
     "conv1d": _randn((3, 3, 16), (1, 3, 21)),
@@ -204,9 +205,17 @@ FRESH: dict[str, Callable[[], list[Any]]] = {
     "multihead_attention": TOKENS,
     "fused_qkv_attention": TOKENS,
     "grouped_query_attention": _randn((3, 5, 8), (1, 9, 8)),
+    "repeat_interleave_attention": _randn((3, 5, 8), (1, 9, 8)),
     "literal_heads_attention": TOKENS,
     "spatial_reduction_attention": _randn((3, 3, 8, 8), (1, 3, 12, 12)),
     "rms_norm_hidden": token_ids,
+    "conv_lstm": _randn((4, 3, 9), (1, 3, 4)),
+    "gru_bidirectional": SEQUENCES,
+    "lstm_proj": SEQUENCES,
+    "rnn_batch_first": _randn((4, 9, 5), (1, 3, 5)),
+    "lstm_initial_state": SEQUENCES,
+    "lstm_cell_loop": SEQUENCES,
+    "gru_cell_loop": SEQUENCES,
     "functional": IMAGES,
     "shared_module": IMAGES,
     "tied_parameters": token_ids,

@@ -48,6 +48,17 @@ RESIDUAL = {
 }
 STEM_ONLY = {G(6, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]")}  # conv's output channels are frozen
 
+
+def layers(prefix: str, count: int, bidirectional: bool, *tensors: str) -> list[str]:
+    """``tensors`` (``"weight_ih[0]"``) of every layer and direction of a recurrent module (``_l0_reverse`` …)."""
+    suffixes = [f"_l{k}{r}" for k in range(count) for r in ("", "_reverse")[: 1 + bidirectional]]
+    return [f"{prefix}.{t.replace('[', s + '[')}" for s in suffixes for t in tensors]
+
+
+GATE_ROWS = ("weight_ih[0]", "weight_hh[0]", "bias_ih[0]", "bias_hh[0]")  # a hidden channel's row in every gate
+INPUT_6 = G(6, "inp.weight[0]", "inp.bias[0]", "rnn.weight_ih_l0[1]")  # TinyRecurrent's input width
+
+
 EXPECTED: dict[str, set[GroupKey]] = {
     "conv1d": TWO_CONVS,
     "conv2d": TWO_CONVS,
@@ -200,6 +211,9 @@ EXPECTED: dict[str, set[GroupKey]] = {
     "grouped_query_attention": {  # 2 key/value heads, each with its 2 query heads (the input width is the model's)
         G(2, "q_proj.weight[0]", "k_proj.weight[0]", "v_proj.weight[0]", "o_proj.weight[1]"),
     },
+    "repeat_interleave_attention": {  # k.repeat_interleave(2, dim=1): key/value head h serves query heads 2h, 2h+1
+        G(2, "q_proj.weight[0]", "k_proj.weight[0]", "v_proj.weight[0]", "o_proj.weight[1]"),
+    },
     "literal_heads_attention": {  # the residual width, and position i of both heads of the values
         G(
             8,
@@ -268,6 +282,54 @@ EXPECTED: dict[str, set[GroupKey]] = {
     "no_grad": {
         G(8, "stem.weight[0]", "stem.bias[0]", "conv.weight[1]"),
         G(6, "conv.weight[0]", "conv.bias[0]", "head.weight[1]"),
+    },
+    # recurrent layers: hidden channel i of every layer and direction is one unit (one hidden_size attribute)
+    "conv_lstm": {
+        G(8, "conv.weight[0]", "conv.bias[0]", "lstm.weight_ih_l0[1]"),
+        G(6, *layers("lstm", 1, False, *GATE_ROWS, "weight_hh[1]"), "head.weight[1]"),
+    },
+    "gru_bidirectional": {  # layer 1 reads both directions of layer 0: columns i and 6 + i
+        G(6, "inp.weight[0]", "inp.bias[0]", "rnn.weight_ih_l0[1]", "rnn.weight_ih_l0_reverse[1]"),
+        G(
+            6,
+            *layers("rnn", 2, True, *GATE_ROWS, "weight_hh[1]"),
+            "rnn.weight_ih_l1[1]",
+            "rnn.weight_ih_l1_reverse[1]",
+            "head.weight[1]",
+        ),
+    },
+    "lstm_proj": {  # the cell state's 8 channels; the hidden state's 4 (proj_size): what weight_hh and layer 1 read
+        G(6, "inp.weight[0]", "inp.bias[0]", "rnn.weight_ih_l0[1]", "rnn.weight_ih_l0_reverse[1]"),
+        G(8, *layers("rnn", 2, True, *GATE_ROWS, "weight_hr[1]")),
+        G(
+            4,
+            *layers("rnn", 2, True, "weight_hr[0]", "weight_hh[1]"),
+            "rnn.weight_ih_l1[1]",
+            "rnn.weight_ih_l1_reverse[1]",
+            "head.weight[1]",
+        ),
+    },
+    "rnn_batch_first": {INPUT_6, G(4, *layers("rnn", 1, False, *GATE_ROWS, "weight_hh[1]"), "head.weight[1]")},
+    "lstm_initial_state": {  # the initial state's producer loses the hidden channels too
+        INPUT_6,
+        G(
+            6,
+            *layers("rnn", 2, False, *GATE_ROWS, "weight_hh[1]"),
+            "rnn.weight_ih_l1[1]",
+            "head.weight[1]",
+            "init.weight[0]",
+            "init.bias[0]",
+            "init_cell.weight[0]",
+            "init_cell.bias[0]",
+        ),
+    },
+    "lstm_cell_loop": {
+        G(6, "inp.weight[0]", "inp.bias[0]", "cell.weight_ih[1]"),
+        G(6, *(f"cell.{t}" for t in GATE_ROWS), "cell.weight_hh[1]", "head.weight[1]"),
+    },
+    "gru_cell_loop": {
+        G(6, "inp.weight[0]", "inp.bias[0]", "cell.weight_ih[1]"),
+        G(4, *(f"cell.{t}" for t in GATE_ROWS), "cell.weight_hh[1]", "head.weight[1]"),
     },
     "bool_mask": {G(8, "fc.weight[0]", "fc.bias[0]", "head.weight[1]")},
     "unsupported_op": STEM_ONLY,

@@ -13,14 +13,15 @@ Each family's module holds its rules, the shortcuts of their commonest calls and
 * :mod:`~maskprune._rules.mixing`: reductions, softmax and sorts; pooling, resampling, pixel shuffles;
 * :mod:`~maskprune._rules.linear`: convolutions, ``linear``, ``addmm``, ``einsum``, matrix products, embeddings;
 * :mod:`~maskprune._rules.norms`: batch, instance, group, layer and RMS norms, ``prelu``;
-* :mod:`~maskprune._rules.attention`: ``nn.MultiheadAttention`` and ``scaled_dot_product_attention``.
+* :mod:`~maskprune._rules.attention`: ``nn.MultiheadAttention`` and ``scaled_dot_product_attention``;
+* :mod:`~maskprune._rules.recurrent`: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, their cells, packed sequences.
 
 :mod:`~maskprune._rules._core` holds what they share: the registries, :class:`OpCall` and running a rule.
 """
 
 from maskprune._layers import update_module
 
-from . import attention, elementwise, linear, mixing, norms, shapes  # noqa: F401 - each registers its rules
+from . import attention, elementwise, linear, mixing, norms, recurrent, shapes  # noqa: F401 - each registers its rules
 from ._core import RULES, SHORTCUTS, OpCall, apply_rule, op_name, run_leaf_rule, run_rule
 
 __all__ = ["RULES", "SHORTCUTS", "OpCall", "apply_rule", "op_name", "run_leaf_rule", "run_rule", "update_module"]

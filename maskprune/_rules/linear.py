@@ -227,10 +227,15 @@ def matmul(call: OpCall) -> None:
     if a.dim() < 2 or b.dim() < 2 or len(call.inputs) != 2:
         return
     batch = broadcast_prefix(call, out, [a, b])
-    if call.is_param(a) or call.is_param(b):
+    left, right = _param_dims(call, a), _param_dims(call, b)  # a parameter, or a view of one (``weight.T``)
+    if left is not None or right is not None:
         call.unite(a, -1, b, -2)
-        call.role(a, -1, CONSUMER)
-        call.role(b, -2, CONSUMER)
+        if left is not None:
+            call.role(left[0], left[1][-1], CONSUMER)
+            call.role(left[0], left[1][-2], PRODUCER)
+        if right is not None:
+            call.role(right[0], right[1][-2], CONSUMER)
+            call.role(right[0], right[1][-1], PRODUCER)
     call.set_out(out, batch + [call.space(a, -2), call.space(b, -1)])
 
 

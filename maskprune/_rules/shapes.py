@@ -148,13 +148,19 @@ def _split_into_heads(call: OpCall, x: torch.Tensor, in_dim: int, block_out: lis
     head at a time (the other factors keep their size). A head count written in the code and not held
     in an attribute the export can set (``self.num_heads``) stays as it is: the last factor carries the
     channels then, every part losing the same positions, as ``chunk`` would make them (a channel shuffle's
-    ``view(B, groups, -1, H, W)``). Returns (output dim, its space).
+    ``view(B, groups, -1, H, W)``). Unless the split is ``(heads, head_dim)`` with the head size held
+    (``self.head_dim``): the count then counts heads, even written as an expression of an attribute (Falcon's
+    ``num_heads + 2``), and the trial export checks that the code follows the new count. Returns (output dim,
+    its space).
     """
     heads_dim, heads = block_out[-2]
     per_head_dim, per_head = block_out[-1]
     idx = np.arange(x.shape[in_dim])
-    written = _written_size(call, heads_dim)
-    if type(written) is int and written > 0 and not call.held(written):
+    written, per_head_written = _written_size(call, heads_dim), _written_size(call, per_head_dim)
+    head_size_held = len(block_out) == 2 and per_head > 1 and type(per_head_written) is int and call.held(per_head)
+    if type(written) is int and written > 0 and not call.held(written) and head_size_held:
+        call.unproven("a head count written in the code")
+    elif type(written) is int and written > 0 and not call.held(written):
         space = call.graph.new_space(per_head)
         call.tracer.part_spaces.add(space)
         call.link(space, idx % per_head, call.space(x, in_dim), idx)
@@ -247,6 +253,34 @@ def expand(call: OpCall) -> None:
                 call.unproven("a size written in the code")
         elif x.shape[k] == 1:
             call.claimed.add((id(x), k))
+    call.set_out(out, spaces)
+
+
+@rule("repeat_interleave")
+def repeat_interleave(call: OpCall) -> None:
+    """Each slice along ``dim`` repeated ``repeats`` times in place (grouped-query attention's
+    ``k.repeat_interleave(rep, dim=1)``): output channel ``j`` is input channel ``j // repeats``; the other dims
+    pass through. One slice repeated by a count an attribute holds (``k.repeat_interleave(self.num_heads, dim=1)``
+    of one key head) gives copies that go one at a time. Per-slice repeat counts (a tensor) and the flattening form
+    (no ``dim``) freeze what they touch.
+    """
+    x, out = call.args[0], call.outputs[0]
+    repeats, dim = call.arg(1, "repeats"), call.arg(2, "dim")
+    if isinstance(repeats, torch.Tensor) or dim is None or x.dim() != out.dim() or not isinstance(x, torch.Tensor):
+        return
+    d = int(dim) % x.dim()
+    if out.shape[d] != x.shape[d] * int(repeats):
+        return
+    spaces: list[int | None] = [call.space(x, k) for k in range(x.dim())]
+    source = spaces[d]
+    spaces[d] = merged = call.graph.new_space(out.shape[d])
+    if x.shape[d] == 1 and type(repeats) is int and call.held(repeats):
+        # one slice copied ``self.num_heads`` times (multi-query attention's one key head): the copies go one by
+        # one, and the export sets the count
+        call.tracer.size_site(repeats, merged, HEADS)
+    else:
+        idx = np.arange(out.shape[d])
+        call.link(merged, idx, source, idx // int(repeats))
     call.set_out(out, spaces)
 
 
@@ -369,10 +403,12 @@ def glu(call: OpCall) -> None:
 
 
 # ---- indexing ------------------------------------------------------------------------------------
-def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, str]] | None:
-    """For basic indexing: (input dim, kind) per output dim, kinds 'full', 'part', 'new'; None if advanced."""
+def _index_plan(shape: tuple[int, ...], index: Any, picks: bool = False) -> list[tuple[int | None, str, Any]] | None:
+    """For basic indexing: (input dim, kind, index item) per output dim, kinds 'full', 'part', 'int', 'new'; None
+    if advanced. With ``picks``, a slice whose kept range is anchored to the ends (``1:``, ``:-2``) is 'ends' and
+    one list of ints (``x[..., [-2], :]``, the only advanced index) is 'pick'."""
     items = index if isinstance(index, tuple) else (index,)
-    consuming = 0
+    consuming = lists = 0
     for item in items:
         if item is None or item is Ellipsis:
             continue
@@ -385,51 +421,113 @@ def _index_plan(shape: tuple[int, ...], index: Any) -> list[tuple[int | None, st
             consuming += 1
         elif isinstance(item, (int, slice)) and not isinstance(item, bool):
             consuming += 1
+        elif picks and isinstance(item, list) and item and all(type(k) is int for k in item):
+            consuming, lists = consuming + 1, lists + 1
         else:
             return None
-    plan: list[tuple[int | None, str]] = []
+    if lists and (lists > 1 or any(isinstance(item, (int, torch.Tensor)) for item in items)):
+        return None  # several advanced indices: their dims move
+    plan: list[tuple[int | None, str, Any]] = []
     dim = 0
     for item in items:
         if item is None:
-            plan.append((None, "new"))
+            plan.append((None, "new", item))
         elif item is Ellipsis:
             for _ in range(len(shape) - consuming):
-                plan.append((dim, "full"))
+                plan.append((dim, "full", item))
                 dim += 1
         elif isinstance(item, slice):
             start, stop, step = item.start, item.stop, item.step
             n = shape[dim]
             full = start in (None, 0) and (stop is None or (isinstance(stop, int) and stop >= n)) and step in (None, 1)
-            plan.append((dim, "full" if full else "part"))
+            kind = "full" if full else "ends" if picks and _anchored_range(item, n) else "part"
+            plan.append((dim, kind, item))
             dim += 1
         else:
-            plan.append((dim, "int"))
+            plan.append((dim, "pick" if isinstance(item, list) else "int", item))
             dim += 1
     while dim < len(shape):
-        plan.append((dim, "full"))
+        plan.append((dim, "full", slice(None)))
         dim += 1
     return plan
 
 
+def _anchored_range(item: slice, n: int) -> tuple[int, int] | None:
+    """The positions ``[lo, hi)`` a slice keeps when the ends of the dim fix them: a start counted from the front
+    and a stop counted from the back (``1:``, ``:-2``, ``2:-1``), so that channels removed inside leave the slice
+    exact while those outside it stay. None for any other slice (``:4`` would take other channels).
+
+    Examples:
+        >>> _anchored_range(slice(None, -2), 6), _anchored_range(slice(1, None), 6), _anchored_range(slice(None, 4), 6)
+        ((0, 4), (1, 6), None)
+    """
+    start, stop = item.start, item.stop
+    if item.step not in (None, 1) or not (start is None or (type(start) is int and start >= 0)):
+        return None
+    if not (stop is None or (type(stop) is int and stop < 0)):
+        return None
+    lo, hi = start or 0, n + (stop or 0)
+    return (lo, hi) if 0 <= lo < hi <= n else None
+
+
+def _picked_positions(item: list[int], n: int) -> np.ndarray | None:
+    """The positions a list index needs kept where they are: from its first pick to the end of the dim when it
+    counts from the back (``[-2]``), from the front to its last pick when it counts from the front; None when
+    mixed or out of range."""
+    if all(-n <= k < 0 for k in item):
+        return np.arange(n + min(item), n)
+    if all(0 <= k < n for k in item):
+        return np.arange(0, max(item) + 1)
+    return None
+
+
 @rule("getitem")
 def getitem(call: OpCall) -> None:
+    """Basic indexing: whole dims pass through, new and integer-indexed dims come and go. A slice anchored to the
+    ends (``x[..., :-2, :]``) passes the channels it keeps and freezes the others; a list of ints
+    (``x[..., [-2], :]``) freezes the channels it picks (and those between them and the end it counts from)."""
     x, out = call.args[0], call.outputs[0]
     index = call.args[1]
     if _gather_rows(call, x, out, index):
         return
-    plan = _index_plan(tuple(x.shape), index)
+    plan = _index_plan(tuple(x.shape), index, picks=True)
     if plan is None:
         return
     spaces: list[int | None] = []
-    for dim, kind in plan:
+    for dim, kind, item in plan:
         if kind == "full":
             spaces.append(call.space(x, dim))
+        elif kind == "ends":
+            spaces.append(_anchored_slice(call, x, dim, item))
+        elif kind == "pick":
+            positions = _picked_positions(item, x.shape[dim])
+            if positions is not None:
+                _keep_positions(call, call.space(x, dim), positions)
+            spaces.append(None)
         elif kind in ("part", "new"):
             spaces.append(None)
         elif x.shape[dim] == 1:
             call.claimed.add((id(x), dim))
     if len(spaces) == out.dim():
         call.set_out(out, spaces)
+
+
+def _anchored_slice(call: OpCall, x: torch.Tensor, dim: int, item: slice) -> int:
+    """``x[..., lo:-s]``: output channel ``j`` is channel ``lo + j`` of ``x``; the channels outside it stay."""
+    n = x.shape[dim]
+    lo, hi = _anchored_range(item, n)
+    call.unproven("a slice's bounds")  # a bound computed from a size read (``x[:, c // 2:]``) would move
+    source, kept = call.space(x, dim), call.graph.new_space(hi - lo)
+    call.link(kept, np.arange(hi - lo), source, np.arange(lo, hi))
+    _keep_positions(call, source, np.concatenate([np.arange(lo), np.arange(hi, n)]))
+    return kept
+
+
+def _keep_positions(call: OpCall, space: int, positions: np.ndarray) -> None:
+    """Freeze these channels of ``space`` (an index written in the code counts on them), not the others."""
+    if len(positions):
+        frozen = call.graph.new_space(len(positions), call.reason())
+        call.link(frozen, np.arange(len(positions)), space, positions)
 
 
 def _gather_rows(call: OpCall, x: torch.Tensor, out: torch.Tensor, index: Any) -> bool:
@@ -492,8 +590,8 @@ def setitem(call: OpCall) -> None:
     plan = _index_plan(tuple(x.shape), call.args[1])
     if plan is None:
         return
-    view = [(dim, kind) for dim, kind in plan if kind != "int"]
-    for dim, kind in plan:
+    view = [(dim, kind) for dim, kind, _ in plan if kind != "int"]
+    for dim, kind, _ in plan:
         if kind == "int" and x.shape[dim] == 1:
             call.claimed.add((id(x), dim))
     if not isinstance(value, torch.Tensor):

@@ -61,12 +61,14 @@ from ._parameters import (
     TinyTied,
     TinyUnsupported,
 )
+from ._recurrent import TinyCellLoop, TinyConvLSTM, TinyRecurrent
 from ._registry import TINY_MODELS, TinyModelFactory, randomize_norms
 from ._transformers import (
     TinyAttention,
     TinyFusedAttention,
     TinyGroupedQueryAttention,
     TinyLiteralHeads,
+    TinyRepeatInterleave,
     TinyRMSNorm,
     TinyRMSNormHidden,
     TinySpatialReduction,
@@ -81,10 +83,12 @@ __all__ = [
     "TinyAttention",
     "TinyBinary",
     "TinyCat",
+    "TinyCellLoop",
     "TinyChannelsLast",
     "TinyChunk",
     "TinyConv",
     "TinyConvBlock",
+    "TinyConvLSTM",
     "TinyConvTranspose",
     "TinyDepthwise",
     "TinyDictIO",
@@ -107,6 +111,8 @@ __all__ = [
     "TinyRMSNorm",
     "TinyRMSNormHidden",
     "TinyRearrange",
+    "TinyRecurrent",
+    "TinyRepeatInterleave",
     "TinyReshape",
     "TinySE",
     "TinyShared",

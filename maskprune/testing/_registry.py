@@ -47,11 +47,13 @@ from ._parameters import (
     TinyTied,
     TinyUnsupported,
 )
+from ._recurrent import TinyCellLoop, TinyConvLSTM, TinyRecurrent
 from ._transformers import (
     TinyAttention,
     TinyFusedAttention,
     TinyGroupedQueryAttention,
     TinyLiteralHeads,
+    TinyRepeatInterleave,
     TinyRMSNormHidden,
     TinySpatialReduction,
 )
@@ -164,9 +166,26 @@ TINY_MODELS: dict[str, TinyModelFactory] = {
     "multihead_attention": _seeded(lambda: (TinyAttention(), torch.randn(2, 5, 6))),
     "fused_qkv_attention": _seeded(lambda: (TinyFusedAttention(), torch.randn(2, 5, 6))),
     "grouped_query_attention": _seeded(lambda: (TinyGroupedQueryAttention(), torch.randn(2, 5, 8))),
+    "repeat_interleave_attention": _seeded(lambda: (TinyRepeatInterleave(), torch.randn(2, 5, 8))),
     "literal_heads_attention": _seeded(lambda: (TinyLiteralHeads(), torch.randn(2, 5, 6))),
     "spatial_reduction_attention": _seeded(lambda: (TinySpatialReduction(), torch.randn(2, 3, 8, 8))),
     "rms_norm_hidden": _seeded(lambda: (TinyRMSNormHidden(), torch.randint(0, 10, (2, 6)))),
+    # recurrent layers, on (time, batch, features) unless batch_first
+    "conv_lstm": _seeded(lambda: (TinyConvLSTM(), torch.randn(2, 3, 7))),
+    "gru_bidirectional": _seeded(
+        lambda: (TinyRecurrent(nn.GRU(6, 6, num_layers=2, bidirectional=True)), torch.randn(7, 3, 5))
+    ),
+    "lstm_proj": _seeded(
+        lambda: (TinyRecurrent(nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=4)), torch.randn(7, 3, 5))
+    ),
+    "rnn_batch_first": _seeded(
+        lambda: (TinyRecurrent(nn.RNN(6, 4, nonlinearity="relu", batch_first=True)), torch.randn(3, 7, 5))
+    ),
+    "lstm_initial_state": _seeded(
+        lambda: (TinyRecurrent(nn.LSTM(6, 6, num_layers=2), initial=True), torch.randn(7, 3, 5))
+    ),
+    "lstm_cell_loop": _seeded(lambda: (TinyCellLoop(nn.LSTMCell(6, 6)), torch.randn(7, 3, 5))),
+    "gru_cell_loop": _seeded(lambda: (TinyCellLoop(nn.GRUCell(6, 4)), torch.randn(7, 3, 5))),
     # how parameters and inputs are reached
     "functional": _seeded(lambda: (TinyFunctional(), torch.randn(2, 3, 8, 8))),
     "shared_module": _seeded(lambda: (TinyShared(), torch.randn(2, 3, 8, 8))),

@@ -1,5 +1,5 @@
-"""Tiny attention models (multi-head, fused qkv, grouped query, literal head counts, spatial reduction) and RMS
-norms over a hidden size."""
+"""Tiny attention models (multi-head, fused qkv, grouped query by expand or ``repeat_interleave``, literal head
+counts, spatial reduction) and RMS norms over a hidden size."""
 
 from __future__ import annotations
 
@@ -126,6 +126,13 @@ class TinyGroupedQueryAttention(nn.Module):
         v = self._repeat_kv(self.v_proj(x).view(shape).transpose(1, 2))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.head(x + self.o_proj(a.transpose(1, 2).reshape(B, N, -1)))
+
+
+class TinyRepeatInterleave(TinyGroupedQueryAttention):
+    """Grouped-query attention with ``repeat_kv`` written as ``k.repeat_interleave(groups, dim=1)``."""
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.num_key_value_groups, dim=1)
 
 
 class TinyRMSNorm(nn.Module):
