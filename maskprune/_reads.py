@@ -39,6 +39,7 @@ _LABELS = {"bool": "__bool__", "item": "item()"}
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _ENGINE_DIR = os.path.dirname(__file__) + os.sep
 _TESTING_DIR = os.path.join(_ENGINE_DIR, "testing") + os.sep  # its models are a user's code
+_BOOKKEEPING = {os.path.join(_ENGINE_DIR, name) for name in ("_reads.py", "_trace.py")}  # what records a read
 
 
 def value_read(tracer: Tracer, name: str, args: tuple, out: Any) -> Any:
@@ -69,25 +70,28 @@ def leaves_torch(tracer: Tracer, name: str, tensors: list[torch.Tensor]) -> None
 
 
 def decided(tracer: Tracer, path: str, op: str) -> None:
-    """Python control flow was decided by a value ``op`` read in module ``path``: record the line, once."""
-    location, code = _model_line()
+    """Python control flow was decided by a value ``op`` read in module ``path``: record the line, once.
+
+    The line is the innermost frame of the model's code; a check inside torch (``torch._assert``, an argument
+    check) or inside maskprune's own rules decides no branch of the model, and is not recorded.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in _BOOKKEEPING:
+        frame = frame.f_back
+    if frame is None or _internal(frame.f_code.co_filename):
+        return
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    location = f"{_short(filename)}:{line}"
     key = (path, op, location)
     if key not in tracer.control_flow:
-        tracer.control_flow[key] = ControlFlowSite(path, op, location, code)
+        tracer.control_flow[key] = ControlFlowSite(path, op, location, linecache.getline(filename, line).strip())
 
 
-def _model_line() -> tuple[str, str]:
-    """``file.py:line`` and the code of the innermost frame outside torch and maskprune's engine."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith((_TORCH_DIR, _ENGINE_DIR)) or filename.startswith(_TESTING_DIR):
-            break
-        frame = frame.f_back
-    if frame is None:
-        return "", ""
-    filename, line = frame.f_code.co_filename, frame.f_lineno
-    return f"{_short(filename)}:{line}", linecache.getline(filename, line).strip()
+def _internal(filename: str) -> bool:
+    """Whether ``filename`` is torch's or maskprune's engine's (its bundled test models are a user's code)."""
+    return filename.startswith(_TORCH_DIR) or (
+        filename.startswith(_ENGINE_DIR) and not filename.startswith(_TESTING_DIR)
+    )
 
 
 def _short(filename: str) -> str:
