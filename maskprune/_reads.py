@@ -190,33 +190,54 @@ def follow(value: int | float, decide: Callable[[], None]) -> Any:
 # ---- autograd.Function ---------------------------------------------------------------------------
 @contextmanager
 def watched_functions(tracer: Tracer, quiet: Callable[[], Any]) -> Iterator[None]:
-    """Inside the block, every ``autograd.Function`` applied in this thread is checked: when the trace does not
-    know one of its outputs (no traced op made it), its inputs' and outputs' channels are frozen.
+    """Inside the block, the forward of every ``autograd.Function`` outside torch that runs in this thread is
+    checked: when the trace does not know one of its outputs (no traced op made it), its inputs' and outputs'
+    channels are frozen.
 
-    ``quiet()``: a context in which the check reads shapes without being traced.
+    Each such class's ``forward`` is wrapped for the block (torch looks it up at every ``apply``, also through
+    an alias such as ``swish = Swish.apply``). ``quiet()``: a context in which the check reads shapes untraced.
     """
-    function = torch.autograd.Function
-    original = function.__dict__["apply"]
     thread = threading.get_ident()
+    originals = {cls: cls.__dict__["forward"] for cls in _function_classes()}
 
-    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-        run = original.__get__(None, cls)
-        if threading.get_ident() != thread or tracer.leaf_depth:
-            return run(*args, **kwargs)
-        tracer.functions.append(cls.__name__)
-        try:
-            out = run(*args, **kwargs)
-        finally:
-            tracer.functions.pop()
-        with quiet():
-            _check_function(tracer, cls.__name__, (args, kwargs), out)
-        return out
+    def watched(cls: type, forward: Callable) -> staticmethod:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != thread or tracer.leaf_depth:
+                return forward(*args, **kwargs)
+            tracer.functions.append(cls.__name__)
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                tracer.functions.pop()
+            with quiet():
+                _check_function(tracer, cls.__name__, (args, kwargs), out)
+            return out
 
-    function.apply = classmethod(apply)
+        return staticmethod(run)
+
     try:
+        for cls, original in originals.items():
+            cls.forward = watched(cls, original.__func__)
         yield
     finally:
-        function.apply = original
+        for cls, original in originals.items():
+            cls.forward = original
+
+
+def _function_classes() -> list[type]:
+    """The subclasses of ``torch.autograd.Function`` defined outside torch with a static ``forward`` of their own."""
+    found: dict[type, None] = {}
+    todo = [torch.autograd.Function]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found[sub] = None
+                todo.append(sub)
+    return [
+        cls
+        for cls in found
+        if not cls.__module__.startswith("torch.") and isinstance(cls.__dict__.get("forward"), staticmethod)
+    ]
 
 
 def _check_function(tracer: Tracer, name: str, inputs: Any, out: Any) -> None:
