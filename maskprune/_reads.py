@@ -60,12 +60,13 @@ def value_read(tracer: Tracer, name: str, args: tuple, out: Any) -> Any:
 
 
 def leaves_torch(tracer: Tracer, name: str, tensors: list[torch.Tensor]) -> None:
-    """``tensors``' values leave torch by ``name``: freeze their channels."""
+    """``tensors``' values leave torch by ``name``: freeze their channels. A constant's carry none (what comes back
+    as a tensor gets new spaces, frozen: those the trace did not see made)."""
     inside = f" (autograd.Function `{tracer.functions[-1]}`)" if tracer.functions else ""
     reason = f"`{name}` in {tracer.path()}{inside}: its values leave torch, and what comes back does not carry channels"
     for t in tensors:
         node = tracer.known(t)
-        for space in node.spaces if node is not None else ():
+        for space in node.spaces if node is not None and not node.constant else ():
             tracer.graph.freeze(space, reason)
 
 

@@ -104,8 +104,14 @@ def test_channels_that_leave_torch_are_frozen_at_make_with_the_reason(middle, re
     assert maskprune.verify(model, pruned, torch.randn(1, 3, 8, 8)).ok
 
 
-def test_an_autograd_function_made_of_traced_ops_keeps_its_channels_prunable() -> None:
-    model, mask, x = masked(Twice.apply)
+def constant_list(x: torch.Tensor) -> torch.Tensor:
+    order = torch.zeros(x.shape[1]).tolist()  # a constant over the channels: no value of theirs leaves
+    return x + sum(order)
+
+
+@pytest.mark.parametrize("middle", [Twice.apply, constant_list], ids=["traced-function", "constant-list"])
+def test_traced_functions_and_constants_keep_their_channels_prunable(middle) -> None:
+    model, mask, x = masked(middle)
     assert [g.size for g in mask.groups] == [8, 6]
     mask.do_mask()
     pruned = mask.generate_pruned_model()
