@@ -82,9 +82,9 @@ def decided(tracer: Tracer, path: str, op: str) -> None:
     if frame is None or _internal(frame.f_code.co_filename):
         return
     filename, line = frame.f_code.co_filename, frame.f_lineno
-    location = f"{_short(filename)}:{line}"
-    key = (path, op, location)
-    if key not in tracer.control_flow:
+    key = (path, op, filename, line)
+    if key not in tracer.control_flow:  # a loop decides at one line many times: the first is recorded
+        location = f"{_short(filename)}:{line}"
         tracer.control_flow[key] = ControlFlowSite(path, op, location, linecache.getline(filename, line).strip())
 
 

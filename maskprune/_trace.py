@@ -104,7 +104,7 @@ class Tracer:
         # size reads and size sites
         self.unproven: list[str] = []
         self.leaf_calls: list[LeafCall] = []
-        self.control_flow: dict[tuple[str, str, str], ControlFlowSite] = {}  # see maskprune._reads
+        self.control_flow: dict[tuple[str, str, str, int], ControlFlowSite] = {}  # see maskprune._reads
         self.functions: list[str] = []  # the autograd.Functions running (innermost last)
         self.first_pass = True
         self.calls: dict[str, int] = {}
