@@ -94,8 +94,8 @@ class Mask:
         recalibrate: batches (a DataLoader, a list of tensors) on which :func:`~maskprune.recalibrate_bn`
             re-estimates the BatchNorm statistics after every ``do_mask()`` that changed the masks.
         strict: refuse a forward that decides Python control flow by tensor values (``if x.mean() > 0:``):
-            :meth:`make` raises :class:`~maskprune.errors.DataDependentError` naming the sites, where it
-            otherwise warns (:class:`~maskprune.errors.DataDependentWarning`) once.
+            :meth:`make` raises :class:`~maskprune.DataDependentError` naming the sites, where it
+            otherwise warns (:class:`~maskprune.DataDependentWarning`) once.
 
     Examples:
         >>> model = torchvision.models.resnet18()
