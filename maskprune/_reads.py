@@ -167,10 +167,25 @@ def _followed_type(base: type) -> type:
     }
     namespace.update({name: _comparison(base, name) for name in _COMPARISONS})
     namespace.update({name: _arithmetic(base, name) for name in _ARITHMETIC})
-    return type(f"Read{base.__name__.capitalize()}", (base,), namespace)
+    return type(f"Read{base.__name__.capitalize()}", (base, ReadNumber), namespace)
+
+
+class ReadNumber:
+    """What every number ``item()`` read during a trace is, besides an ``int`` or a ``float`` (see :func:`follow`)."""
 
 
 _FOLLOWED = {int: _followed_type(int), float: _followed_type(float)}
+
+
+def holds_read_number(values: tuple | list) -> bool:
+    """Whether ``values`` (a call's arguments, and lists or tuples in them) hold a number ``item()`` read: a tensor
+    made from it (``torch.tensor(n.item())``) is no constant.
+
+    Examples:
+        >>> holds_read_number((3, [0.5, follow(2.0, print)])), holds_read_number(([1, 2], 3.0))
+        (True, False)
+    """
+    return any(isinstance(v, ReadNumber) or (type(v) in (list, tuple) and holds_read_number(v)) for v in values)
 
 
 def follow(value: int | float, decide: Callable[[], None]) -> Any:

@@ -136,6 +136,8 @@ class ReadsNumbers(nn.Module):
         torch._assert(x.mean() > -1e9, "a check inside torch decides no branch of the model")
         if self.compare and 2 * x.mean().item() - 1 > -1e9:
             h = h + 1
+        if self.compare and torch.tensor(x.sum().item()) > -1e9:  # a tensor made of a value is no constant
+            h = h - 1
         return self.head(h)
 
 
@@ -146,7 +148,8 @@ def test_a_number_read_by_item_is_followed_into_the_comparison_that_decides() ->
     assert len(found) == 1
     text = str(found[0].message)
     assert "`item()` in <root> at test_control_flow.py:" in text and "2 * x.mean().item() - 1 > -1e9" in text
-    assert "`__bool__`" not in text and "torch._assert" not in text and "scale > 0" not in text
+    assert "`__bool__` in <root> at test_control_flow.py:" in text and "torch.tensor(x.sum().item())" in text
+    assert "torch._assert" not in text and "scale > 0" not in text
 
 
 def test_values_read_as_a_size_from_constants_or_by_torch_itself_do_not_warn() -> None:

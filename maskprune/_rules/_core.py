@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from maskprune._attributes import holds_count
+from maskprune._reads import holds_read_number
 from maskprune._records import NO_TENSORS, TensorNode, iter_tensors
 
 if TYPE_CHECKING:
@@ -261,12 +262,13 @@ class OpCall:
 
     def constant(self) -> bool:
         """Whether the outputs are constants (see :class:`TensorNode`): a factory's that draws no random numbers,
-        or an op's on constants only (computed once, before outputs are bound)."""
+        or an op's on constants only, and not made from a number ``item()`` read (computed once, before outputs
+        are bound)."""
         if self._constant is None:
             name = self.name
-            self._constant = name in CONSTANT_RESULTS or (
-                name not in RANDOM and all(self.node(t).constant for t in self.inputs)
-            )
+            self._constant = (
+                name in CONSTANT_RESULTS or (name not in RANDOM and all(self.node(t).constant for t in self.inputs))
+            ) and not holds_read_number((*self.args, *self.kwargs.values()))
         return self._constant
 
     def held(self, value: int) -> bool:
