@@ -214,7 +214,6 @@ def watched_functions(tracer: Tracer, quiet: Callable[[], Any]) -> Iterator[None
     an alias such as ``swish = Swish.apply``). ``quiet()``: a context in which the check reads shapes untraced.
     """
     thread = threading.get_ident()
-    originals = {cls: cls.__dict__["forward"] for cls in _function_classes()}
 
     def watched(cls: type, forward: Callable) -> staticmethod:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -231,13 +230,18 @@ def watched_functions(tracer: Tracer, quiet: Callable[[], Any]) -> Iterator[None
 
         return staticmethod(run)
 
-    try:
-        for cls, original in originals.items():
-            cls.forward = watched(cls, original.__func__)
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.forward = original
+    with _WRAPPING:  # traces in two threads would restore each other's wrappers
+        originals = {cls: cls.__dict__["forward"] for cls in _function_classes()}
+        try:
+            for cls, original in originals.items():
+                cls.forward = watched(cls, original.__func__)
+            yield
+        finally:
+            for cls, original in originals.items():
+                cls.forward = original
+
+
+_WRAPPING = threading.RLock()
 
 
 def _function_classes() -> list[type]:
