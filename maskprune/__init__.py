@@ -20,7 +20,16 @@ from ._report import GroupSparsity, Sparsity
 from ._spec import PruneSpec, TensorCut
 from ._verify import VerifyResult, verify
 from ._version import __version__
-from .errors import ExportError, MaskpruneError, NothingToPruneError, NotMadeError, SpecError, TraceError
+from .errors import (
+    DataDependentError,
+    DataDependentWarning,
+    ExportError,
+    MaskpruneError,
+    NothingToPruneError,
+    NotMadeError,
+    SpecError,
+    TraceError,
+)
 from .mask import Mask
 from .measure import count_flops, count_parameters
 from .serialization import load_pruned, save_pruned
@@ -29,6 +38,8 @@ __all__ = [
     "ActivationSite",
     "Algorithm",
     "BlockGroup",
+    "DataDependentError",
+    "DataDependentWarning",
     "ExpertGroup",
     "ExportError",
     "Group",

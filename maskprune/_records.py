@@ -28,11 +28,14 @@ class TensorNode:
 
     ``tainted``: derived from a masked parameter, so its removed channels may be
     zero in the masked model (where the original had other values).
+    ``constant``: computed from constants only (tensor factories that draw no random numbers, and ops on
+    their results): its values are the same whatever the inputs and the weights.
     """
 
     spaces: tuple[int, ...]
     shape: tuple[int, ...]
     tainted: bool = True
+    constant: bool = False
 
 
 @dataclass
@@ -89,6 +92,26 @@ class TracedSize(int):
         return size
 
 
+@dataclass(frozen=True)
+class ControlFlowSite:
+    """Where the forward decided Python control flow by a tensor's value: the trace saw one branch.
+
+    ``op`` read the value (``__bool__`` of an ``if tensor:``, a comparison of an ``item()``, ``equal``);
+    ``path`` is the running module (``""`` for the root); ``location`` (``file.py:14``) and ``code`` the
+    line of the model's code that decided.
+    """
+
+    path: str
+    op: str
+    location: str
+    code: str = ""
+
+    def __str__(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        code = f" (`{self.code}`)" if self.code else ""
+        return f"`{self.op}` in {self.path or '<root>'}{where}{code}"
+
+
 @dataclass
 class LeafCall:
     """One call of a leaf module during the first trace pass: its input and output tensors' channel spaces."""
@@ -118,6 +141,7 @@ class Trace:
     size_sites: list[SizeSite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unproven: list[str] = field(default_factory=list)  # see Tracer.unproven
+    control_flow: list[ControlFlowSite] = field(default_factory=list)  # data-dependent branches the trace took
     shadow: nn.Module | None = None  # the meta copy that was traced, if any (shapes only: reused by the probes)
 
 

@@ -25,11 +25,13 @@ from ._attributes import module_size_sites
 from ._graph import ChannelGraph
 from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
+from ._reads import VALUE_READS, value_read, watched_functions
 from ._records import (
     LAYER,
     MODEL_INPUT,
     MODEL_OUTPUT,
     WIDTH,
+    ControlFlowSite,
     LayerNormSite,
     LeafCall,
     OwnedTensor,
@@ -103,6 +105,8 @@ class Tracer:
         # size reads and size sites
         self.unproven: list[str] = []
         self.leaf_calls: list[LeafCall] = []
+        self.control_flow: dict[tuple[str, str, str, int], ControlFlowSite] = {}  # see maskprune._reads
+        self.functions: list[str] = []  # the autograd.Functions running (innermost last)
         self.first_pass = True
         self.calls: dict[str, int] = {}
         self.rules = _rules
@@ -150,12 +154,24 @@ class Tracer:
                 node = TensorNode(spaces, tuple(t.shape), tainted=self.owned[key].is_param)
                 self.param_nodes[key] = node
             return node
-        reason = f"tensor of unknown origin in {self.path()}"
+        reason = f"a tensor made outside the traced torch ops (torch.from_numpy, an extension) in {self.path()}"
         self.unproven.append(reason)  # made by an op the trace did not see: what it read is unknown
         return self.fresh(t, reason)
 
-    def fresh(self, t: torch.Tensor, reason: str, tainted: bool = True) -> TensorNode:
-        node = TensorNode(tuple(self.graph.new_space(n, reason) for n in t.shape), tuple(t.shape), tainted)
+    def known(self, t: torch.Tensor) -> TensorNode | None:
+        """The node of ``t`` if a traced op made it (or it is the model's), else None; makes no node."""
+        node = self.nodes.get(id(t))
+        if node is not None and node.shape == t.shape:
+            return node
+        return self.node(t) if id(t) in self.owned else None
+
+    def is_constant(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s values are the same for every input and weights (see :class:`TensorNode`)."""
+        node = self.known(t)
+        return node is not None and node.constant
+
+    def fresh(self, t: torch.Tensor, reason: str, tainted: bool = True, constant: bool = False) -> TensorNode:
+        node = TensorNode(tuple(self.graph.new_space(n, reason) for n in t.shape), tuple(t.shape), tainted, constant)
         self.bind(t, node)
         return node
 
@@ -195,6 +211,8 @@ class Tracer:
             if name in _SIZE_READS and args and isinstance(args[0], torch.Tensor):
                 self.note_size_read(args[0], name, args[1:] or tuple(kwargs.values()))
                 out = self.traced_size(args[0], out, args[1:] or tuple(kwargs.values()))
+            elif name in VALUE_READS and not isinstance(out, torch.Tensor):
+                out = value_read(self, name, args, out)
             if self.ops_in_call:
                 self.ops_in_call[-1].append(name)
             self.rules.apply_rule(self, name, inplace, args, kwargs, out)
@@ -343,7 +361,7 @@ class Tracer:
         # ``is_meta``) each read of a tensor attribute would pass through its Python __torch_function__
         kernels = FastMeta() if self.fast else nullcontext()
         try:
-            with torch.no_grad(), kernels, _Recorder(self):
+            with torch.no_grad(), kernels, _Recorder(self), watched_functions(self, _rule_context):
                 output = call_model(self.model, inputs)
         finally:
             pre.remove()
@@ -352,6 +370,7 @@ class Tracer:
             self.ops_in_call.clear()
             self.pending_ln.clear()
             self.leaf_depth = 0
+            self.functions.clear()
         for t in iter_tensors(output):
             for space in self.node(t).spaces:
                 self.graph.freeze(space, MODEL_OUTPUT)
@@ -471,6 +490,7 @@ def _trace_model(
         size_sites=tracer.size_sites,
         notes=notes,
         unproven=tracer.unproven,
+        control_flow=list(tracer.control_flow.values()),
     )
 
 

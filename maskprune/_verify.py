@@ -25,7 +25,8 @@ class VerifyResult:
     """Outcome of :func:`verify`: truthy when the two models agree.
 
     ``max_rel`` is max |soft - hard| / max |hard| over all floating outputs; ``scale`` is max |hard|
-    (a comparison of all-zero outputs proves nothing).
+    (a comparison of all-zero outputs proves nothing); over several batches, the largest of each.
+    ``batch`` names the batch where the models differ, when it is one of ``verify_inputs``.
     """
 
     max_abs: float
@@ -34,6 +35,7 @@ class VerifyResult:
     first_divergence: str | None = None
     problem: str | None = None
     scale: float = 0.0
+    batch: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -51,6 +53,8 @@ class VerifyResult:
             text += f"; {self.problem}"
         if self.first_divergence:
             text += f"; first diverging module: {self.first_divergence}"
+        if self.batch:
+            text += f"; on {self.batch}"
         return text
 
 
@@ -149,8 +153,9 @@ def verify(
     rtol: float | None = None,
     within: str | None = None,
     mask: Mask | None = None,
+    verify_inputs: list[Any] | None = None,
 ) -> VerifyResult:
-    """Run both models in eval mode on ``inputs`` and compare every output.
+    """Run both models in eval mode on ``inputs`` (and on each batch of ``verify_inputs``) and compare every output.
 
     When they differ, the result names the first module (in call order) whose
     output differs. Both run in full float32 (TF32 off, see :func:`full_float32`);
@@ -165,6 +170,10 @@ def verify(
     of one part of a model whose outputs pass through discrete steps (top-k, NMS),
     where a rounding difference between two near-equal scores may pick another box.
 
+    ``verify_inputs``: more batches, each what ``inputs`` is (a tensor, a tuple of arguments or a dict); a
+    forward that branches on tensor values needs batches that take every branch. The result is the first
+    batch's that differs (its ``batch`` names it), else the largest differences over all batches.
+
     Examples:
         >>> model, x = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)
         >>> mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
@@ -174,12 +183,72 @@ def verify(
         True
         >>> maskprune.verify(model, pruned, x, within="layer1", mask=mask).ok
         True
+        >>> maskprune.verify(model, pruned, x, verify_inputs=[torch.randn(1, 3, 32, 32)]).ok
+        True
     """
     keeps = mask.selection.output_keeps if mask is not None else None
-    if within is not None:
-        with full_float32():
-            return _verify_within(masked_model, pruned_model, inputs, rtol, within, keeps)
-    return verify_outputs(masked_model, pruned_model, inputs, rtol, keeps=keeps)
+    batches = [inputs, *check_batches(verify_inputs)]
+    if within is None:
+        return verify_batches(masked_model, pruned_model, batches, rtol, keeps=keeps)
+    results = []
+    with full_float32():
+        for batch in batches:
+            results.append(_verify_within(masked_model, pruned_model, batch, rtol, within, keeps))
+            if not results[-1].ok:
+                break
+    return merged(results)
+
+
+def check_batches(batches: Any) -> list[Any]:
+    """``verify_inputs`` as a list (empty for None): a list or tuple of batches, each what ``inputs`` takes.
+
+    Examples:
+        >>> check_batches(None), len(check_batches((torch.ones(1), torch.ones(2))))
+        ([], 2)
+    """
+    if batches is None:
+        return []
+    if not isinstance(batches, (list, tuple)):
+        raise TypeError(
+            "verify_inputs takes a list of batches, each what inputs= takes (a tensor, a tuple of arguments or a "
+            f"dict); got a {type(batches).__name__}: pass [batch]"
+        )
+    return list(batches)
+
+
+def merged(results: list[VerifyResult]) -> VerifyResult:
+    """One result for the batches (the inputs, then ``verify_inputs[0]`` …) compared in order, up to the first that
+    failed: that one, naming its batch; else the largest differences of all."""
+    last = results[-1]
+    if not last.ok:
+        if len(results) > 1:
+            last.batch = f"verify_inputs[{len(results) - 2}]"
+        return last
+    return VerifyResult(
+        max(r.max_abs for r in results),
+        max(r.max_rel for r in results),
+        max(r.rtol for r in results),
+        scale=max(r.scale for r in results),
+    )
+
+
+def verify_batches(
+    masked_model: nn.Module,
+    pruned_model: nn.Module,
+    batches: list[Any],
+    rtol: float | None,
+    settle: Callable[[], None] | None = None,
+    soft: list[torch.Tensor] | None = None,
+    keeps: KeepLookup | None = None,
+) -> VerifyResult:
+    """:func:`verify_outputs` on each batch in turn, up to the first that differs (see :func:`merged`); ``soft``
+    is the first batch's masked outputs, where the caller computed them."""
+    results = []
+    for k, batch in enumerate(batches):
+        results.append(verify_outputs(masked_model, pruned_model, batch, rtol, settle, soft if k == 0 else None, keeps))
+        if not results[-1].ok:
+            break
+    return merged(results)
 
 
 def float32_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:

@@ -21,6 +21,16 @@ class ExportError(MaskpruneError, RuntimeError):
     """The exported model does not compute what the masked model computes."""
 
 
+class DataDependentError(TraceError):
+    """The forward decides Python control flow by tensor values and ``Mask(..., strict=True)`` refuses that: the
+    trace saw only the branches the example inputs take (the sites are named)."""
+
+
+class DataDependentWarning(UserWarning):
+    """The forward decides Python control flow by tensor values: the trace saw only the branches the example
+    inputs take (the sites are named). Verify the export on inputs that take the others."""
+
+
 class SpecError(MaskpruneError, ValueError):
     """A pruning spec is malformed or does not fit the model it is applied to (the module is named)."""
 

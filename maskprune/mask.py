@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
 from ._pruning import Pruner
+from ._reads import control_flow_message
 from ._recalibrate import recalibrate_bn
 from ._records import iter_tensors, model_device
 from ._replay import keep_flags_of
@@ -39,7 +41,7 @@ from ._state import mask_state, read_mask_state
 from ._trace import trace
 from ._walk import ModelIndex
 from .distributed import broadcast_flags
-from .errors import ExportError, NothingToPruneError, NotMadeError
+from .errors import DataDependentError, DataDependentWarning, ExportError, NothingToPruneError, NotMadeError
 
 DEFAULT_RATIO = 0.5
 DEFAULT_MAX_RATIO = 0.9
@@ -91,6 +93,9 @@ class Mask:
             export deletes it from its container (and renumbers Hugging Face layer counts and ``layer_idx``).
         recalibrate: batches (a DataLoader, a list of tensors) on which :func:`~maskprune.recalibrate_bn`
             re-estimates the BatchNorm statistics after every ``do_mask()`` that changed the masks.
+        strict: refuse a forward that decides Python control flow by tensor values (``if x.mean() > 0:``):
+            :meth:`make` raises :class:`~maskprune.DataDependentError` naming the sites, where it
+            otherwise warns (:class:`~maskprune.DataDependentWarning`) once.
 
     Examples:
         >>> model = torchvision.models.resnet18()
@@ -125,6 +130,7 @@ class Mask:
         freeze: Iterable[nn.Module | str] = (),
         depth: bool = False,
         recalibrate: Iterable[Any] | None = None,
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,6 +185,7 @@ class Mask:
         self.freeze = _resolve_modules(model, freeze, "freeze")
         self.depth = bool(depth)
         self.recalibrate = recalibrate
+        self.strict = bool(strict)
         self._made = False
         self._selection: Selection | None = None
         self._runtime: MaskRuntime | None = None
@@ -220,6 +227,11 @@ class Mask:
             )
         _check_inputs(self.model, self.example_inputs)
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.freeze, ignored_modules=self.ignore)
+        if tr.control_flow:  # before any hook is installed: a refusal leaves the model as it was
+            message = control_flow_message(tr.control_flow, self.strict)
+            if self.strict:
+                raise DataDependentError(f"Mask(strict=True): {message}")
+            warnings.warn(message, DataDependentWarning, stacklevel=3)  # make()'s caller, past collector_paused
         res = tr.graph.resolve()
         layout = settled_layout(self.model, self.example_inputs, tr, res, build_layout(tr, res))
         if self.depth:
@@ -387,13 +399,21 @@ class Mask:
 
     @collector_paused()
     def generate_pruned_model(
-        self, *, verify: bool = True, inplace: bool = False, inputs: Any = None, rtol: float | None = None
+        self,
+        *,
+        verify: bool = True,
+        inplace: bool = False,
+        inputs: Any = None,
+        rtol: float | None = None,
+        verify_inputs: list[Any] | None = None,
     ) -> nn.Module:
         """A plain, smaller ``nn.Module`` without the removed channels.
 
         Verified against the masked model on ``inputs`` (the example inputs by
-        default) unless ``verify=False``; raises :class:`ExportError` naming the
-        first diverging module. ``rtol`` (max |soft - hard| / max |hard|) follows
+        default) and on each batch of ``verify_inputs`` (each what ``inputs`` is)
+        unless ``verify=False``; raises :class:`ExportError` naming the first
+        diverging module (and the batch). A forward that branches on tensor
+        values needs batches taking every branch (:meth:`make` warns). ``rtol`` (max |soft - hard| / max |hard|) follows
         the outputs' dtype by default: 1e-5 in float32 and float64, looser in
         bfloat16 and float16 (:data:`maskprune._verify.TOLERANCES`). ``inplace=True``
         slices the masked model itself (no copy; the Mask is then spent), giving each
@@ -403,12 +423,17 @@ class Mask:
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
-        if verify and any(t.is_meta for t in iter_tensors(inputs)):
+        batches = [inputs, *_verify.check_batches(verify_inputs)]
+        for batch in batches[1:]:
+            _check_inputs(self.model, batch)
+        if verify and any(t.is_meta for t in iter_tensors(batches)):
             raise ExportError("cannot verify on the meta device (no values): pass verify=False")
         if self.settings.semantics == "soft":
             self.semantics = "frozen"  # the export is of the whole mask: norms and biases of removed channels too
             try:
-                return self.generate_pruned_model(verify=verify, inplace=inplace, inputs=inputs, rtol=rtol)
+                return self.generate_pruned_model(
+                    verify=verify, inplace=inplace, inputs=inputs, rtol=rtol, verify_inputs=batches[1:]
+                )
             finally:
                 if self._runtime is not None:
                     self.semantics = "soft"
@@ -421,15 +446,15 @@ class Mask:
             removed = self._selection.removed_entries()
             spec_text = PruneSpec.text_of_plan(index, plan, attributes, removed, info)  # the exported model carries it
             if inplace:
-                pruned = self._export_inplace(plan, attributes, removed, inputs, verify, rtol)
+                pruned = self._export_inplace(plan, attributes, removed, batches, verify, rtol)
             else:  # the masked outputs first: the copy's tensors reuse the memory its activations freed
                 soft = _verify.float32_outputs(self.model, inputs) if verify else None
                 pruned = self._plain_copy(plan, attributes, removed, index)
                 if verify:  # where outputs differ, a write past the version counters may be why: zero all, rerun
                     settle = self._runtime.apply
                     keeps = self._selection.output_keeps
-                    result = _verify.verify_outputs(
-                        self.model, pruned, inputs, rtol, settle=settle, soft=soft, keeps=keeps
+                    result = _verify.verify_batches(
+                        self.model, pruned, batches, rtol, settle=settle, soft=soft, keeps=keeps
                     )
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
@@ -555,23 +580,27 @@ class Mask:
         plan: Plan,
         attributes: Attributes,
         removed: dict[str, list[int]],
-        inputs: Any,
+        batches: list[Any],
         verify: bool,
         rtol: float | None,
     ) -> nn.Module:
-        soft = _verify.float32_outputs(self.model, inputs) if verify else None
+        softs = [_verify.float32_outputs(self.model, batch) for batch in batches] if verify else []
         self._runtime.uninstall()
         log = apply_plan(ModelIndex(self.model), plan, attributes, removed, release=True) if plan or removed else None
         if verify:
-            try:
-                result = _verify.compare(soft, _verify.float32_outputs(self.model, inputs), rtol)
-            except Exception as error:  # noqa: BLE001 - the exported model crashed: put everything back
-                result = _verify.crashed(error)
+            for batch, soft in zip(batches, softs, strict=True):
+                try:
+                    result = _verify.compare(soft, _verify.float32_outputs(self.model, batch), rtol)
+                except Exception as error:  # noqa: BLE001 - the exported model crashed: put everything back
+                    result = _verify.crashed(error)
+                if not result:
+                    break
             if not result:
                 if log is not None:
                     log.undo()
                 self._runtime.install()
-                self.generate_pruned_model(inputs=inputs, rtol=rtol)  # raises, naming the module
+                # raises, naming the module and the batch
+                self.generate_pruned_model(inputs=batches[0], rtol=rtol, verify_inputs=batches[1:])
                 raise ExportError(f"the exported model differs from the masked model: {result}")
         self.remove()
         return self.model
@@ -611,6 +640,12 @@ class Mask:
             lines.append(f"Unsupported ops (their channels are frozen): {format_names(ops, 6)}")
         if tr.unreached:
             lines.append(f"Parameters not reached by the trace: {format_names(tr.unreached)}")
+        if tr.control_flow:
+            sites = [str(site) for site in tr.control_flow]
+            lines.append(
+                "Branches decided by tensor values (the trace saw one; verify on inputs taking the others): "
+                f"{format_names(sites, 3)}"
+            )
         for note in tr.notes:
             lines.append(f"Note: {note}")
         return "\n".join(lines)

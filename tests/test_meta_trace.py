@@ -21,6 +21,7 @@ from maskprune._layers import leaf_rules
 from maskprune._meta import FastMeta
 from maskprune._records import Trace
 from maskprune._trace import trace
+from maskprune.errors import DataDependentWarning
 from maskprune.testing import TINY_MODELS
 
 
@@ -144,7 +145,8 @@ def test_a_forward_that_reads_values_is_traced_for_real() -> None:
     tr = trace(model, x, leaf_rules(), {})
     assert tr.shadow is None
     assert _layout(tr) == _layout(trace(model, x, leaf_rules(), {}, on_meta=False))
-    mask = Mask(model, x).make()
+    with pytest.warns(DataDependentWarning, match=r"`__bool__` in <root> at test_meta_trace\.py:\d+ \(`if x\.mean"):
+        mask = Mask(model, x).make()
     assert [g.size for g in mask.groups] == [8]
     mask.groups[0].prune([0, 3, 5])
     assert mask.generate_pruned_model().conv.out_channels == 5

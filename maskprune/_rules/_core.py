@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from maskprune._attributes import holds_count
+from maskprune._reads import holds_read_number
 from maskprune._records import NO_TENSORS, TensorNode, iter_tensors
 
 if TYPE_CHECKING:
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
 RULES: dict[str, Callable[[OpCall], None]] = {}  # op name (as op_name() gives it) -> its rule
 
 PRODUCER, CONSUMER, NORM, BIAS = "producer", "consumer", "norm", "bias"
+
+RANDOM = frozenset(
+    """rand randn randint randperm rand_like randn_like randint_like normal bernoulli multinomial poisson uniform
+    exponential geometric cauchy log_normal random dropout dropout1d dropout2d dropout3d alpha_dropout
+    feature_alpha_dropout feature_dropout rrelu gumbel_softmax""".split()
+)  # ops whose results differ from call to call
+CONSTANT_RESULTS = frozenset(
+    "new_zeros new_ones new_full new_empty new_tensor zeros_like ones_like full_like empty_like".split()
+)  # the input gives only a shape, dtype or device
 
 
 def rule(*names: str) -> Callable:
@@ -154,7 +164,7 @@ class OpCall:
 
     __slots__ = (
         "tracer", "graph", "name", "inplace", "args", "kwargs", "out", "inputs", "outputs",
-        "claimed", "done", "_tainted", "_reason", "_nodes",
+        "claimed", "done", "_tainted", "_constant", "_reason", "_nodes",
     )  # fmt: skip
 
     def __init__(self, tracer: Tracer, name: str, inplace: bool, args: tuple, kwargs: dict, out: Any):
@@ -170,6 +180,7 @@ class OpCall:
         self.claimed: set[tuple[int, int]] = set()
         self.done: set[int] = set()
         self._tainted: bool | None = None
+        self._constant: bool | None = None
         self._reason: str | None = None
         self._nodes: dict[int, TensorNode] = {}  # looked up once per call (the op has already run)
 
@@ -220,7 +231,7 @@ class OpCall:
         if None in spaces:
             reason, new_space = self.reason(), self.graph.new_space
             spaces = [new_space(n, reason) if s is None else s for s, n in zip(spaces, shape, strict=True)]
-        node = TensorNode(tuple(spaces), shape, self.tainted())
+        node = TensorNode(tuple(spaces), shape, self.tainted(), self.constant())
         self.tracer.bind(t, node)
         if not self.is_param(t):  # a parameter keeps its own node
             self._nodes[id(t)] = node
@@ -241,13 +252,24 @@ class OpCall:
                     self.graph.freeze(space, reason or self.reason())
         for t in self.outputs:
             if id(t) not in self.done:
-                self.tracer.fresh(t, reason or self.reason(), tainted)
+                self.tracer.fresh(t, reason or self.reason(), tainted, self.constant())
 
     def tainted(self) -> bool:
         """Whether any input derives from a masked parameter (computed once, before outputs are bound)."""
         if self._tainted is None:
             self._tainted = any(self.node(t).tainted for t in self.inputs)
         return self._tainted
+
+    def constant(self) -> bool:
+        """Whether the outputs are constants (see :class:`TensorNode`): a factory's that draws no random numbers,
+        or an op's on constants only, and not made from a number ``item()`` read (computed once, before outputs
+        are bound)."""
+        if self._constant is None:
+            name = self.name
+            self._constant = (
+                name in CONSTANT_RESULTS or (name not in RANDOM and all(self.node(t).constant for t in self.inputs))
+            ) and not holds_read_number((*self.args, *self.kwargs.values()))
+        return self._constant
 
     def held(self, value: int) -> bool:
         """Whether the running module keeps ``value`` in a count attribute the export can set."""

@@ -13,7 +13,7 @@ import torch
 
 from maskprune._records import TensorNode, TracedSize
 
-from ._core import OpCall, broadcast, only_tensors, rule, shortcut
+from ._core import RANDOM, OpCall, broadcast, only_tensors, rule, shortcut
 
 if TYPE_CHECKING:
     from maskprune._trace import Tracer
@@ -52,7 +52,7 @@ def _unary_elementwise(tracer: Tracer, name: str, args: tuple, kwargs: dict, out
     if only_tensors(args, kwargs, 0) is None:
         return False
     node = tracer.node(x)
-    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), node.tainted))
+    tracer.bind(out, TensorNode(node.spaces, tuple(out.shape), node.tainted, node.constant and name not in RANDOM))
     return True
 
 

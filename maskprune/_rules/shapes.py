@@ -340,7 +340,8 @@ def _concatenation(tracer: Tracer, name: str, args: tuple, kwargs: dict, out: An
                 graph.unite(first, node.spaces[j])
     spaces[d] = merged = graph.new_space(out.shape[d]) if merged is None else merged
     graph.concat(merged, [node.spaces[d] for node in nodes], [t.shape[d] for t in tensors])
-    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), any(node.tainted for node in nodes)))
+    tainted, constant = any(node.tainted for node in nodes), all(node.constant for node in nodes)
+    tracer.bind(out, TensorNode(tuple(spaces), tuple(out.shape), tainted, constant))
     return True
 
 
@@ -587,6 +588,8 @@ def index_add(call: OpCall) -> None:
 @rule("setitem")
 def setitem(call: OpCall) -> None:
     x, value = call.args[0], call.args[2]
+    if isinstance(value, torch.Tensor) and call.node(x).constant and not call.node(value).constant:
+        call.node(x).constant = False  # it holds the value's values now
     plan = _index_plan(tuple(x.shape), call.args[1])
     if plan is None:
         return
