@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ _FSDP1 = (
     "follow: shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard on its blocks, then the "
     "root), after Mask.make()"
 )
+
+
+FSDP_KEYS = ("__composable_api_state_key", "_is_fsdp_managed_module", "_fsdp_use_orig_params")  # set by fully_shard
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -190,6 +193,24 @@ def gathered(trace: Trace, members: list) -> Iterator[None]:
         yield
     finally:
         rebind(trace, members, back)
+
+
+def without_fsdp(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's ``__dict__`` without what ``fully_shard`` added: its state's keys and hooks (for a plain copy)."""
+    state = {k: v for k, v in state.items() if not k.startswith(FSDP_KEYS)}
+    for key, value in state.items():
+        if key.endswith("hooks") and isinstance(value, dict) and value:
+            state[key] = type(value)((k, h) for k, h in value.items() if not _from_distributed(h))
+    return state
+
+
+def _from_distributed(hook: Any) -> bool:
+    """Whether ``hook`` (a function, a bound method, or a wrapper of one) comes from ``torch.distributed``."""
+    target = getattr(hook, "hook", hook)  # nn.Module's _WrappedHook keeps the function
+    target = getattr(target, "func", target)  # functools.partial
+    owner = getattr(target, "__self__", None)
+    origin = type(owner).__module__ if owner is not None else getattr(target, "__module__", None)
+    return (origin or "").startswith("torch.distributed")
 
 
 def plain_class(cls: type) -> type:

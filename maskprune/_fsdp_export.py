@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from ._masking import MaskRuntime
     from ._selection import Selection
 
-FSDP_STATE = ("__composable_api_state_key", "_is_fsdp_managed_module", "_fsdp_use_orig_params")
-
-
 def gathered_copy(model: nn.Module, keep: bool = True) -> nn.Module | None:
     """A plain copy of a ``fully_shard``-ed ``model`` on the CPU: full tensors, its own classes, no FSDP hooks.
 
@@ -50,26 +47,7 @@ def gathered_copy(model: nn.Module, keep: bool = True) -> nn.Module | None:
             memo[id(tensor)] = nn.Parameter(full, requires_grad=tensor.requires_grad) if is_param else full
     if not keep:
         return None
-    for module in model.modules():  # FSDP's hooks and state stay behind: the copy is a plain module
-        for key, value in vars(module).items():
-            if key.startswith(FSDP_STATE):
-                memo[id(value)] = None
-            elif key.endswith("hooks") and isinstance(value, dict) and value:
-                memo[id(value)] = type(value)((k, h) for k, h in value.items() if not _from_fsdp(h))
-    plain = copy_modules(model, memo)
-    for module in plain.modules():
-        for key in [k for k in vars(module) if k.startswith(FSDP_STATE)]:
-            delattr(module, key)
-    return plain
-
-
-def _from_fsdp(hook: Any) -> bool:
-    """Whether ``hook`` (a function, a bound method, or a wrapper of one) comes from ``torch.distributed``."""
-    target = getattr(hook, "hook", hook)  # nn.Module's _WrappedHook keeps the function
-    target = getattr(target, "func", target)  # functools.partial
-    owner = getattr(target, "__self__", None)
-    origin = type(owner).__module__ if owner is not None else getattr(target, "__module__", None)
-    return (origin or "").startswith("torch.distributed")
+    return copy_modules(model, memo)  # as a plain module: without FSDP's class, hooks and state
 
 
 def sharded_export(

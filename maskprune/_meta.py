@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._fsdp import plain_class
+from ._fsdp import plain_class, without_fsdp
 from ._walk import ModelIndex, tensors_of
 
 
@@ -61,7 +61,7 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(module, memo)``, with the module attributes copied directly (the generic path is slow).
 
     ``memo`` must map every parameter and buffer (by ``id``) to its copy; other attributes are deep-copied.
-    A module ``fully_shard`` made an ``FSDP<Class>`` is copied as a ``Class``.
+    A module ``fully_shard`` made an ``FSDP<Class>`` is copied as a plain ``Class``, without FSDP's hooks and state.
     """
     copies_itself: dict[type, bool] = {}  # by class: has its own __deepcopy__ (or is a ScriptModule)
     classes: dict[type, type] = {}  # by class: the class of its copies
@@ -82,6 +82,8 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         new = cls.__new__(cls)
         memo[id(module)] = new
         state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
+        if "_is_fsdp_managed_module" in state:
+            state = without_fsdp(state)
         for key, value in state.items():
             kind = type(value)
             if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names

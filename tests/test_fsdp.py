@@ -27,7 +27,12 @@ CHECKPOINT_AT = 1  # saved after this step's do_mask(); the resumed run trains t
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 
 class Block(nn.Module):
@@ -91,8 +96,9 @@ def batch(name: str, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(shape, generator=g), torch.randint(0, 5, (4,), generator=g)
 
 
-def masked(name: str) -> tuple[nn.Module, Mask, torch.optim.Optimizer]:
-    model, x, algorithm = build(name)
+def masked(name: str, device: str = "cpu") -> tuple[nn.Module, Mask, torch.optim.Optimizer]:
+    with torch.device(device):
+        model, x, algorithm = build(name)
     mask = Mask(model, x, algorithm=algorithm, ratio=0.5, steps=2).make()
     return model, mask, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
@@ -119,7 +125,10 @@ def train_alone(name: str) -> dict:
         if step in MASK_AT:
             assert mask.do_mask()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"params": params, "keep": mask.selection.keep.tolist(), "export": mask.generate_pruned_model().state_dict()}
+    exported = mask.generate_pruned_model().state_dict()
+    return {"params": params, "keep": mask.selection.keep.tolist(), "export": exported} | {
+        "flops_removed": mask.sparsity().flops_removed
+    }
 
 
 # ---- two processes -------------------------------------------------------------------------------------------
@@ -160,9 +169,13 @@ def assert_removed_zero(mask: Mask, optimizer: torch.optim.Optimizer) -> None:
                 assert shard_.index_select(dim, removed).abs().sum().item() == 0.0, (name, dim)
 
 
-def train_sharded(name: str, folder: Path, resume: bool) -> dict:
-    model, mask, _ = masked(name)
+def train_sharded(name: str, folder: Path, resume: bool = False, meta: bool = False) -> dict:
+    """Masked, sharded training; ``meta``: masked on the meta device, given its weights once sharded."""
+    model, mask, _ = masked(name, "meta" if meta else "cpu")
     shard(model)
+    if meta:
+        model.to_empty(device="cpu")
+        set_model_state_dict(model, build(name)[0].state_dict(), options=StateDictOptions(full_state_dict=True))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # of the sharded parameters
     mask.track_optimizer(optimizer)
     first = CHECKPOINT_AT + 1 if resume else 0
@@ -182,14 +195,16 @@ def train_sharded(name: str, folder: Path, resume: bool) -> dict:
             checkpoint(model, optimizer, mask, folder, save=True)
     assert_removed_zero(mask, optimizer)
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    exported = mask.generate_pruned_model()  # a collective: every rank gets the plain pruned model
+    x = build(name)[1]
+    exported = mask.generate_pruned_model(inputs=x)  # a collective: every rank gets the plain pruned model
     assert not any(isinstance(m, fsdp.FSDPModule) for m in exported.modules())
-    only = mask.generate_pruned_model(rank0_only=True)
+    only = mask.generate_pruned_model(inputs=x, rank0_only=True)
     assert (only is None) == (dist.get_rank() != 0)
     if only is not None:
         for a, b in zip(only.state_dict().values(), exported.state_dict().values(), strict=True):
             assert torch.equal(a, b)  # bit-exact: the same gathered tensors, sliced the same way
-    return {"params": params, "keep": mask.selection.keep.tolist(), "export": exported.state_dict()}
+    result = {"params": params, "keep": mask.selection.keep.tolist(), "export": exported.state_dict()}
+    return result | {"flops_removed": mask.sparsity().flops_removed}
 
 
 def refusals(name: str) -> None:
@@ -214,6 +229,8 @@ def worker(rank: int, init_file: str, out: str) -> None:
             folder = Path(out) / name
             results = {"run": train_sharded(name, folder, resume=False)}
             results["resumed"] = train_sharded(name, folder, resume=True)
+            if name == "transformer":
+                results["meta"] = train_sharded(name, folder, meta=True)
             torch.save(results, folder / f"rank{rank}.pt")
         refusals("cnn")
     finally:
@@ -229,13 +246,16 @@ def test_two_ranks_under_fsdp2_train_prune_resume_and_export_as_one_process(tmp_
         for rank in range(WORLD):
             results = torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=True)
             run, resumed = results["run"], results["resumed"]
-            assert run["keep"] == alone["keep"], f"{name}: other channels than one process removes"
-            for key, value in alone["params"].items():
-                torch.testing.assert_close(run["params"][key], value, atol=1e-5, rtol=0, msg=f"{name} {key}")
-            assert run["export"].keys() == alone["export"].keys()
-            for key, value in alone["export"].items():
-                assert run["export"][key].shape == value.shape, (name, key)
-                torch.testing.assert_close(run["export"][key], value, atol=1e-5, rtol=0)
+            for run in [results["run"]] + ([results["meta"]] if name == "transformer" else []):
+                assert run["keep"] == alone["keep"], f"{name}: other channels than one process removes"
+                assert run["flops_removed"] == pytest.approx(alone["flops_removed"], abs=1e-12)
+                for key, value in alone["params"].items():
+                    torch.testing.assert_close(run["params"][key], value, atol=1e-5, rtol=0, msg=f"{name} {key}")
+                assert run["export"].keys() == alone["export"].keys()
+                for key, value in alone["export"].items():
+                    assert run["export"][key].shape == value.shape, (name, key)
+                    torch.testing.assert_close(run["export"][key], value, atol=1e-5, rtol=0)
+            run = results["run"]
             assert resumed["keep"] == run["keep"]
             for key in run["params"]:  # bit-exact: the same operations on the same restored state
                 assert torch.equal(resumed["params"][key], run["params"][key]), (name, key)
