@@ -276,7 +276,8 @@ class Mask:
         finished changes nothing. With soft semantics every call re-selects from all channels.
         Atomic: a criterion that fails on one group changes nothing. Under ``torch.distributed``
         call it on every rank at the same step: criteria sum their statistics over the ranks
-        and every rank takes the keep flags rank 0 decided.
+        and every rank takes the keep flags rank 0 decided. Under FSDP2 the criterion scores
+        full tensors, gathered from the shards for the call.
         """
         self._require_made("do_mask()")
         if self.algorithm is None:
