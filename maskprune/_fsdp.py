@@ -167,8 +167,10 @@ def moved_parameters(model: nn.Module, trace: Trace) -> dict[int, torch.Tensor]:
         if current is None:
             current = getattr(module, attr, None)
         if owned.is_param and not (isinstance(current, nn.Parameter) and current.shape == owned.tensor.shape):
-            shape = tuple(owned.tensor.shape)
-            raise NotImplementedError(f"{owned.qualname} is no longer a {shape} parameter of the model: {_FSDP1}")
+            if getattr(module, "_is_fsdp_managed_module", False):  # FSDP1 turned it into a view of a flat buffer
+                shape = tuple(owned.tensor.shape)
+                raise NotImplementedError(f"{owned.qualname} is no longer a {shape} parameter of the model: {_FSDP1}")
+            continue  # something else stands in its place (a parametrization): the traced parameter stays
         if isinstance(current, torch.Tensor) and current is not owned.tensor:
             found[id(owned.tensor)] = current
     return found

@@ -415,7 +415,8 @@ class Mask:
 
         Of a model sharded by FSDP2 (``fully_shard``), the export is a collective: call it on every
         rank. Each rank gets the same plain, unsharded model on the CPU; with ``rank0_only=True`` only
-        rank 0 does (the others get None, and never hold the whole model).
+        rank 0 does (the others get None, and never hold the whole model). ``rank0_only=True`` under DDP
+        or one process: rank 0 exports, the other ranks get None.
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
