@@ -17,7 +17,7 @@ from ._export import apply_plan
 from ._fsdp import is_sharded, resharded
 from ._hf import export_attributes
 from ._meta import copy_modules
-from ._records import to_device
+from ._records import model_device, to_device
 from ._spec import PruneSpec, attach_text
 from ._verify import compare, float32_outputs
 from ._walk import ModelIndex
@@ -62,7 +62,8 @@ def sharded_export(
     """The pruned model of a ``fully_shard``-ed, masked ``model``: a gathered plain copy on the CPU, sliced by the
     selection's plan and verified against the masked, sharded model on ``inputs``. A collective; ``keep=False``:
     this rank takes part but gets None."""
-    soft = float32_outputs(model, inputs) if verify else None  # every rank: FSDP gathers each block's weights
+    if verify:  # every rank: FSDP gathers each block's weights (on their device: example inputs may be on the CPU)
+        soft = float32_outputs(model, to_device(inputs, model_device(model)))
     runtime.uninstall()  # the copy takes no mask hook
     try:
         plain = gathered_copy(model, keep)

@@ -215,12 +215,16 @@ def train_sharded(name: str, folder: Path, resume: bool = False, meta: bool = Fa
 
 
 def refusals(name: str) -> None:
-    """make() on a sharded model, and FSDP1, are refused with errors that say what to do."""
+    """make() on a sharded model, an export in place of one, and FSDP1 are refused with errors that say what to do."""
     model, x, algorithm = build(name)
     shard(model)
     with pytest.raises(RuntimeError, match="call Mask\\(...\\).make\\(\\) on the unsharded model"):
         Mask(model, x, algorithm=algorithm).make()
-    model, mask, optimizer = masked(name)
+    model, mask, _ = masked(name)
+    shard(model)
+    with pytest.raises(maskprune.ExportError, match="without inplace=True"):
+        mask.generate_pruned_model(inplace=True)
+    model, mask, _ = masked(name)
     wrapped = fsdp.FullyShardedDataParallel(model, device_id=torch.device("cpu"))
     with pytest.raises(NotImplementedError, match="FSDP1"):
         mask.track_optimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1))
