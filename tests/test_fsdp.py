@@ -22,7 +22,7 @@ import maskprune
 from maskprune import Mask
 
 WORLD = 2
-STEPS = 5
+STEPS = 6  # the last step is not the first after a mask change: gradients are not masked there
 MASK_AT = (1, 3)  # do_mask() after these steps
 NAMES = ("transformer", "cnn", "wanda")
 CHECKPOINT_AT = 1  # saved after this step's do_mask(); the resumed run trains the steps after it
