@@ -209,7 +209,8 @@ def train_sharded(name: str, folder: Path, resume: bool = False, meta: bool = Fa
     assert (only is None) == (dist.get_rank() != 0)
     if only is not None:
         for a, b in zip(only.state_dict().values(), exported.state_dict().values(), strict=True):
-            assert torch.equal(a, b)  # bit-exact: the same gathered tensors, sliced the same way
+            # bit-exact: the same gathered tensors, sliced the same way
+            assert torch.equal(a, b)
     result = {"params": params, "keep": mask.selection.keep.tolist(), "export": exported.state_dict()}
     return result | {"flops_removed": mask.sparsity().flops_removed}
 
@@ -270,7 +271,9 @@ def test_two_ranks_under_fsdp2_train_prune_resume_and_export_as_one_process(tmp_
                 continue
             run, resumed = results["run"], results["resumed"]
             assert resumed["keep"] == run["keep"]
-            for key in run["params"]:  # bit-exact: the same operations on the same restored state
+            for key in run["params"]:
+                # bit-exact: the same operations on the same restored state, in the same processes
                 assert torch.equal(resumed["params"][key], run["params"][key]), (name, key)
             for key in run["export"]:
+                # bit-exact: slices of bit-equal weights
                 assert torch.equal(resumed["export"][key], run["export"][key]), (name, key)
