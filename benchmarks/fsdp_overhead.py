@@ -137,6 +137,9 @@ def worker(rank: int, init: str, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         pruned = mask.generate_pruned_model(inputs=x[:2])
         export_s = time.perf_counter() - start
+        traced = [o.tensor for o in mask.selection.trace.owned.values()]  # do_mask() gathers the sharded ones
+        full_mb = sum(t.numel() * t.element_size() for t in traced if hasattr(t, "full_tensor")) / 2**20
+        shard_mb = sum(t.to_local().numel() * t.element_size() for t in masked_model.parameters()) / 2**20
         if rank == 0:
             params = sum(p.numel() for p in masked_model.parameters())
             lines = [
@@ -157,6 +160,8 @@ def worker(rank: int, init: str, args: argparse.Namespace) -> None:
                 f"| masking work per step, timed alone: zeroing {len(runtime.active)} masked shards after the "
                 f"optimizer step + the forward's check (CPU time) | {apply_s * 1e3:.2f} + {check_s * 1e3:.2f} ms |",
                 f"| do_mask() (elapsed) | {do_mask_s * 1e3:.0f} ms |",
+                f"| held in full on each rank while the criterion scores / this rank's shards | "
+                f"{full_mb:.2f} MB / {shard_mb:.2f} MB |",
                 f"| generate_pruned_model() (elapsed, verified) | {export_s * 1e3:.0f} ms |",
                 f"| exported parameters | {sum(p.numel() for p in pruned.parameters()):,} |",
             ]
