@@ -228,7 +228,7 @@ def _consumers(mask: Mask, group: Group) -> list[_Consumer]:
         if member.role != "consumer" or member.dim != 1:
             continue
         module = mask.model.get_submodule(member.module)
-        if getattr(module, "weight", None) is not member.tensor:
+        if member.name.rpartition(".")[2] != "weight":  # by name: under FSDP2 the member holds a gathered copy
             continue
         is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
         if not (is_conv or isinstance(module, nn.Linear)):

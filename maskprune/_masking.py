@@ -40,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._depth import identity_output
 from ._experts import masked_routing
+from ._fsdp import local, shard_view, writable
 from ._layers import masked_norm, rms_rescale
 from ._records import LayerNormSite
 
@@ -56,6 +57,7 @@ class DimMask:
     producer: bool = False
     active: bool = False
     values: torch.Tensor = field(init=False)  # a view of its MaskBuffer's tensor
+    local: torch.Tensor = field(init=False)  # the part of ``values`` for this rank's shard (all of it, unsharded)
 
 
 @dataclass(eq=False)
@@ -106,6 +108,8 @@ class MaskBuffer:
         views = values.split([len(slot.units) for slot in self.slots], dim=self.dim)
         for slot, view in zip(self.slots, views, strict=True):
             slot.values = view
+            if isinstance(slot, DimMask):
+                slot.local = shard_view(view, slot.tensor, slot.dim)
 
     def refresh(self, keep_host: np.ndarray, keep: torch.Tensor) -> None:
         """Copy the keep flags of ``units`` in; mark each slot active when it removes a channel."""
@@ -121,7 +125,10 @@ class MaskBuffer:
 
 @dataclass(eq=False)
 class MaskedTensor:
-    """A parameter with removed channels: its masks, and its (version, storage) right after it was last zeroed."""
+    """A parameter with removed channels: its masks, and its (version, storage) right after it was last zeroed.
+
+    Of a parameter sharded by ``fully_shard`` (a ``DTensor``), the masks and the writes are of this rank's shard.
+    """
 
     tensor: torch.Tensor
     masks: list[torch.Tensor]
@@ -130,7 +137,8 @@ class MaskedTensor:
 
     def stale(self) -> bool:
         """Whether something may have written to the tensor since it was last zeroed (host metadata only)."""
-        return self.stamp != (self.tensor._version, self.tensor.data_ptr())
+        data = local(self.tensor)
+        return self.stamp != (data._version, data.data_ptr())
 
     def mask_(self, target: torch.Tensor) -> None:
         """Zero the removed positions of ``target`` (the parameter's data, gradient or an optimizer state).
@@ -138,6 +146,7 @@ class MaskedTensor:
         With ``joint``, the masks' product multiplies ``target`` in one pass: the same values, as masks hold 0 and 1.
         The product is made per call, not kept: kept, it would hold up to a quarter of the tensor's size.
         """
+        target = local(target)
         if self.joint:
             target.mul_(functools.reduce(operator.mul, self.masks))
             return
@@ -145,8 +154,9 @@ class MaskedTensor:
             target.mul_(mask)
 
     def zero(self) -> None:
-        self.mask_(self.tensor.data)
-        self.stamp = (self.tensor._version, self.tensor.data_ptr())
+        self.mask_(writable(self.tensor))
+        data = local(self.tensor)
+        self.stamp = (data._version, data.data_ptr())
 
 
 # model -> the runtime masking it (weak both ways: a runtime lives while its hooks or its Mask hold it)
@@ -172,6 +182,7 @@ class MaskRuntime:
         self.model = model
         self.enforce = True
         self.optimizer_handles: list[RemovableHandle] = []
+        self.optimizers: list[torch.optim.Optimizer] = []  # tracked: hooked again by a runtime that replaces this one
         self.keep = torch.ones(n_flags, device=device)
         self.blocks: list[tuple[nn.Module, int]] = []  # (container entry, flat unit): removed, it is the identity
         self.removed_blocks: frozenset[int] = frozenset()
@@ -233,11 +244,11 @@ class MaskRuntime:
         for d in self.dims:
             if d.active:
                 entry = by_tensor.setdefault(id(d.tensor), MaskedTensor(d.tensor, []))
-                entry.masks.append(d.values)
+                entry.masks.append(d.local)
         for entry in by_tensor.values():
             # one pass with the product where it is a fraction of the tensor (a kernel's positions per channel pair)
             joint_size = math.prod(mask.numel() for mask in entry.masks)
-            entry.joint = len(entry.masks) > 1 and joint_size * JOINT_FRACTION <= entry.tensor.numel()
+            entry.joint = len(entry.masks) > 1 and joint_size * JOINT_FRACTION <= local(entry.tensor).numel()
         self.active = list(by_tensor.values())
 
     def apply(self, only_stale: bool = False) -> None:
@@ -245,7 +256,7 @@ class MaskRuntime:
         with torch.no_grad():
             if torch.compiler.is_compiling():  # a compiled graph re-applies its masks by value, every call
                 for entry in self.active:
-                    entry.mask_(entry.tensor.data)
+                    entry.mask_(writable(entry.tensor))
                 return
             for entry in self.active:
                 if entry.masks[0].device != entry.tensor.device:
@@ -276,12 +287,13 @@ class MaskRuntime:
         with torch.no_grad():
             for d in self.dims:
                 if d.active and d.producer:
-                    d.tensor.data.mul_(d.values.to(d.tensor.device))
+                    writable(d.tensor).mul_(d.local.to(d.tensor.device))
         for entry in self.active:
             entry.stamp = None
 
     def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Frozen semantics through optimizer steps: removed positions get no gradient, no momentum, stay zero."""
+        self.optimizers.append(optimizer)
         self.optimizer_handles.append(optimizer.register_step_pre_hook(self._before_step))
         self.optimizer_handles.append(optimizer.register_step_post_hook(self._after_step))
 
@@ -312,6 +324,7 @@ class MaskRuntime:
         for handle in self.optimizer_handles:
             handle.remove()
         self.optimizer_handles.clear()
+        self.optimizers.clear()
 
     def release(self) -> None:
         """Take every hook off and forget the model: it is no longer masked."""

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._fsdp import plain_class, without_fsdp
 from ._walk import ModelIndex, tensors_of
 
 
@@ -60,13 +61,17 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(module, memo)``, with the module attributes copied directly (the generic path is slow).
 
     ``memo`` must map every parameter and buffer (by ``id``) to its copy; other attributes are deep-copied.
+    A module ``fully_shard`` made an ``FSDP<Class>`` is copied as a plain ``Class``, without FSDP's hooks and state.
     """
     copies_itself: dict[type, bool] = {}  # by class: has its own __deepcopy__ (or is a ScriptModule)
+    classes: dict[type, type] = {}  # by class: the class of its copies
 
     def copy_one(module: nn.Module) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
-        cls = type(module)
+        cls = classes.get(type(module))
+        if cls is None:
+            cls = classes[type(module)] = plain_class(type(module))
         custom = copies_itself.get(cls)
         if custom is None:
             custom = copies_itself[cls] = getattr(cls, "__deepcopy__", None) is not None or isinstance(
@@ -77,6 +82,8 @@ def copy_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         new = cls.__new__(cls)
         memo[id(module)] = new
         state = module.__dict__.copy()  # then each value that is not shared is replaced by its copy
+        if "_is_fsdp_managed_module" in state:
+            state = without_fsdp(state)
         for key, value in state.items():
             kind = type(value)
             if kind in _EXACT_ATOMS:  # most attributes: flags, sizes, names

@@ -5,7 +5,8 @@ that gather statistics on each rank's own batches (APoZ, Taylor) sum them over t
 with :func:`all_reduce_sum` before scoring, and the Mask takes the keep flags rank 0
 decided (:func:`broadcast_flags`), so every rank ends every ``do_mask()`` with the same masks.
 Outside a process group both functions do nothing, so criteria call them unconditionally.
-These run once per ``do_mask()``, never per training step.
+These run once per ``do_mask()``, never per training step. Under FSDP2 the same holds, and the
+criteria score full tensors gathered from the shards (:mod:`maskprune._fsdp`).
 """
 
 from __future__ import annotations

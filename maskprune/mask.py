@@ -23,6 +23,8 @@ from ._depth import block_containers, find_blocks
 from ._experts import expert_layers, find_expert_layers
 from ._export import Plan, apply_plan, sliced_copy
 from ._flops import FlopsProbe
+from ._fsdp import any_sharded, gathered, moved_parameters, rank, rebind, refuse_sharded
+from ._fsdp_export import sharded_export
 from ._groups import Group, build_layout, format_names, unit_index
 from ._hf import export_attributes
 from ._layers import leaf_rules
@@ -220,6 +222,7 @@ class Mask:
         """Trace the model, build the dependency groups, install the mask hooks. Returns self."""
         if self._made:
             return self
+        refuse_sharded(self.model)
         if runtime_on(self.model) is not None:
             raise RuntimeError(
                 f"the {type(self.model).__name__} is already masked by another Mask: call remove() on that Mask "
@@ -285,7 +288,8 @@ class Mask:
         finished changes nothing. With soft semantics every call re-selects from all channels.
         Atomic: a criterion that fails on one group changes nothing. Under ``torch.distributed``
         call it on every rank at the same step: criteria sum their statistics over the ranks
-        and every rank takes the keep flags rank 0 decided.
+        and every rank takes the keep flags rank 0 decided. Under FSDP2 the criterion scores
+        full tensors, gathered from the shards for the call.
         """
         self._require_made("do_mask()")
         if self.algorithm is None:
@@ -293,7 +297,9 @@ class Mask:
         pruner, selection = self._pruner, self._selection
         if pruner.finished():
             return False
-        decision = pruner.decide(self.algorithm, lambda groups: self.algorithm.prepare(self, groups))
+        self._follow_parameters()
+        with gathered(selection.trace, self._members()):  # sharded: the criterion scores full tensors
+            decision = pruner.decide(self.algorithm, lambda groups: self.algorithm.prepare(self, groups))
         decision.keep = broadcast_flags(decision.keep)
         pruner.advance()
         changed = not np.array_equal(decision.keep, selection.keep)
@@ -330,6 +336,7 @@ class Mask:
         self._require_made("track_optimizer()")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"track_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._follow_parameters()
         self._runtime.hook_optimizer(optimizer)
         return self
 
@@ -367,6 +374,7 @@ class Mask:
             (6, False)
         """
         self._require_made("load_state_dict()")
+        self._follow_parameters()
         loaded = read_mask_state(state, self._selection, self.settings, self.algorithm)
         if self.algorithm is not None:
             self.algorithm.load_state_dict(loaded.algorithm)
@@ -406,20 +414,27 @@ class Mask:
         inputs: Any = None,
         rtol: float | None = None,
         verify_inputs: list[Any] | None = None,
-    ) -> nn.Module:
+        rank0_only: bool = False,
+    ) -> nn.Module | None:
         """A plain, smaller ``nn.Module`` without the removed channels.
 
         Verified against the masked model on ``inputs`` (the example inputs by
         default) and on each batch of ``verify_inputs`` (each what ``inputs`` is)
         unless ``verify=False``; raises :class:`ExportError` naming the first
         diverging module (and the batch). A forward that branches on tensor
-        values needs batches taking every branch (:meth:`make` warns). ``rtol`` (max |soft - hard| / max |hard|) follows
-        the outputs' dtype by default: 1e-5 in float32 and float64, looser in
-        bfloat16 and float16 (:data:`maskprune._verify.TOLERANCES`). ``inplace=True``
-        slices the masked model itself (no copy; the Mask is then spent), giving each
-        sliced tensor's memory back as it goes: the original parameter objects are left
-        empty, and the export needs about no memory beyond the masked model's (a 7B
-        model is pruned where it fits once). A failed export leaves the model as it was.
+        values needs batches taking every branch (:meth:`make` warns).
+        ``rtol`` (max |soft - hard| / max |hard|) follows the outputs' dtype by default:
+        1e-5 in float32 and float64, looser in bfloat16 and float16
+        (:data:`maskprune._verify.TOLERANCES`). ``inplace=True`` slices the masked model
+        itself (no copy; the Mask is then spent), giving each sliced tensor's memory back
+        as it goes: the original parameter objects are left empty, and the export needs
+        about no memory beyond the masked model's (a 7B model is pruned where it fits once).
+        A failed export leaves the model as it was.
+
+        Of a model sharded by FSDP2 (``fully_shard``), the export is a collective: call it on every
+        rank. Each rank gets the same plain, unsharded model on the CPU; with ``rank0_only=True`` only
+        rank 0 does (the others get None, and never hold the whole model). ``rank0_only=True`` under DDP
+        or one process: rank 0 exports, the other ranks get None.
         """
         self._require_made("generate_pruned_model()")
         inputs = self.example_inputs if inputs is None else inputs
@@ -432,11 +447,26 @@ class Mask:
             self.semantics = "frozen"  # the export is of the whole mask: norms and biases of removed channels too
             try:
                 return self.generate_pruned_model(
-                    verify=verify, inplace=inplace, inputs=inputs, rtol=rtol, verify_inputs=batches[1:]
+                    verify=verify,
+                    inplace=inplace,
+                    inputs=inputs,
+                    rtol=rtol,
+                    verify_inputs=batches[1:],
+                    rank0_only=rank0_only,
                 )
             finally:
                 if self._runtime is not None:
                     self.semantics = "soft"
+        self._follow_parameters()
+        if any_sharded(self._selection.trace):
+            if inplace:
+                raise ExportError(
+                    "a sharded model cannot be sliced in place: call generate_pruned_model() without inplace=True"
+                )
+            keep = rank() == 0 or not rank0_only
+            return sharded_export(self.model, self._selection, self._runtime, batches, verify, rtol, keep)
+        if rank0_only and rank() != 0:
+            return None
         # the slices leave out every masked position: only the verification's masked forward needs them zero,
         # and there they mostly are already (since the last do_mask() or tracked optimizer step)
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
@@ -495,8 +525,29 @@ class Mask:
     # ---- state -----------------------------------------------------------------------------
     def _keep_changed(self, keep: np.ndarray) -> None:
         """A group's flags were set by hand (``group.prune``, ``apply_spec``): mask and zero at once."""
+        self._follow_parameters()
         self._runtime.refresh(keep)
         self._runtime.apply()
+
+    def _follow_parameters(self) -> bool:
+        """Where parameter objects were replaced (``fully_shard`` makes them ``DTensor`` shards), the trace, the
+        groups and the masks follow the model's current ones, by name. Returns whether any had moved."""
+        moved = moved_parameters(self.model, self._selection.trace)
+        if not moved:
+            return False
+        rebind(self._selection.trace, self._members(), moved)
+        optimizers = list(self._runtime.optimizers)
+        self._runtime.release()
+        self._runtime = self._new_runtime()
+        for optimizer in optimizers:
+            self._runtime.hook_optimizer(optimizer)
+        self._runtime.refresh(self._selection.keep)
+        if self.settings.semantics == "frozen":
+            self._runtime.apply()
+        return True
+
+    def _members(self) -> list:
+        return [m for g in self._selection.groups for m in g.members]
 
     def _device_keep(self) -> torch.Tensor:
         return self._runtime.keep
