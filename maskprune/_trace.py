@@ -96,6 +96,11 @@ class Tracer:
         for module in dict.fromkeys(m for _, m in modules if type(m) in named):
             if type(module) not in self.leaf_rules and rms_norm_eps(module) is not None:
                 self.leaf_rules[type(module)] = RMS_NORM_RULE
+        standardised = {type(m): _rules.is_standardised_conv(m) for _, m in modules if isinstance(m, nn.Conv2d)}
+        for _, m in modules:  # a type is traced as one conv layer where all its layers are standardised convs
+            standardised[type(m)] = standardised.get(type(m), False) and _rules.is_standardised_conv(m)
+        for kind in (kind for kind, ok in standardised.items() if ok):
+            self.leaf_rules.setdefault(kind, _rules.standardised_conv)
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
@@ -261,7 +266,10 @@ class Tracer:
         if leaf is not None:
             self.leaf_depth -= 1
             if self.leaf_depth == 0:
-                self.rules.run_leaf_rule(self, module, leaf, args, output)
+                if leaf is self.rules.standardised_conv:
+                    leaf(self, module, args, output)
+                else:
+                    self.rules.run_leaf_rule(self, module, leaf, args, output)
                 if leaf is RMS_NORM_RULE:
                     self.record_rms_norm(module, args)
         ops, ln_sites = self.end_call()
