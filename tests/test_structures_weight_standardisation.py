@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from _structures import IMAGES, G, assert_soft_equals_hard, found, member
+from maskprune.algorithms import L1Norm
 from timm.layers import (
     EvoNorm2dB0,
     EvoNorm2dS0,
@@ -21,7 +22,6 @@ from torch import nn
 
 import maskprune
 from maskprune import Mask, count_parameters
-from maskprune.algorithms import L1Norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,6 +88,18 @@ def test_masked_standardisation_is_over_kept_inputs_only() -> None:
         expected = small(h[:, kept])
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
     assert (unhooked - expected).abs().max() > 1e-2
+
+
+def test_removed_input_columns_get_no_gradient() -> None:
+    """Training the masked model: the standardisation over kept inputs leaves the removed columns out of the graph."""
+    model = _std_stack()
+    mask = Mask(model, torch.randn(2, 3, 8, 8)).make()
+    mask.groups[1].prune([1, 5])
+    model.train()
+    model(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    grad = model[4].weight.grad
+    assert torch.isfinite(grad).all() and grad[:, [0, 2, 3, 4]].abs().sum() > 0
+    assert not grad[:, [1, 5]].any()  # bit-exact: index_select's backward writes nothing to the removed columns
 
 
 @pytest.mark.parametrize("same", [StdConv2dSame, ScaledStdConv2dSame])

@@ -23,9 +23,9 @@ Each family's module holds its rules, the shortcuts of their commonest calls and
 from maskprune._layers import update_module
 
 from . import attention, elementwise, linear, mixing, norms, recurrent, shapes  # noqa: F401 - each registers its rules
+from ._core import RULES, SHORTCUTS, OpCall, apply_rule, op_name, run_leaf_rule, run_rule
 from .norms import evo_norm, is_evo_norm
 from .standardised import is_standardised_conv, standardised_conv
-from ._core import RULES, SHORTCUTS, OpCall, apply_rule, op_name, run_leaf_rule, run_rule
 
 __all__ = [
     "RULES",
