@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 def batch_norm(call: OpCall) -> None:
     """Channels (dim 1) pass through. Statistics taken from the input mix it along the other dims, which
     are then frozen: a weight standardisation (``F.batch_norm(w.reshape(1, out, -1), training=True)``)
-    averages over a weight's input channels there."""
+    averages over a weight's input channels there (timm's standardised conv layers are traced as one layer
+    instead, :mod:`maskprune._rules.standardised`, and keep their input channels prunable)."""
     x, out = call.args[0], call.outputs[0]
     if x.dim() < 2:
         return
