@@ -253,3 +253,25 @@ def masked_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y
+
+
+def kept_input_conv(module: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A weight-standardised conv's output (timm's ``StdConv2d`` …) on the kept input channels ``index`` only.
+
+    The layer's own ``forward`` runs on a shallow copy holding the kept columns of its weight, with the kept
+    channels of ``x``: each row is standardised over kept positions, as the exported layer standardises it.
+
+    Examples:
+        >>> from timm.layers import StdConv2d
+        >>> conv, x, kept = StdConv2d(4, 2, 3), torch.randn(1, 4, 8, 8), torch.tensor([0, 2, 3])
+        >>> small = StdConv2d(3, 2, 3)
+        >>> small.weight.data = conv.weight.data[:, kept]
+        >>> torch.allclose(kept_input_conv(conv, x, kept), small(x[:, kept]), atol=1e-6)
+        True
+    """
+    channel_dim = x.dim() - module.weight.dim() + 1
+    shadow = object.__new__(type(module))
+    shadow.__dict__.update(module.__dict__)
+    shadow.__dict__["_parameters"] = {**module._parameters, "weight": module.weight.index_select(1, index)}
+    shadow.__dict__["in_channels"] = len(index)
+    return type(module).forward(shadow, x.index_select(channel_dim, index))

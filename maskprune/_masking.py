@@ -3,7 +3,8 @@
 One flat 0/1 buffer holds every group's channels (each group's mask is a view of
 it). Each prunable parameter dimension gets a small derived mask, refreshed
 when masks change, never per step. Layer norms over pruned channels get a hook
-that computes their statistics over kept channels. No hook reads a tensor value
+that computes their statistics over kept channels; so do weight-standardised convs
+over pruned input channels. No hook reads a tensor value
 on the host.
 
 A parameter with removed channels is zeroed there in place (through ``.data``, so
@@ -41,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ._depth import identity_output
 from ._experts import masked_routing
 from ._fsdp import local, shard_view, writable
-from ._layers import masked_norm, rms_rescale
+from ._layers import kept_input_conv, masked_norm, rms_rescale
 from ._records import LayerNormSite
 
 JOINT_FRACTION = 4  # masks of a tensor are multiplied together when their product is at most 1/4 of its size
@@ -386,6 +387,9 @@ class MaskRuntime:
             if not norm.active:
                 return None
             x = args[0]
+            if site.kind == "std_conv":  # its own forward on the kept input channels: as exported
+                index = norm.index if norm.index.device == x.device else norm.index.to(x.device)
+                return kept_input_conv(module, x, index)
             if site.kind != "rms_scale" and not torch.compiler.is_compiling():
                 return kept_norm(x, site, norm.index if norm.index.device == x.device else norm.index.to(x.device))
             # by the 0/1 flags, which change by value: a compiled graph's shapes must not change with the mask

@@ -42,7 +42,8 @@ class TensorNode:
 class LayerNormSite:
     """A module whose output is a layer norm over a channel space (masked statistics needed)."""
 
-    kind: str  # "layer_norm", "rms_norm" (torch's ops) or "rms_scale" (a model's own RMS norm module)
+    kind: str  # "layer_norm", "rms_norm" (torch's ops), "rms_scale" (a model's own RMS norm module) or "std_conv"
+    # (a weight-standardised conv, its input channels in ``space``: see maskprune._rules.standardised)
     module: nn.Module
     path: str
     space: int

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from . import _rules
 from ._attributes import module_size_sites
 from ._graph import ChannelGraph
-from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, named_like_rms_norm, rms_norm_eps
+from ._layers import LAST_DIM_NORMS, RMS_NORM_RULE, LayerRule, named_like_rms_norm, rms_norm_eps
 from ._meta import FAST_KERNELS, FastMeta, first_is_meta, has_meta_tensors, meta_copy, to_meta
 from ._reads import VALUE_READS, value_read, watched_functions
 from ._records import (
@@ -96,6 +96,8 @@ class Tracer:
         for module in dict.fromkeys(m for _, m in modules if type(m) in named):
             if type(module) not in self.leaf_rules and rms_norm_eps(module) is not None:
                 self.leaf_rules[type(module)] = RMS_NORM_RULE
+        for kind, module_rule in _module_rules(modules).items():
+            self.leaf_rules.setdefault(kind, module_rule)
         self.leaf_depth = 0
         self.size_reads: set[int] = set()
         self.size_sites: list[SizeSite] = []
@@ -261,7 +263,10 @@ class Tracer:
         if leaf is not None:
             self.leaf_depth -= 1
             if self.leaf_depth == 0:
-                self.rules.run_leaf_rule(self, module, leaf, args, output)
+                if isinstance(leaf, LayerRule):
+                    self.rules.run_leaf_rule(self, module, leaf, args, output)
+                else:  # one of _module_rules()
+                    leaf(self, module, args, output)
                 if leaf is RMS_NORM_RULE:
                     self.record_rms_norm(module, args)
         ops, ln_sites = self.end_call()
@@ -374,6 +379,20 @@ class Tracer:
         for t in iter_tensors(output):
             for space in self.node(t).spaces:
                 self.graph.freeze(space, MODEL_OUTPUT)
+
+
+def _module_rules(modules: list[tuple[str, nn.Module]]) -> dict[type, Callable]:
+    """The module types traced as one layer by a rule of :mod:`maskprune._rules` (weight-standardised convs,
+    EvoNorm layers): those whose layers all pass the rule's check."""
+    checks = ((_rules.is_standardised_conv, _rules.standardised_conv), (_rules.is_evo_norm, _rules.evo_norm))
+    found: dict[type, Callable | None] = {}
+    for _, m in modules:
+        kind = type(m)
+        if kind.__module__.startswith("torch.") or found.get(kind, 0) is None:
+            continue
+        module_rule = next((module_rule for check, module_rule in checks if check(m)), None)
+        found[kind] = module_rule if found.get(kind, module_rule) is module_rule else None
+    return {kind: module_rule for kind, module_rule in found.items() if module_rule is not None}
 
 
 def trace(

@@ -1,5 +1,5 @@
 """Rules of norms (batch, instance, group, layer and RMS norms) and ``prelu``, with the size updaters of their
-layers.
+layers; EvoNorm layers, traced as one layer each.
 
 A norm's channels pass through with its affine tensors; statistics taken over channels need masked
 statistics (layer norms, resolved by the tracer) or whole norm groups. Their meta kernels are
@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from maskprune._layers import norm_widths, updater
-from maskprune._records import TensorNode
+from maskprune._records import WIDTH, SizeSite, TensorNode, iter_tensors
 from maskprune._walk import store
 
 from ._core import NORM, OpCall, argument, call_reason, only_tensors, rule, shortcut
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 def batch_norm(call: OpCall) -> None:
     """Channels (dim 1) pass through. Statistics taken from the input mix it along the other dims, which
     are then frozen: a weight standardisation (``F.batch_norm(w.reshape(1, out, -1), training=True)``)
-    averages over a weight's input channels there."""
+    averages over a weight's input channels there (timm's standardised conv layers are traced as one layer
+    instead, :mod:`maskprune._rules.standardised`, and keep their input channels prunable)."""
     x, out = call.args[0], call.outputs[0]
     if x.dim() < 2:
         return
@@ -150,6 +151,60 @@ def prelu(call: OpCall) -> None:
     else:
         call.claim_all(w)
     call.set_out(out, call.spaces(x))
+
+
+# ---- EvoNorm layers (timm's EvoNorm2dB0 … EvoNorm2dS2a), traced as one layer each ---------------
+def is_evo_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an EvoNorm layer this rule knows: a module named ``EvoNorm*`` whose parameters and
+    buffers (``weight``, ``bias``, ``v``, ``running_var``) are all of one channel count, its children without
+    tensors (the activation of ``S1`` and ``S2``), with a ``groups`` count dividing it where it has one (the ``S``
+    variants).
+
+    Examples:
+        >>> from timm.layers import EvoNorm2dB0, EvoNorm2dS0
+        >>> is_evo_norm(EvoNorm2dB0(8)), is_evo_norm(EvoNorm2dS0(8, groups=4)), is_evo_norm(nn.GroupNorm(4, 8))
+        (True, True, False)
+    """
+    if "evonorm" not in type(module).__name__.lower():
+        return False
+    if any(
+        next(child.parameters(), None) is not None or next(child.buffers(), None) is not None
+        for child in module.children()
+    ):
+        return False
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return False
+    channels = weight.shape[0]
+    if any(t.shape != (channels,) for t in (*module.parameters(), *module.buffers())):
+        return False
+    groups = getattr(module, "groups", None)
+    return groups is None or (type(groups) is int and groups > 0 and channels % groups == 0)
+
+
+def evo_norm(tracer: Tracer, module: nn.Module, args: tuple, output: Any) -> None:
+    """One call of an EvoNorm layer: its statistics are per channel (the ``B`` variants' batch and instance
+    variances) or per norm group (the ``S`` variants' group std, as ``group_norm``'s). Channels pass with its
+    tensors; a norm group is one unit, so removing whole groups keeps every kept group's std, and the export sets
+    ``groups`` to the groups kept."""
+    x = next(iter_tensors(args))
+    call = OpCall(tracer, type(module).__name__, False, (x,), {}, output)
+    tensors = [*module.parameters(), *module.buffers()]
+    for t in tensors:
+        call.unite(x, 1, t, 0)
+        call.role(t, 0, NORM)
+    groups = getattr(module, "groups", None)
+    if groups is not None:
+        channels, space = x.shape[1], call.space(x, 1)
+        counted = call.graph.new_space(groups)
+        idx = np.arange(channels)
+        call.link(counted, idx // (channels // groups), space, idx)  # the channels of a group are one unit
+        path = tracer.module_paths.get(id(module), "")
+        tracer.size_sites.append(SizeSite(path, groups, counted, WIDTH, written=False, attribute="groups"))
+    for t in iter_tensors(output):
+        if t.shape == x.shape:
+            call.set_out(t, call.spaces(x))
+    call.finish([x, *tensors], f"EvoNorm layer {type(module).__name__} in {tracer.path()}")
 
 
 # ---- size updaters -------------------------------------------------------------------------------
