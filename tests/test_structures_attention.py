@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _structures import FRESH, TOKENS, assert_soft_equals_hard, group_of, make, member
+from torch import nn
+
+from maskprune import Mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +81,40 @@ def test_sizes_read_from_the_input_keep_the_reduction_and_the_heads_at_its_width
     assert torch.equal(pruned.kv.weight, model.kv.weight[kept + [8 + k for k in kept]][:, kept])
     assert torch.equal(pruned.proj.weight, model.proj.weight[kept][:, kept])
     assert torch.equal(pruned.head.weight, model.head.weight[:, kept])
+
+
+class _HeadDimEqualsHeads(nn.Module):
+    """Two heads of two: separate q, k, v split by ``view(B, N, -1, self.head_dim)``, ``num_heads`` never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 2
+        self.embed = nn.Linear(6, 8)
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.proj = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = (layer(x).view(b, n, -1, self.head_dim).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(x + self.proj(a))
+
+
+def test_a_head_count_leaves_a_head_size_of_the_same_value_alone() -> None:
+    """Found by the random-model fuzzer: ``head_dim == num_heads``; the export set both to the new head count,
+    which ran (``view(B, N, -1, 1)``) and computed something else."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, inputs = _HeadDimEqualsHeads().eval(), torch.randn(2, 5, 6)
+    mask = Mask(model, inputs).make()
+    heads = group_of(mask, "q.weight", 0)
+    assert heads.size == 2 and member(heads, "q.weight", 0).mapping() == "[0:4], 2 per channel"
+    heads.prune([0])
+    pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
+    assert (pruned.num_heads, pruned.head_dim) == (1, 2)
+    # bit-exact: exported tensors are copies of the kept slices
+    assert torch.equal(pruned.v.weight, model.v.weight[2:]) and torch.equal(
+        pruned.proj.weight, model.proj.weight[:, 2:]
+    )
