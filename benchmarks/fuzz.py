@@ -8,7 +8,7 @@ keeps one at least), ``generate_pruned_model()`` (verified on the example inputs
 exported model compared on two fresh inputs, the second with a larger batch. Every fifth seed runs in float64,
 the others in float32; the tolerance is the dtype's default (1e-5 relative).
 
-Verdicts: ``exact``; ``refused`` (a maskprune error said why: the reasons are counted, module names and numbers
+Verdicts: ``exact``; ``refused`` (a maskprune error said why: what froze the channels is counted, module names
 left out); ``mismatch`` (the exported model computes something else: an engine bug); ``crash`` (an error that is
 not maskprune's: an engine bug). The goal is no mismatch and no crash.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import platform
 import re
 import sys
@@ -44,10 +45,18 @@ def dtype_of(seed: int) -> torch.dtype:
     return torch.float64 if seed % FLOAT64_EVERY == FLOAT64_EVERY - 1 else torch.float32
 
 
-def reason(detail: str) -> str:
-    """A refusal's message without module paths, tensor names and numbers: refusals of one kind count together."""
-    text = re.sub(r"\(.*", "", detail).strip()  # the list of tensors in parentheses
-    return re.sub(r"\d+", "N", text)
+def causes(detail: str) -> set[str]:
+    """What froze the channels of a refused model, without module paths and tensor names: ``NothingToPruneError``'s
+    reasons (```narrow`` unsupported`, ```softmax`` freezes`, `reaches a model output` …), or the message."""
+    if not detail.startswith("NothingToPruneError"):
+        return {re.sub(r"\d+", "N", detail)}
+    found = set()
+    for part in detail.partition("(")[2].split("; "):
+        if op := re.match(r"(unsupported op )?`([^`]+)` in ", part):
+            found.add(f"`{op[2]}` " + ("unsupported" if op[1] else "freezes"))
+        elif text := re.match(r"(reaches a model (?:input|output)|the model's code fixes this size)", part):
+            found.add(text[1])
+    return found
 
 
 def op_kind(op: str) -> str:
@@ -67,7 +76,7 @@ def run(seeds: list[int]) -> tuple[list[FuzzResult], float]:
 
 def summary(results: list[FuzzResult], seconds: float, command: str) -> dict:
     verdicts = collections.Counter(r.verdict for r in results)
-    refusals = collections.Counter(reason(r.detail) for r in results if r.verdict == "refused")
+    refusals = collections.Counter(cause for r in results if r.verdict == "refused" for cause in causes(r.detail))
     covered = collections.Counter(kind for r in results if r.verdict == "exact" for kind in {op_kind(o) for o in r.ops})
     covered.pop("]", None)
     covered.pop("|", None)
@@ -77,7 +86,7 @@ def summary(results: list[FuzzResult], seconds: float, command: str) -> dict:
         "torch": torch.__version__,
         "maskprune": maskprune.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
         "models": len(results),
         "seconds": round(seconds, 1),
         "verdicts": {v: verdicts.get(v, 0) for v in ("exact", "refused", "mismatch", "crash")},
@@ -103,14 +112,16 @@ def markdown(data: dict) -> str:
         f"{data['channels_removed']} channels removed in all. Failures (mismatch or crash): "
         + (", ".join(str(f["seed"]) for f in data["failures"]) or "none")
         + ".",
-        "",
     ]
+    if data["failures"]:
+        lines.append("")
     for failure in data["failures"]:
         lines += [
             f"- seed {failure['seed']} ({failure['verdict']}): {failure['detail']}",
             f"  `{' '.join(failure['ops'])}`",
         ]
-    lines += ["", "## Refusals by reason", "", "| reason | models |", "| --- | ---: |"]
+    lines += ["", "## What froze the refused models' channels", "", "A model counts once under each cause it shows."]
+    lines += ["", "| cause | refused models |", "| --- | ---: |"]
     lines += [f"| {text.replace('|', '/')} | {count} |" for text, count in data["refusals"].items()]
     lines += ["", "## Exact models holding each block", "", "| block | exact models |", "| --- | ---: |"]
     lines += [f"| `{kind}` | {count} |" for kind, count in data["exact_models_with_op"].items()]

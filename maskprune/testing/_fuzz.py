@@ -72,13 +72,13 @@ def check_random_model(seed: int, *, fresh: int = 2, dtype: torch.dtype = torch.
         pruned = mask.generate_pruned_model()
     except ExportError as error:
         differs = "differs from the masked model" in str(error)
-        result.verdict, result.detail = (MISMATCH if differs else REFUSED), first_line(error, 300)
+        result.verdict, result.detail = (MISMATCH if differs else REFUSED), first_line(error, 1000)
         return result
     except MaskpruneError as error:
-        result.verdict, result.detail = REFUSED, first_line(error, 300)
+        result.verdict, result.detail = REFUSED, first_line(error, 1000)
         return result
     except Exception as error:  # noqa: BLE001 - any other error of the engine is a bug to report, not a refusal
-        result.verdict, result.detail = CRASH, first_line(error, 300)
+        result.verdict, result.detail = CRASH, first_line(error, 1000)
         return result
     for i, x in enumerate(_fresh_inputs(inputs, seed, fresh)):
         check = verify(model, pruned, x, mask=mask)
