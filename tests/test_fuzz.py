@@ -21,7 +21,8 @@ BLOCKS = (
     "channels_last_layer_norm", "act", "residual_add", "residual_sub", "residual_mul", "concat", "chunk_each",
     "split_each", "chunk_gate", "slice", "max_pool_2x2", "avg_pool_3x3", "upsample_nearest", "upsample_bilinear",
     "squeeze_excite", "spatial_gate", "shuffle", "data_gate_where", "data_gate_positive", "data_gate_max",
-    "to_tokens", "linear", "layer_norm", "rms_norm", "attention", "multihead_attention", "token_mix",
+    "conv3x3_dilated", "conv3x3_stride2", "flatten_head", "to_tokens", "linear", "layer_norm", "rms_norm",
+    "attention", "multihead_attention", "token_mix",
     "self_similarity", "residual_mlp", "image_head", "token_head",
 )  # fmt: skip
 

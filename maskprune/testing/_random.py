@@ -60,32 +60,42 @@ class _Builder:
     def width(self) -> int:
         return self.rng.choice(WIDTHS)
 
-    def activation(self) -> nn.Module:
+    def activation(self, c: int | None = None) -> nn.Module:
+        """An activation; with ``c``, maybe a PReLU with one slope per channel (of dim 1)."""
+        if c is not None and self.rng.random() < 0.15:
+            return nn.PReLU(c)
         return self.rng.choice([nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh])()
 
     # ---- images: (B, C, H, W); spatial changes only in the trunk, where no branch must match them ----
     def conv(self, c: int) -> tuple[nn.Module, int, str]:
+        """A convolution keeping the size: 1x1, 3x3 (maybe dilated), grouped, depthwise or transposed."""
         rng = self.rng
-        kind = rng.choice(["conv", "conv", "grouped", "depthwise", "transpose"])
+        kind = rng.choice(["conv", "conv", "grouped", "depthwise", "transpose", "dilated"])
+        bias = rng.random() < 0.8
         if kind == "depthwise":
             out = c * rng.choice([1, 2])
-            return nn.Conv2d(c, out, 3, padding=1, groups=c), out, "depthwise"
+            return nn.Conv2d(c, out, 3, padding=1, groups=c, bias=bias), out, "depthwise"
         out = self.width()
         if kind == "transpose":
-            return nn.ConvTranspose2d(c, out, 3, padding=1), out, "conv_transpose"
+            return nn.ConvTranspose2d(c, out, 3, padding=1, bias=bias), out, "conv_transpose"
+        if kind == "dilated":
+            return nn.Conv2d(c, out, 3, padding=2, dilation=2, bias=bias), out, "conv3x3_dilated"
         groups = rng.choice(_divisors(c, out)) if kind == "grouped" else 1
         kernel = rng.choice([1, 3])
-        return nn.Conv2d(c, out, kernel, padding=kernel // 2, groups=groups), out, f"conv{kernel}x{kernel}/g{groups}"
+        conv = nn.Conv2d(c, out, kernel, padding=kernel // 2, groups=groups, bias=bias)
+        return conv, out, f"conv{kernel}x{kernel}/g{groups}"
 
     def image_norm(self, c: int) -> tuple[nn.Module, str]:
+        """A norm over the channels; some without affine tensors (only their width changes at export)."""
         kind = self.rng.choice(["batch", "batch", "group", "instance", "layer"])
+        affine = self.rng.random() < 0.8
         if kind == "group":
-            return nn.GroupNorm(self.rng.choice(_divisors(c)), c), "group_norm"
+            return nn.GroupNorm(self.rng.choice(_divisors(c)), c, affine=affine), "group_norm"
         if kind == "instance":
-            return nn.InstanceNorm2d(c, affine=self.rng.random() < 0.7), "instance_norm"
+            return nn.InstanceNorm2d(c, affine=affine), "instance_norm"
         if kind == "layer":
             return ChannelsLastNorm(c), "channels_last_layer_norm"
-        return nn.BatchNorm2d(c), "batch_norm"
+        return nn.BatchNorm2d(c, affine=affine), "batch_norm"
 
     def image_block(self, c: int, size: int, depth: int) -> tuple[nn.Module, int, int, list[str]]:
         """A block on ``c`` channels of ``size`` x ``size``: (block, channels out, size out, names)."""
@@ -97,7 +107,7 @@ class _Builder:
         if c % 2 == 0:
             kinds += ["chunk_gate"]
         if depth == 0 and size >= 4:
-            kinds += ["pool"]
+            kinds += ["pool", "conv_stride2"]
         if depth == 0 and size <= 4:
             kinds += ["upsample"]
         kind = rng.choice(kinds)
@@ -107,12 +117,15 @@ class _Builder:
         if kind == "conv_norm_act":
             conv, out, name = self.conv(c)
             norm, norm_name = self.image_norm(out)
-            return nn.Sequential(conv, norm, self.activation()), out, size, [name, norm_name, "act"]
+            return nn.Sequential(conv, norm, self.activation(out)), out, size, [name, norm_name, "act"]
+        if kind == "conv_stride2":
+            out = self.width()
+            return nn.Conv2d(c, out, 3, stride=2, padding=1), out, (size + 1) // 2, ["conv3x3_stride2"]
         if kind == "norm":
             norm, name = self.image_norm(c)
             return norm, c, size, [name]
         if kind == "act":
-            return self.activation(), c, size, ["act"]
+            return self.activation(c), c, size, ["act"]
         if kind == "gate":
             return SqueezeExcite(c, self.width()), c, size, ["squeeze_excite"]
         if kind == "data_gate":
@@ -163,7 +176,7 @@ class _Builder:
         kind = rng.choice(kinds)
         if kind == "linear":
             out = self.width()
-            return nn.Linear(d, out), out, ["linear"]
+            return nn.Linear(d, out, bias=rng.random() < 0.8), out, ["linear"]
         if kind == "layer_norm":
             return nn.LayerNorm(d, elementwise_affine=rng.random() < 0.8), d, ["layer_norm"]
         if kind == "rms_norm":
@@ -266,9 +279,14 @@ def random_model(seed: int) -> tuple[RandomModel, torch.Tensor]:
                 block, width, size, names = builder.image_block(width, size, 0)
                 blocks.append(block)
                 ops += names
-            if rng.random() < 0.5:
+            head = rng.random()
+            if head < 0.4:
                 blocks.append(ImageHead(width, rng.choice([3, 5])))
                 ops.append("image_head")
+                return _finish(blocks, ops), inputs
+            if head < 0.5:  # every position of every channel a feature of the classifier
+                blocks += [nn.Flatten(1), nn.Linear(width * size * size, rng.choice([3, 5]))]
+                ops.append("flatten_head")
                 return _finish(blocks, ops), inputs
             blocks.append(ToTokens())
             ops.append("to_tokens")
