@@ -141,7 +141,10 @@ def main() -> None:
             print(result.seed, result.verdict, result.detail, " ".join(result.ops))
         return
     results, seconds = run(list(range(args.start, args.start + args.models)))
-    data = summary(results, seconds, f"benchmarks/fuzz.py --models {args.models} --start {args.start}")
+    command = f"benchmarks/fuzz.py --models {args.models} --start {args.start}"
+    if args.output != RESULTS / "fuzz.md":
+        command += f" --output {args.output}"
+    data = summary(results, seconds, command)
     args.output.write_text(markdown(data))
     args.output.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     print(markdown(data))
