@@ -7,9 +7,8 @@ from itertools import islice
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
-from maskprune import batch_input, call_model, model_device, to_device
+from maskprune import batch_input, call_model, model_device, progress, to_device
 
 BatchInputs = Callable[[Any], Any]
 
@@ -49,7 +48,7 @@ def run_batches(
         total = max_batches if total is None else min(total, max_batches)
     batches = data if max_batches is None else islice(data, max_batches)
     count = 0
-    for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None):
+    for batch in progress(batches, desc=desc, total=total, unit="batch"):
         fed = to_device(get(batch), device)
         try:
             call_model(model, fed)

@@ -14,6 +14,7 @@ from ._activations import ActivationSite, watch
 from ._algorithm import Algorithm
 from ._groups import BlockGroup, ExpertGroup, Group, Member
 from ._layers import LayerRule, masked_norm, register, unregister
+from ._progress import progress, shows_progress
 from ._recalibrate import recalibrate_bn
 from ._records import batch_input, call_model, evaluating, iter_tensors, model_device, to_device
 from ._report import GroupSparsity, Sparsity
@@ -66,9 +67,11 @@ __all__ = [
     "load_pruned",
     "masked_norm",
     "model_device",
+    "progress",
     "recalibrate_bn",
     "register",
     "save_pruned",
+    "shows_progress",
     "to_device",
     "unregister",
     "verify",

@@ -150,6 +150,7 @@ def attribute_updates(
     """
     proposals: dict[tuple[str, int], set[int]] = {}
     named: dict[tuple[str, str], set[int]] = {}  # a site naming its attribute: that attribute's new counts
+    widths: set[tuple[str, int]] = set()  # written sizes some site counts channels with, not only heads
     configs: dict[tuple[int, str], tuple[str, set[int]]] = {}  # a shared config's field: every layer's count
     updates: Attributes = {}
     for site in sites:
@@ -166,6 +167,8 @@ def attribute_updates(
             continue
         if new != site.value:
             proposals.setdefault((site.path, site.value), set()).add(new)
+            if site.kind != HEADS:
+                widths.add((site.path, site.value))
         config = getattr(modules.get(site.path), "config", None)
         if site.kind == HEADS and config is not None and not isinstance(config, nn.Module):
             for name in _matching(vars(config), HEAD_COUNTS.__contains__, site.value):
@@ -175,7 +178,9 @@ def attribute_updates(
         if module is None or len(news) != 1:
             continue  # two counts for one written size: the code cannot hold both, the trial export decides
         (new,) = news
-        for name in _count_attributes(module, old):
+        # a count of heads goes to head-count attributes only: ``head_dim`` may hold the same number
+        counts = is_count_name if (path, old) in widths else HEAD_COUNTS.__contains__
+        for name in _count_attributes(module, old, counts):
             updates.setdefault(path, {})[name] = new
     for (path, name), news in named.items():
         if len(news) == 1:  # two pruned dimensions of that size: which one it counts is unknown, it stays
@@ -187,13 +192,10 @@ def attribute_updates(
     return updates
 
 
-def _count_attributes(module: nn.Module, value: int) -> list[str]:
-    """The count attributes of ``module`` holding ``value``, its own or its class's defaults (set on the instance)."""
-    return list(
-        dict.fromkeys(
-            _matching(vars(module), is_count_name, value) + _matching(vars(type(module)), is_count_name, value)
-        )
-    )
+def _count_attributes(module: nn.Module, value: int, named: Callable[[str], bool] = is_count_name) -> list[str]:
+    """The count attributes of ``module`` holding ``value``, its own or its class's defaults (set on the instance);
+    ``named``: which names count."""
+    return list(dict.fromkeys(_matching(vars(module), named, value) + _matching(vars(type(module)), named, value)))
 
 
 def _matching(namespace: Mapping[str, Any], named: Callable[[str], bool], value: int) -> list[str]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._attributes import Attributes
 from ._export import Plan, apply_plan
@@ -51,6 +50,8 @@ class FlopsProbe:
         reads set to ``attributes`` (``Selection.attributes`` of this probe's modules)."""
         if not plan and self._dense is not None:
             return self._dense
+        from torch.utils.flop_counter import FlopCounterMode  # imported at first use: it imports triton
+
         log = apply_plan(self.index, plan, attributes) if plan else None
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter, FastMeta(products=False):

@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 
 class ChannelGraph:
@@ -138,6 +136,9 @@ class ChannelGraph:
         total = int(ends[-1]) if len(ends) else 0
         edges, frozen_elems, frozen_codes, reasons = self._link_edges(roots, live, offset, root_reason)
         if len(edges[0]):
+            from scipy.sparse import coo_matrix  # scipy is imported at first use, not by ``import maskprune``
+            from scipy.sparse.csgraph import connected_components
+
             adjacency = coo_matrix((np.ones(len(edges[0]), dtype=np.int8), edges), shape=(total, total))
             n_comp, labels = connected_components(adjacency, directed=False)
         else:  # no links: every channel is its own component

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-from tqdm import tqdm
 
 import maskprune.algorithms as criteria
 
 from ._models import build_model, load_checkpoint, parse_shape, text_batches
+from ._progress import progress
 from ._recalibrate import DEFAULT_BATCHES
 from ._spec import as_spec
 from ._verify import VerifyResult, verify
@@ -270,7 +270,7 @@ def _pruned_mask(
     )
     log.info("tracing %s", type(model).__name__)
     mask.make()
-    for _ in tqdm(range(args.steps), desc="pruning", unit="step", disable=args.quiet):
+    for _ in progress(range(args.steps), desc="pruning", total=args.steps, unit="step"):
         mask.do_mask()
     return mask
 

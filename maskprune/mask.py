@@ -30,6 +30,7 @@ from ._hf import export_attributes
 from ._layers import leaf_rules
 from ._masking import MaskRuntime, runtime_on
 from ._probe import settled_layout
+from ._progress import Stopwatch, logger
 from ._pruning import Pruner
 from ._reads import control_flow_message
 from ._recalibrate import recalibrate_bn
@@ -229,7 +230,9 @@ class Mask:
                 "first (or export it), then make this one"
             )
         _check_inputs(self.model, self.example_inputs)
+        watch = Stopwatch()
         tr = trace(self.model, self.example_inputs, leaf_rules(), self.freeze, ignored_modules=self.ignore)
+        traced = watch.lap()
         if tr.control_flow:  # before any hook is installed: a refusal leaves the model as it was
             message = control_flow_message(tr.control_flow, self.strict)
             if self.strict:
@@ -257,6 +260,10 @@ class Mask:
             self.remove()  # no hook of this make() stays on the model
             self._selection = self._pruner = None
             raise
+        logger.info(
+            "make(): traced %s in %.2f s (%d module calls), then %d groups of %d channels in %.2f s",
+            type(self.model).__name__, traced, len(tr.leaf_calls), len(layout.groups), layout.n_units, watch.lap(),
+        )  # fmt: skip
         return self
 
     @property
@@ -469,6 +476,7 @@ class Mask:
             return None
         # the slices leave out every masked position: only the verification's masked forward needs them zero,
         # and there they mostly are already (since the last do_mask() or tracked optimizer step)
+        watch = Stopwatch()
         with self._runtime.zeroed(only_stale=not inplace) if verify else contextlib.nullcontext():
             index = ModelIndex(self.model)  # one walk of the model for the plan's attributes, spec and copy
             plan, attributes = self._selection.plan(), self._selection.attributes(index.modules)
@@ -488,7 +496,12 @@ class Mask:
                     )
                     if not result:
                         raise ExportError(f"the exported model differs from the masked model: {result}")
+                    logger.info("generate_pruned_model(): verified against the masked model: %s", result)
         attach_text(pruned, spec_text)
+        logger.info(
+            "generate_pruned_model(): %s %s in %.2f s", "sliced in place" if inplace else "exported a sliced copy",
+            "and verified" if verify else "without verification", watch.total(),
+        )  # fmt: skip
         return pruned
 
     def apply_spec(self, spec: PruneSpec | str | os.PathLike | nn.Module) -> Mask:

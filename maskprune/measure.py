@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._records import call_model, evaluating
 
@@ -28,6 +27,8 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
         >>> count_flops(torch.nn.Linear(3, 2), torch.randn(1, 3))
         12
     """
+    from torch.utils.flop_counter import FlopCounterMode  # imported at first use: it imports triton
+
     with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         call_model(model, inputs)
     return counter.get_total_flops()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _structures import FRESH, TOKENS, assert_soft_equals_hard, group_of, make, member
+from _structures import FRESH, TOKENS, assert_soft_equals_hard, group_of, grouped, make, member, prune_every_group
+from torch import nn
+
+from maskprune import Mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +81,80 @@ def test_sizes_read_from_the_input_keep_the_reduction_and_the_heads_at_its_width
     assert torch.equal(pruned.kv.weight, model.kv.weight[kept + [8 + k for k in kept]][:, kept])
     assert torch.equal(pruned.proj.weight, model.proj.weight[kept][:, kept])
     assert torch.equal(pruned.head.weight, model.head.weight[:, kept])
+
+
+class _HeadDimEqualsHeads(nn.Module):
+    """Two heads of two: separate q, k, v split by ``view(B, N, -1, self.head_dim)``, ``num_heads`` never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 2
+        self.embed = nn.Linear(6, 8)
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.proj = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = (layer(x).view(b, n, -1, self.head_dim).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(x + self.proj(a))
+
+
+def test_a_head_count_leaves_a_head_size_of_the_same_value_alone() -> None:
+    """Found by the random-model fuzzer: ``head_dim == num_heads``; the export set both to the new head count,
+    which ran (``view(B, N, -1, 1)``) and computed something else."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, inputs = _HeadDimEqualsHeads().eval(), torch.randn(2, 5, 6)
+    mask = Mask(model, inputs).make()
+    heads = group_of(mask, "q.weight", 0)
+    assert heads.size == 2 and member(heads, "q.weight", 0).mapping() == "[0:4], 2 per channel"
+    heads.prune([0])
+    pruned = assert_soft_equals_hard(mask, model, inputs, TOKENS())
+    assert (pruned.num_heads, pruned.head_dim) == (1, 2)
+    # bit-exact: exported tensors are copies of the kept slices
+    assert torch.equal(pruned.v.weight, model.v.weight[2:]) and torch.equal(
+        pruned.proj.weight, model.proj.weight[:, 2:]
+    )
+
+
+class _MixedTokensIntoAttention(nn.Module):
+    """A linear layer across the tokens (MLP-Mixer), self-attention (``nn.MultiheadAttention`` or SDPA), a linear
+    layer across the tokens again, a head: each token is a channel of the layers around the attention."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 4
+        self.embed, self.mix, self.out = nn.Linear(6, 8), nn.Linear(5, 5), nn.Linear(5, 2)
+        self.head = nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True) if fused else None
+        self.qkv = None if fused else nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        b, n, _ = x.shape
+        if self.attn is not None:
+            a = self.attn(x, x, x, need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(self.out((x + a).transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["multihead_attention", "sdpa"])
+def test_the_keys_tokens_stay_whole(fused: bool) -> None:
+    """Found by the random-model fuzzer: the tokens a token-mixing layer makes went through self-attention as if
+    each stood alone, but a removed key token, zero in the masked model, still took its share of the softmax."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, inputs = _MixedTokensIntoAttention(fused).eval(), torch.randn(2, 5, 6)
+        fresh = [torch.randn(3, 5, 6)]
+    mask = Mask(model, inputs).make()
+    assert "mix.weight[0]" not in grouped(mask) and "out.weight[1]" not in grouped(mask)
+    attention = "multi_head_attention_forward" if fused else "scaled_dot_product_attention"
+    assert any(attention in reason for reason in mask.selection.layout.frozen), mask.selection.layout.frozen
+    assert "embed.weight[0]" in grouped(mask)
+    prune_every_group(mask)
+    assert_soft_equals_hard(mask, model, inputs, fresh)

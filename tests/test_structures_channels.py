@@ -21,7 +21,7 @@ from _structures import (
 )
 from torch import nn
 
-from maskprune import Mask
+from maskprune import Mask, NothingToPruneError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,3 +167,44 @@ def test_gather_along_tokens_keeps_channels() -> None:
     mask.groups[0].prune([0, 2])
     pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(3, 7, 4)])
     assert pruned.a.out_features == 4
+
+
+class _NarrowTokens(nn.Module):
+    """``narrow`` along the tokens, then along the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 5)
+        self.c = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)).narrow(1, 1, 3))  # tokens 1 to 3 of 5
+        return self.c(h.narrow(-1, 0, 3))  # channels 0 to 2 of 5
+
+
+def test_narrow_along_the_tokens_keeps_the_channels_and_freezes_a_part_of_them() -> None:
+    torch.manual_seed(0)
+    model, x = _NarrowTokens(), torch.randn(2, 5, 4)
+    mask = Mask(model, x).make()
+    assert found(mask) == {G(6, "a.weight[0]", "a.bias[0]", "b.weight[1]")}  # b's outputs: 3 of 5 read
+    assert any("`narrow`" in reason for reason in mask.selection.layout.frozen)
+    mask.groups[0].prune([0, 2])
+    pruned = assert_soft_equals_hard(mask, model, x, [torch.randn(3, 5, 4)])
+    assert pruned.a.out_features == 4 and pruned.b.out_features == 5
+
+
+def test_a_narrow_of_a_whole_dim_freezes_it() -> None:
+    """Found by the random-model fuzzer: ``narrow`` does not clamp its length as a slice does, so a whole dim it
+    narrows keeps its size."""
+    model = nn.Sequential(nn.Linear(4, 6), _Narrow(-1, 6), nn.Linear(6, 5))
+    with pytest.raises(NothingToPruneError, match="`narrow` in 1: 0.weight"):
+        Mask(model, torch.randn(2, 4)).make()
+
+
+class _Narrow(nn.Module):
+    def __init__(self, dim: int, length: int) -> None:
+        super().__init__()
+        self.dim, self.length = dim, length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.narrow(self.dim, 0, self.length)

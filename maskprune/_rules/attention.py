@@ -59,6 +59,7 @@ def multi_head_attention(call: OpCall) -> None:
     for name, index in (("key_padding_mask", 14), ("attn_mask", 16)):
         if isinstance(mask := call.arg(index, name), torch.Tensor):
             call.claim_all(mask)
+    _freeze_key_tokens(call, [key, value], 0)  # (S, N, E) or (S, E): the keys' tokens come first
     call.set_out(out, [call.space(query, d) for d in range(query.dim() - 1)] + [call.space(out_weight, 0)])
 
 
@@ -89,7 +90,17 @@ def scaled_dot_product_attention(call: OpCall) -> None:
                 call.unite(mask, dim, other, -2)
             elif mask.shape[dim] == 1:
                 call.claimed.add((id(mask), mask.dim() + dim))
+    _freeze_key_tokens(call, [k], -2)
     call.set_out(out, batch + [call.space(q, -2), call.space(v, -1)])
+
+
+def _freeze_key_tokens(call: OpCall, tensors: list[torch.Tensor], dim: int) -> None:
+    """The keys' (and values') tokens freeze: the softmax runs over them, so a removed key token, masked to zeros,
+    would still take its share of every query's attention (its score is not minus infinity). In self-attention
+    they are the query's tokens too, which would otherwise pass through."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            call.graph.freeze(call.space(t, dim), call.reason())
 
 
 @updater(nn.MultiheadAttention)

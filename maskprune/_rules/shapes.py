@@ -531,6 +531,15 @@ def _keep_positions(call: OpCall, space: int, positions: np.ndarray) -> None:
         call.link(frozen, np.arange(len(positions)), space, positions)
 
 
+@rule("narrow")
+def narrow(call: OpCall) -> None:
+    """``x.narrow(dim, start, length)``: the narrowed dim freezes, even whole (``length``, written in the code, must
+    stay within it: ``narrow`` does not clamp as a slice does); the other dims pass through."""
+    x, out = call.args[0], call.outputs[0]
+    d = int(call.arg(1, "dim")) % x.dim()
+    call.set_out(out, [call.space(x, k) if k != d else None for k in range(x.dim())])
+
+
 def _gather_rows(call: OpCall, x: torch.Tensor, out: torch.Tensor, index: Any) -> bool:
     """``table[idx]`` or ``table[:, idx]`` with one integer tensor (relative position biases): the
     indexed dim is replaced by the index's dims (frozen), the others pass through."""

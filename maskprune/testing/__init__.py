@@ -17,6 +17,13 @@ Examples:
     >>> pruned = mask.generate_pruned_model()   # verified against the masked model
     >>> verify(model, pruned, inputs).max_rel <= 1e-5
     True
+
+:func:`random_model` builds a random architecture from a seed, and :func:`check_random_model` takes it through
+``make()``, random pruning and the verified export (the fuzzer of ``tests/test_fuzz.py`` and
+``benchmarks/fuzz.py``):
+
+    >>> check_random_model(2).verdict
+    'exact'
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ._channels import (
     TinySlice,
     TinySplit,
 )
+from ._fuzz import FuzzResult, check_random_model
 from ._layers import (
     SqueezeExcitation,
     TinyBinary,
@@ -61,6 +69,7 @@ from ._parameters import (
     TinyTied,
     TinyUnsupported,
 )
+from ._random import RandomModel, random_model
 from ._recurrent import TinyCellLoop, TinyConvLSTM, TinyRecurrent
 from ._registry import TINY_MODELS, TinyModelFactory, randomize_norms
 from ._transformers import (
@@ -78,6 +87,10 @@ __all__ = [
     "TINY_MODELS",
     "TinyModelFactory",
     "randomize_norms",
+    "FuzzResult",
+    "RandomModel",
+    "check_random_model",
+    "random_model",
     "SqueezeExcitation",
     "TensordotScale",
     "TinyAttention",
