@@ -157,3 +157,14 @@ def test_pruned_yolo_validates_and_trains_in_ultralytics(pruned_yolo, tmp_path) 
     assert maskprune.count_parameters(trained) == parameters
     changed = [n for n, p in trained.state_dict().items() if n in before and not torch.equal(p.float(), before[n])]
     assert changed, "training changed no weight"
+
+
+def test_the_example_prunes_while_training_in_ultralytics_and_exports_to_onnx(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    import prune_yolo
+
+    monkeypatch.chdir(tmp_path)
+    result = prune_yolo.main(["--out", str(tmp_path), "--epochs", "2", "--steps", "2", "--target-flops", "0.5"])
+    assert result["pruned_parameters"] < 0.6 * result["parameters"]
+    assert result["onnx_difference"] <= 1e-5
+    assert (tmp_path / "runs" / "recover" / "weights" / "best.onnx").is_file()
