@@ -91,15 +91,29 @@ def _sync_c2f(model: nn.Module) -> None:
             module.c = module.cv1.conv.out_channels // 2
 
 
+class Predictions(nn.Module):
+    """The model's predictions alone: in eval mode a YOLO head also returns the features it reads, which would
+    freeze the channels of the convolutions that make them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
 @pytest.fixture
 def pruned_yolo(tmp_path, monkeypatch) -> tuple[YOLO, int]:
     """A YOLOv8n whose ``nn.Module`` is the float32 export of half its channels; and the export's parameters."""
     monkeypatch.chdir(tmp_path)  # Ultralytics writes an export next to the working directory
     torch.manual_seed(0)
     yolo = YOLO("yolov8n.yaml")
-    mask = Mask(yolo.model.eval(), (torch.rand(1, 3, SIZE, SIZE),), algorithm=L1Norm(), ratio=0.5).make()
-    mask.do_mask()
-    yolo.model = mask.generate_pruned_model()
+    full = maskprune.count_parameters(yolo.model)
+    mask = Mask(Predictions(yolo.model.eval()), (torch.rand(1, 3, SIZE, SIZE),), algorithm=L1Norm(), ratio=0.5)
+    mask.make().do_mask()
+    yolo.model = mask.generate_pruned_model().model
+    assert maskprune.count_parameters(yolo.model) < 0.3 * full  # the head's input convolutions pruned too
     _sync_c2f(yolo.model)
     return yolo, maskprune.count_parameters(yolo.model)
 
