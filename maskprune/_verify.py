@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -297,9 +298,14 @@ def verify_outputs(
 
 
 def _record(model: nn.Module, inputs: Any) -> tuple[dict[str, torch.Tensor], str | None]:
-    """First output of every module, in completion order; and the module that raised, if one did."""
+    """First output of every module, in completion order; and the module that raised, if one did.
+
+    A module held under several paths (Ultralytics' one ``nn.SiLU`` for every ``Conv``) is left out: its calls
+    see different channel spaces, none of them its own, and each call's output is its caller's output too.
+    """
     outputs: dict[str, torch.Tensor] = {}
-    names = {id(m): n for n, m in model.named_modules()}
+    paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    names = {id(m): n for n, m in model.named_modules() if paths[id(m)] == 1}
     running: list[str] = []
 
     def pre_hook(module: nn.Module, args: tuple) -> None:

@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision, pytest, xdist, scipy, tqdm" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import maskprune.algorithms, pytest, xdist, safetensors, matplotlib, onnx, onnxruntime, onnxscript, timm, transformers, diffusers, material, mkdocstrings_handlers.python" 2>/dev/null \
+if ! .venv/bin/python -c "import maskprune.algorithms, pytest, xdist, safetensors, matplotlib, onnx, onnxruntime, onnxscript, timm, transformers, diffusers, ultralytics, material, mkdocstrings_handlers.python" 2>/dev/null \
   || [ ! -x .venv/bin/maskprune ] || [ ! -x .venv/bin/mkdocs ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test,docs]"
 fi

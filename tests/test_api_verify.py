@@ -80,6 +80,37 @@ def test_verify_within_a_submodule_compares_every_module_on_kept_channels() -> N
         maskprune.verify(model, pruned, x, within="head")
 
 
+class _SharedActivation(nn.Module):
+    """One ``nn.SiLU`` after convolutions of different widths, as Ultralytics' ``Conv.default_act``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        act = nn.SiLU()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act, nn.Conv2d(8, 16, 3, padding=1), act)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_verify_within_leaves_out_a_module_shared_by_several_paths() -> None:
+    torch.manual_seed(0)
+    model, x = _SharedActivation().eval(), torch.randn(2, 3, 8, 8)
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    pruned = mask.generate_pruned_model()
+    assert pruned.features[0].out_channels == 4 and pruned.features[2].out_channels == 8
+    # the shared SiLU's calls see 8 then 16 channels: none of them are its own to compare on kept channels
+    result = maskprune.verify(model, pruned, x, within="features", mask=mask)
+    assert result.ok and result.scale > 0 and result.max_rel <= RTOL
+
+    broken = copy.deepcopy(pruned)
+    with torch.no_grad():
+        broken.features[2].weight[0] += 0.5
+    result = maskprune.verify(model, broken, x, within="features", mask=mask)
+    assert not result and result.first_divergence.startswith("features.2 ")
+
+
 class _PrecisionSpy(nn.Module):
     """Records the float32 precision settings its forward runs under."""
 
