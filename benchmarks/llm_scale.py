@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
+import os
 import platform
 import resource
 import subprocess
@@ -64,12 +66,13 @@ class Config:
     dtype: str
     calib_sequences: int
     calib_length: int
+    rtol: float | None = None  # the export's verification tolerance (None: the dtype's default)
     vocabulary: int = 32000
 
 
 CONFIGS = {
     "tinyllama": Config(22, 2048, 32, 4, 5632, "float32", calib_sequences=8, calib_length=128),
-    "llama7b": Config(32, 4096, 32, 32, 11008, "bfloat16", calib_sequences=4, calib_length=32),
+    "llama7b": Config(32, 4096, 32, 32, 11008, "bfloat16", calib_sequences=4, calib_length=32, rtol=0.1),
 }
 TARGET_PARAMS = 0.75
 EXAMPLE_LENGTH = 16
@@ -104,6 +107,19 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+class Verdicts(logging.Handler):
+    """Keeps the export's verification verdict from maskprune's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.verdict = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "verified against the masked model" in message:
+            self.verdict = message.split(": ", 2)[-1]
 
 
 def rss_bytes() -> int:
@@ -162,7 +178,10 @@ def child(name: str, layers: int | None) -> None:
     algorithm = ByKind(channels=Activation(calibration), block=BlockImportance(calibration))
     mask = stage("make", lambda: Mask(model, ids, algorithm=algorithm, target_params=TARGET_PARAMS, depth=True).make())
     stage("do_mask", mask.do_mask)
-    pruned = stage("export", lambda: mask.generate_pruned_model(inplace=True))
+    verdicts = Verdicts()
+    logging.getLogger("maskprune").addHandler(verdicts)
+    logging.getLogger("maskprune").setLevel(logging.INFO)
+    pruned = stage("export", lambda: mask.generate_pruned_model(inplace=True, rtol=config.rtol))
     summary = {
         "config": name,
         "layers": layers or config.layers,
@@ -172,6 +191,8 @@ def child(name: str, layers: int | None) -> None:
         "baseline_rss": baseline,
         "kept_params": maskprune.count_parameters(pruned) / dense,
         "kept_layers": pruned.config.num_hidden_layers,
+        "verification": verdicts.verdict,
+        "rtol": config.rtol,
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "stages": stages,
     }
@@ -210,7 +231,12 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {label} | {size} | **make to verified export** | **{total:.1f}** | "
             f"**{r['ru_maxrss'] / GIB:.2f}** | **{r['ru_maxrss'] / r['weights_bytes']:.2f}** |"
         )
-    return "\n".join(rows)
+    notes = [
+        f"- {r['config']}: {r['kept_params']:.3f} of the parameters and {r['kept_layers']} of {r['layers']} layers "
+        f"kept; calibration {r['calibration']}; verification (rtol {r['rtol'] or 'by dtype'}): {r['verification']}"
+        for r in results
+    ]
+    return "\n".join(rows) + "\n\n" + "\n".join(notes)
 
 
 def header(argv: list[str]) -> str:
@@ -225,7 +251,7 @@ def header(argv: list[str]) -> str:
     return (
         f"Command: `python benchmarks/llm_scale.py {' '.join(argv)}`  \n"
         f"Date: {date}; {versions}; CPU: {cpu}, {torch.get_num_threads()} threads, "
-        f"{int(memory) / (1 << 20):.0f} GiB RAM  \n"
+        f"{int(memory) / (1 << 20):.0f} GiB RAM, load average {os.getloadavg()[1]:.1f} over the last 5 minutes  \n"
         "Pruning: `ByKind(channels=Activation(calib), block=BlockImportance(calib))`, "
         f"`target_params={TARGET_PARAMS}`, `depth=True`; calibration: one sequence a batch; "
         f"export `generate_pruned_model(inplace=True)` verified on input ids (1, {EXAMPLE_LENGTH})  \n"
@@ -246,10 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.configs:
         results.append(run(name, args.layers, args.timeout))
+        c = CONFIGS[name]
+        results[-1]["calibration"] = f"{c.calib_sequences} sequences of {c.calib_length} tokens"
         print(table(results[-1:]), flush=True)
-    for r in results:
-        c = CONFIGS[r["config"]]
-        r["calibration"] = f"{c.calib_sequences} sequences of {c.calib_length} tokens"
     text = header(sys.argv[1:] if argv is None else argv) + "\n" + table(results) + "\n"
     if args.output:
         args.output.write_text(text)

@@ -191,6 +191,27 @@ def test_failed_export_leaves_the_masked_model_as_it_was(inplace: bool, change, 
     assert (pruned is model) == inplace and pruned.conv1.out_channels == 4
 
 
+def test_failed_inplace_export_too_large_to_copy_says_so_and_restores(tiny_cnn, monkeypatch) -> None:
+    """Naming the diverging module compares the model with a pruned copy; where no copy fits in memory (a 7B model
+    on its host), the in-place export raises without it, the model put back as it was."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    mask = Mask(model, x, algorithm=L1Norm(), ratio=0.5).make()
+    mask.do_mask()
+    state, _, _ = masked_state(model)
+    patch_plan(monkeypatch, tuple(model.conv2.weight.shape), "positions")
+    monkeypatch.setattr(maskprune.mask, "_copy_fits", lambda model: False)
+    copies = []
+    monkeypatch.setattr(Mask, "_plain_copy", lambda *args: copies.append(args))
+    with pytest.raises(maskprune.ExportError, match="differs from the masked model: .*named by an export that is not"):
+        mask.generate_pruned_model(inplace=True)
+    assert copies == []
+    after, _, _ = masked_state(model)
+    for key, value in state.items():
+        # bit-exact: rebuilt from the kept and the removed positions, which are copies of the same values
+        assert torch.equal(after[key], value), key
+
+
 # ---- train-only branches --------------------------------------------------------------------------------
 def test_googlenet_aux_branches_are_pruned_and_train() -> None:
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).eval()
