@@ -13,6 +13,7 @@ FSDP1's ``FullyShardedDataParallel`` flattens parameters into one buffer per uni
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,14 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-try:  # torch built without distributed support has neither
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - distributed is built into the wheels this package supports
-    DTensor = FSDPModule = FullyShardedDataParallel = fully_shard = None
-
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from ._records import Trace
+
+
+def _loaded(module: str, *names: str) -> tuple[Any, ...]:
+    """The classes ``names`` of ``module`` where it is imported, else Nones: no model holds a ``DTensor`` or an
+    FSDP module before its user imported them, and importing them costs ``import maskprune`` a second."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, name, None) if found is not None else None for name in names)
 
 _FSDP1 = (
     "FSDP1 (FullyShardedDataParallel) flattens parameters into one buffer, which per-channel masks cannot "
@@ -47,7 +51,8 @@ def is_sharded(tensor: torch.Tensor) -> bool:
         >>> is_sharded(torch.zeros(2))
         False
     """
-    return DTensor is not None and isinstance(tensor, DTensor)
+    (dtensor,) = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def any_sharded(trace: Trace) -> bool:
@@ -63,7 +68,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
         >>> local(t) is t
         True
     """
-    if DTensor is None or not isinstance(tensor, DTensor):
+    if not is_sharded(tensor):
         return tensor
     with torch.no_grad():  # without autograd, to_local() is the shard itself, not a differentiable view of it
         return tensor.to_local()
@@ -80,17 +85,18 @@ def local_rows(tensor: DTensor, dim: int) -> tuple[int, int]:
     ``Shard(d)`` placements split as ``torch.chunk`` does (ceil-divided chunks; the last ones may be
     short or empty); ``Replicate`` keeps every position. Other placements are refused.
     """
+    shard, replicate = _loaded("torch.distributed.tensor", "Shard", "Replicate")
     start, length = 0, tensor.shape[dim]
     mesh = tensor.device_mesh
     for mesh_dim, placement in enumerate(tensor.placements):
-        if type(placement) is Shard:
+        if type(placement) is shard:
             if placement.dim != dim:
                 continue
             ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
             chunk = -(-length // ranks)
             first = min(rank * chunk, length)
             start, length = start + first, min(chunk, length - first)
-        elif type(placement) is not Replicate:
+        elif type(placement) is not replicate:
             raise NotImplementedError(
                 f"a parameter placed as {placement} cannot be masked: maskprune masks parameters sharded by "
                 "FSDP2 (Shard(d), Replicate)"
@@ -118,7 +124,8 @@ def shard_view(values: torch.Tensor, tensor: torch.Tensor, dim: int) -> torch.Te
 
 def refuse_fsdp1(model: nn.Module) -> None:
     """Raise where ``model`` or one of its modules is wrapped by FSDP1."""
-    if FullyShardedDataParallel is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    (fsdp1,) = _loaded("torch.distributed.fsdp", "FullyShardedDataParallel")
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
         raise NotImplementedError(_FSDP1)
 
 
@@ -134,10 +141,11 @@ def refuse_sharded(model: nn.Module) -> None:
 
 def resharded(model: nn.Module) -> None:
     """Every FSDP2 module of ``model`` back to its sharded parameters (after a forward that left them gathered)."""
-    if FSDPModule is None:
+    (fsdp_module,) = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
         return
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp_module):
             module.reshard()
 
 
@@ -217,8 +225,9 @@ def _from_distributed(hook: Any) -> bool:
 
 def plain_class(cls: type) -> type:
     """The class ``fully_shard`` swapped out for ``FSDP<cls>`` (``cls`` itself for any other class)."""
-    if FSDPModule is not None and issubclass(cls, FSDPModule):
-        return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    (fsdp_module,) = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        return next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp_module))
     return cls
 
 

@@ -339,26 +339,27 @@ def test_torchvision_heads_merged_by_the_residual_width_go_with_it(
 
 
 @pytest.mark.parametrize(
-    "layer",
+    "layer, inputs_prune",
     [
-        lambda: timm.layers.StdConv2d(16, 16, 1),
-        lambda: timm.layers.ScaledStdConv2d(16, 16, 1),
-        lambda: timm.layers.LayerNormAct2d(16),
+        (lambda: timm.layers.StdConv2d(16, 16, 1), True),
+        (lambda: timm.layers.ScaledStdConv2d(16, 16, 1), True),
+        (lambda: timm.layers.LayerNormAct2d(16), False),
     ],
     ids=["std_conv", "scaled_std_conv", "layer_norm_act"],
 )
-def test_timm_layers_that_mix_channels_in_their_statistics(layer: Callable[[], nn.Module]) -> None:
-    """A 1x1 weight-standardised conv averages its weight over its input channels (``F.batch_norm`` with
-    batch statistics): those channels stay whole. ``LayerNormAct2d`` is a layer norm with an activation
-    after it, which the masked statistics cannot reproduce: frozen and named. (The timm sweep found both.)"""
+def test_timm_layers_that_mix_channels_in_their_statistics(layer: Callable[[], nn.Module], inputs_prune: bool) -> None:
+    """A weight-standardised conv averages its weight over its input channels: the masked layer standardises over
+    the kept ones, so those channels prune exactly. ``LayerNormAct2d`` is a layer norm with an activation after it,
+    which the masked statistics cannot reproduce: frozen and named. (The timm sweep found both.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), layer(), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 4, 1))
     model.eval()
     mask = Mask(model, torch.randn(2, 3, 8, 8), algorithm=L1Norm(), ratio=0.5).make()
     grouped = {f"{m.name}[{m.dim}]" for g in mask.groups for m in g.members}
-    assert "0.weight[0]" not in grouped and "2.weight[0]" in grouped
+    assert ("0.weight[0]" in grouped) == inputs_prune and "2.weight[0]" in grouped
     if isinstance(model[1], timm.layers.LayerNormAct2d):
         assert "layer norm in 1 cannot be masked exactly" in str(mask)
     mask.do_mask()
     pruned = mask.generate_pruned_model()
+    assert (pruned[0].out_channels < 16) == inputs_prune
     assert maskprune.verify(model, pruned, torch.randn(1, 3, 10, 10)).ok
