@@ -8,18 +8,22 @@ Ultralytics comes from ``_ultralytics``, which keeps its import from changing th
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _ultralytics import RTDETR, YOLO, Attention, C2f, DetectionTrainer, torch_state_kept
+from _ultralytics import RTDETR, YOLO, Attention, DetectionTrainer, torch_state_kept
 from maskprune.algorithms import L1Norm
-from PIL import Image
 from torch import nn
 
 import maskprune
 from maskprune import Mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example, as a plain module
+import prune_yolo  # noqa: E402 - after Ultralytics' import, which _ultralytics guards
+from prune_yolo import sync_c2f, tiny_dataset  # noqa: E402
 
 FAMILIES = [
     "yolov8n.yaml",
@@ -82,14 +86,6 @@ def test_yolo_family_soft_equals_hard(name: str) -> None:
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def _sync_c2f(model: nn.Module) -> None:
-    """``C2f.forward_split`` (what Ultralytics' exporter runs) splits by ``self.c``, which no forward of the
-    traced model reads: set it to the pruned width."""
-    for module in model.modules():
-        if isinstance(module, C2f):
-            module.c = module.cv1.conv.out_channels // 2
-
-
 class Predictions(nn.Module):
     """The model's predictions alone: in eval mode a YOLO head also returns the features it reads, which would
     freeze the channels of the convolutions that make them."""
@@ -118,7 +114,7 @@ def pruned_yolo(request, tmp_path, monkeypatch) -> tuple[YOLO, int]:
     mask.make().do_mask()
     yolo.model = mask.generate_pruned_model().model
     assert maskprune.count_parameters(yolo.model) < 0.3 * full  # the head's input convolutions pruned too
-    _sync_c2f(yolo.model)
+    sync_c2f(yolo.model)
     return yolo, maskprune.count_parameters(yolo.model)
 
 
@@ -142,24 +138,9 @@ def test_pruned_yolo_predicts_and_exports_to_onnx(pruned_yolo, tmp_path) -> None
     assert np.abs(onnx_out - torch_out).max() <= 1e-5 * np.abs(torch_out).max()
 
 
-def _tiny_dataset(root: Path) -> Path:
-    """Four random 64x64 images per split, two boxes each, in YOLO's layout; the data yaml."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n1 0.3 0.3 0.2 0.2\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
-    return data
-
-
 def test_pruned_yolo_validates_and_trains_in_ultralytics(pruned_yolo, tmp_path) -> None:
     yolo, parameters = pruned_yolo
-    data = _tiny_dataset(tmp_path / "data")
+    data = tiny_dataset(tmp_path / "data", SIZE)
     settings = dict(data=str(data), imgsz=SIZE, batch=4, workers=0, device="cpu", plots=False, verbose=False)
     metrics = yolo.val(project=str(tmp_path / "runs"), **settings)
     assert 0.0 <= metrics.box.map <= 1.0
@@ -179,9 +160,6 @@ def test_pruned_yolo_validates_and_trains_in_ultralytics(pruned_yolo, tmp_path) 
 
 
 def test_the_example_prunes_while_training_in_ultralytics_and_exports_to_onnx(tmp_path, monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
-    import prune_yolo
-
     monkeypatch.chdir(tmp_path)
     result = prune_yolo.main(["--out", str(tmp_path), "--epochs", "2", "--steps", "2", "--target-flops", "0.5"])
     assert result["pruned_parameters"] < 0.6 * result["parameters"]
