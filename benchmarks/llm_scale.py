@@ -49,6 +49,7 @@ import torch
 import transformers
 from maskprune.algorithms import Activation, BlockImportance, ByKind
 from torch import nn
+from trace_scale import rss_bytes  # benchmarks/, beside this script
 
 import maskprune
 from maskprune import Mask
@@ -120,12 +121,6 @@ class Verdicts(logging.Handler):
         message = record.getMessage()
         if "verified against the masked model" in message:
             self.verdict = message.split(": ", 2)[-1]
-
-
-def rss_bytes() -> int:
-    """The process's resident set now (``statm``'s second field, in pages)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def llama(config: Config, layers: int | None) -> nn.Module:
