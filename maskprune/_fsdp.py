@@ -51,6 +51,8 @@ def is_sharded(tensor: torch.Tensor) -> bool:
         >>> is_sharded(torch.zeros(2))
         False
     """
+    if type(tensor) is torch.Tensor or type(tensor) is nn.Parameter:  # the masks' every step: the quick answer
+        return False
     (dtensor,) = _loaded("torch.distributed.tensor", "DTensor")
     return dtensor is not None and isinstance(tensor, dtensor)
 
